@@ -1,0 +1,78 @@
+"""The exceptions of the streams runtime.
+
+::
+
+    StreamsError
+    ├── ConfigError                 a setting is invalid (names the setting)
+    ├── RedisUnavailable            connection refused/reset/timed out (URL shown without password)
+    ├── GroupMissing                NOGROUP: the consumer group or stream vanished
+    ├── MessageError                an entry that can never be handled -> dead letter at once
+    │   ├── DecodeError             not an envelope, bad JSON, unknown type     (category "decode")
+    │   ├── PayloadInvalid          the payload fails validation            (category "validation")
+    │   └── MessageTooLarge         encoded payload over ``max_message_bytes`` (raised on publish)
+    └── HandlerSignal               raised by handlers to steer what happens next
+        ├── Retry(delay_ms)         transient: redeliver after ``delay_ms`` (counts a delivery)
+        └── Reject(reason)          permanent: dead-letter now              (category "handler")
+
+Any other exception from a handler is transient: retried with backoff until
+``max_deliveries``, then dead-lettered with category "max-deliveries" (or "timeout"
+when the last attempt timed out). Redis driver errors are translated to these at one
+boundary, :func:`streams.connection.translate`.
+"""
+
+from __future__ import annotations
+
+
+class StreamsError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+
+class ConfigError(StreamsError, ValueError):
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"setting {setting}: {problem}")
+        self.setting = setting
+
+
+class RedisUnavailable(StreamsError):
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(f"Redis at {url} is unavailable: {cause}")
+        self.url = url
+
+
+class GroupMissing(StreamsError):
+    def __init__(self, stream: str, group: str) -> None:
+        super().__init__(f"consumer group {group!r} on {stream!r} does not exist")
+        self.stream = stream
+        self.group = group
+
+
+class MessageError(StreamsError):
+    category = "decode"
+
+
+class DecodeError(MessageError):
+    category = "decode"
+
+
+class PayloadInvalid(MessageError):
+    category = "validation"
+
+
+class MessageTooLarge(MessageError):
+    category = "validation"
+
+
+class HandlerSignal(Exception):
+    """Control flow for handlers; not an error of the runtime."""
+
+
+class Retry(HandlerSignal):
+    def __init__(self, reason: str = "retry requested", delay_ms: int | None = None) -> None:
+        super().__init__(reason)
+        self.delay_ms = delay_ms
+
+
+class Reject(HandlerSignal):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
