@@ -1,0 +1,184 @@
+"""The envelope around every payload, and the codec that writes and reads it.
+
+A stream entry has these fields (readable in ``redis-cli``)::
+
+    type      payload type name, e.g. "location.reported"
+    v         payload schema version (int)
+    msg_id    unique id of the message (survives copies, replays and redrives)
+    produced  produced-at, unix ms
+    attempt   times the message was handed back and re-queued (0 at first)
+    trace     optional trace id carried from message to message
+    data      the payload as JSON (orjson / pydantic-core)
+
+Payload classes are pydantic models with class variables ``TYPE`` and ``VERSION``.
+A reader accepts versions up to its own ``VERSION``; a model may define
+``upgrade(data: dict, from_version: int) -> dict`` to read older ones.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from streams.errors import DecodeError, MessageTooLarge, PayloadInvalid
+
+Fields = dict[bytes, bytes]
+P = TypeVar("P", bound=BaseModel)
+
+
+class Payload(Protocol):
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[P]):
+    type: str
+    version: int
+    msg_id: str
+    produced_ms: int
+    attempt: int
+    trace: str | None
+    payload: P
+
+
+@dataclass(slots=True)
+class Message(Generic[P]):
+    """One delivered entry: where it came from, how often it was delivered, what it says."""
+
+    stream: str
+    entry_id: str
+    fields: Fields
+    deliveries: int
+    envelope: Envelope[P] | None = None
+    error: Exception | None = field(default=None, repr=False)
+
+    @property
+    def payload(self) -> P:
+        assert self.envelope is not None, "payload of an undecodable message"
+        return self.envelope.payload
+
+    @property
+    def attempts(self) -> int:
+        """Deliveries in this stream plus earlier hand-backs."""
+        return self.deliveries + (self.envelope.attempt if self.envelope else 0)
+
+
+def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:
+    value = fields.get(name)
+    if value is None:
+        raise DecodeError(f"field {name.decode()!r} is missing")
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise DecodeError(f"field {name.decode()!r} is not UTF-8") from None
+
+
+def _int(fields: Mapping[bytes, bytes], name: bytes, default: int | None = None) -> int:
+    if default is not None and name not in fields:
+        return default
+    raw = _text(fields, name)
+    try:
+        return int(raw)
+    except ValueError:
+        raise DecodeError(f"field {name.decode()!r} is not an integer: {raw[:40]!r}") from None
+
+
+class Codec:
+    """Encodes payloads into entry fields and decodes them back, by registered type."""
+
+    def __init__(self, models: Iterable[type[BaseModel]] = (), max_bytes: int = 512 * 1024):
+        self.max_bytes = max_bytes
+        self._models: dict[str, type[BaseModel]] = {}
+        for model in models:
+            self.register(model)
+
+    def register(self, model: type[BaseModel]) -> None:
+        type_name = getattr(model, "TYPE", None)
+        if not isinstance(type_name, str) or not isinstance(getattr(model, "VERSION", None), int):
+            raise TypeError(f"{model.__name__} needs class variables TYPE: str and VERSION: int")
+        self._models[type_name] = model
+
+    def types(self) -> list[str]:
+        return sorted(self._models)
+
+    def encode(
+        self,
+        payload: BaseModel,
+        *,
+        trace: str | None = None,
+        attempt: int = 0,
+        msg_id: str | None = None,
+    ) -> Fields:
+        data = payload.__pydantic_serializer__.to_json(payload)
+        if len(data) > self.max_bytes:
+            raise MessageTooLarge(
+                f"{type(payload).__name__} payload is {len(data)} bytes; max_message_bytes is "
+                f"{self.max_bytes}"
+            )
+        fields: Fields = {
+            b"type": payload.TYPE.encode(),  # type: ignore[attr-defined]
+            b"v": b"%d" % payload.VERSION,  # type: ignore[attr-defined]
+            b"msg_id": (msg_id or secrets.token_hex(8)).encode(),
+            b"produced": b"%d" % (time.time_ns() // 1_000_000),
+            b"attempt": b"%d" % attempt,
+            b"data": data,
+        }
+        if trace:
+            fields[b"trace"] = trace.encode()
+        return fields
+
+    def decode(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
+        type_name = _text(fields, b"type")
+        model = self._models.get(type_name)
+        if model is None:
+            raise DecodeError(
+                f"unknown message type {type_name!r}; known: {', '.join(self.types())}"
+            )
+        version = _int(fields, b"v")
+        latest: int = model.VERSION  # type: ignore[attr-defined]
+        if version > latest:
+            raise DecodeError(f"{type_name} version {version} is newer than supported {latest}")
+        data = fields.get(b"data")
+        if data is None:
+            raise DecodeError("field 'data' is missing")
+        try:
+            if version == latest:
+                payload = model.model_validate_json(data)
+            else:
+                raw = orjson.loads(data)
+                upgrade = getattr(model, "upgrade", None)
+                if upgrade is not None:
+                    raw = upgrade(raw, version)
+                payload = model.model_validate(raw)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"payload is not JSON: {exc}") from None
+        except ValidationError as exc:
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                raise DecodeError(f"payload is not JSON: {exc.errors()[0]['msg']}") from None
+            raise PayloadInvalid(f"{type_name}: {_short(exc)}") from None
+        trace = fields.get(b"trace")
+        return Envelope(
+            type=type_name,
+            version=version,
+            msg_id=_text(fields, b"msg_id"),
+            produced_ms=_int(fields, b"produced", 0),
+            attempt=_int(fields, b"attempt", 0),
+            trace=trace.decode(errors="replace") if trace else None,
+            payload=payload,
+        )
+
+
+def _short(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

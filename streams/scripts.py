@@ -1,0 +1,89 @@
+"""Lua scripts for the atomic steps. Every script touches keys of ONE stage tag only,
+so each runs in one cluster slot. They check ownership inside the script: an entry
+another consumer claimed in the meantime is left alone.
+"""
+
+from __future__ import annotations
+
+# KEYS: stream, dlq. ARGV: group, consumer, entry id, field, value, ...
+# Moves a pending entry of `consumer` to the dead-letter stream and acks it.
+DEAD_LETTER = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #p == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return id
+"""
+
+# KEYS: stream. ARGV: group, consumer, entry id.
+# Hands an unfinished entry back: re-adds its fields with `attempt` raised by the
+# deliveries it had, and acks the old one. Returns the new id, or false.
+HAND_BACK = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #p == 0 then return false end
+local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+if #e == 0 then return false end
+local f = e[1][2]
+local found = false
+for i = 1, #f, 2 do
+  if f[i] == 'attempt' then
+    f[i + 1] = tostring((tonumber(f[i + 1]) or 0) + p[1][4])
+    found = true
+  end
+end
+if not found then
+  table.insert(f, 'attempt')
+  table.insert(f, tostring(p[1][4]))
+end
+return redis.call('XADD', KEYS[1], '*', unpack(f))
+"""
+
+# KEYS: dlq, redriven set, origin stream. ARGV: dlq entry id, field, value, ...
+# Re-adds a dead letter's original fields to its origin, once.
+REDRIVE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return false end
+local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
+
+# KEYS: stream, heartbeats. ARGV: group, consumer.
+# Deletes a consumer only if it owns no pending entry (DELCONSUMER would drop them).
+DELETE_IDLE_CONSUMER = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+"""
+
+# KEYS: lock, fence. ARGV: token, ttl ms. Returns the fencing number, or false.
+ACQUIRE_LOCK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]))
+end
+return false
+"""
+
+# KEYS: lock. ARGV: token.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: stream. ARGV: n1, f, v, ... (n1 = number of field/value items), n2, f, v, ...
+# Appends many entries in order with one command and one reply (the new ids).
+XADD_MANY = """
+local ids = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return ids
+"""
