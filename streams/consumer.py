@@ -1,0 +1,592 @@
+"""Consuming one stage shard through its consumer group.
+
+One pass of the loop::
+
+    start ─► ensure groups ─► re-read own pending (id 0) ─┐
+        ┌─────────────────────────────────────────────────┘
+        ▼
+      claim tick? ── XAUTOCLAIM idle entries (following the cursor), drop dead consumers
+      retries due? ── XCLAIM them back to ourselves (counts a delivery) and handle
+      XREADGROUP priority+stream ">" COUNT n BLOCK ms ── handle the batch
+        │ handle: decode ─► middleware ─► handler(s) ─► flush outbox ─► XACK (pipelined)
+        │ failure: Reject/decode/validation ─► dead letter now
+        │          other ─► retry with backoff; at max_deliveries ─► dead letter
+        ▼
+      stop requested ─► finish in-flight work within the grace period ─► hand back
+      whatever is still pending (re-add + ack, atomically) ─► delete our consumer
+
+Delivery counts come from Redis (XPENDING), so they survive crashes: an entry whose
+consumer keeps dying is dead-lettered once it was delivered ``max_deliveries`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from redis import exceptions as rex
+
+from streams.connection import Client, ensure_group, translate
+from streams.deadletter import DeadLetters
+from streams.errors import (
+    GroupMissing,
+    MessageError,
+    RedisUnavailable,
+    Reject,
+    Retry,
+)
+from streams.keys import StageKeys
+from streams.message import Codec, Message
+from streams.middleware import BatchCall, MessageCall, Middleware
+from streams.parse import Entry, parse_entries, parse_read
+from streams.producer import Outbox, Route
+from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK
+from streams.settings import StreamSettings
+
+log = logging.getLogger("streams.consumer")
+
+
+@dataclass
+class Context:
+    """What a handler may use besides its message: where to publish downstream."""
+
+    stage: str
+    consumer: str
+    outbox: Outbox
+
+    def publish(
+        self,
+        route: Route,
+        payload: Any,
+        *,
+        partition_key: str = "",
+        priority: bool = False,
+        trace: str | None = None,
+    ) -> None:
+        """Queue a downstream message; it is written before the input is acked."""
+        self.outbox.add(route, payload, partition_key=partition_key, priority=priority, trace=trace)
+
+
+Handler = Callable[[Message[Any], Context], Awaitable[None]]
+# A batch handler returns the failures by entry id (None or {} = all succeeded).
+BatchHandler = Callable[
+    [Sequence[Message[Any]], Context], Awaitable[Mapping[str, BaseException] | None]
+]
+
+
+@dataclass
+class _Outcome:
+    ok: list[Message[Any]] = field(default_factory=list)
+    failed: list[tuple[Message[Any], BaseException]] = field(default_factory=list)
+    outbox: Outbox | None = None
+
+
+def _category(exc: BaseException) -> str:
+    if isinstance(exc, Reject):
+        return "handler"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, MessageError):
+        return exc.category
+    return "handler"
+
+
+class Consumer:
+    """Consumes one stage shard (its priority lane first, then its stream)."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: StreamSettings,
+        keys: StageKeys,
+        codec: Codec,
+        *,
+        name: str,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
+        middleware: Sequence[Middleware] = (),
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give exactly one of handler or batch_handler")
+        self.client = client
+        self.settings = settings
+        self.keys = keys
+        self.codec = codec
+        self.name = name
+        self.stage = keys.stage
+        self.handler = handler
+        self.batch_handler = batch_handler
+        self.middleware = tuple(middleware)
+        self.stop_event = stop or asyncio.Event()
+        self.dead_letters = DeadLetters(client, keys, settings.redis_url)
+        self._hand_back = client.register_script(HAND_BACK)
+        self._delete_consumer = client.register_script(DELETE_IDLE_CONSUMER)
+        self._url = settings.redis_url
+        self._retries: dict[tuple[str, str], tuple[float, Message[Any]]] = {}
+        self._cursors: dict[str, str] = {}
+        self._outage_since: float | None = None
+        self.handled = 0  # entries acked by this consumer (for tests and progress)
+
+    # ----------------------------------------------------------------- lifecycle
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Consume until stopped; with ``burst`` return once nothing is left for us."""
+        await self._with_recovery(self._start)
+        next_claim = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now >= next_claim:
+                    await self._with_recovery(self._claim_tick)
+                    next_claim = time.monotonic() + self.settings.claim_interval_ms / 1000
+                if await self._with_recovery(self._run_due_retries):
+                    continue
+                got = await self._with_recovery(partial(self._read_and_handle, burst))
+                if not got and burst and not self._retries:
+                    return
+        finally:
+            if self.stop_event.is_set():
+                await self._shutdown()
+
+    async def _start(self) -> None:
+        for stream in self.keys.streams():
+            await ensure_group(self.client, self._url, stream, self.keys.group)
+        await self._recover_own_pending()
+
+    async def _with_recovery(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one step; ride out Redis outages and recreate a vanished group."""
+        try:
+            result = await step()
+        except GroupMissing as exc:
+            for stream in self.keys.streams():
+                if await ensure_group(self.client, self._url, stream, self.keys.group):
+                    self._notify("on_group_recreated", self.stage, stream)
+            self._retries.clear()  # the pending list went with the group
+            log.debug("recovered from %s", exc)
+            return None
+        except RedisUnavailable as exc:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.error("%s/%s: %s; retrying with backoff", self.stage, self.name, exc)
+            down_s = time.monotonic() - self._outage_since
+            delay_s = min(5.0, 0.1 * 2 ** min(down_s, 6)) * (0.5 + random.random() / 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), delay_s)
+            return None
+        if self._outage_since is not None:
+            log.warning(
+                "%s/%s: Redis is back after %.1f s",
+                self.stage,
+                self.name,
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+        return result
+
+    # ------------------------------------------------------------------- reading
+    async def _read_and_handle(self, burst: bool) -> bool:
+        block_ms: int | None = self.settings.block_ms
+        if self._retries:
+            due = min(t for t, _ in self._retries.values())
+            block_ms = max(1, min(self.settings.block_ms, int((due - time.monotonic()) * 1000)))
+        if burst and not self._retries:
+            block_ms = None  # do not wait for new entries
+        streams: dict[Any, Any] = dict.fromkeys(self.keys.streams(), ">")
+        read = self.client.xreadgroup(
+            self.keys.group, self.name, streams, count=self.settings.batch_size, block=block_ms
+        )
+        raw = await self._until_stopped(read)
+        if raw is None:
+            return False
+        by_stream = parse_read(raw)
+        msgs: list[Message[Any]] = [
+            Message(stream, entry_id, fields, 1)
+            for stream in self.keys.streams()
+            for entry_id, fields in by_stream.get(stream, ())
+        ]
+        if msgs:
+            await self._handle(msgs)
+        return bool(msgs)
+
+    async def _until_stopped(self, read: Awaitable[Any]) -> Any:
+        """Await a (blocking) read, abandoning it when stop is requested.
+
+        An abandoned read may still have delivered entries to us: shutdown hands back
+        everything we own, so nothing is stranded.
+        """
+        task = asyncio.ensure_future(self._translated(read))
+        stopper = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+
+    async def _translated(self, aw: Awaitable[Any]) -> Any:
+        with translate(self._url, self.keys.stream, self.keys.group):
+            return await aw
+
+    async def _recover_own_pending(self) -> None:
+        """Re-read entries already delivered to this consumer name (after a restart)."""
+        for stream in self.keys.streams():
+            last = "0"
+            while not self.stop_event.is_set():
+                raw = await self._translated(
+                    self.client.xreadgroup(
+                        self.keys.group, self.name, {stream: last}, count=self.settings.batch_size
+                    )
+                )
+                entries = parse_read(raw).get(stream, [])
+                if not entries:
+                    break
+                last = entries[-1][0]
+                log.info(
+                    "%s/%s: re-reading %d own pending entries", self.stage, self.name, len(entries)
+                )
+                await self._handle(await self._with_deliveries(stream, entries))
+
+    async def _with_deliveries(self, stream: str, entries: Sequence[Entry]) -> list[Message[Any]]:
+        """Messages for entries we own, with their delivery counts from XPENDING."""
+        if not entries:
+            return []
+        ids = [e[0] for e in entries]
+        counts: dict[str, int] = {}
+        rows = await self._translated(
+            self.client.xpending_range(
+                stream,
+                self.keys.group,
+                min=min(ids, key=_id_key),
+                max=max(ids, key=_id_key),
+                count=len(ids) * 4 + 100,
+                consumername=self.name,
+            )
+        )
+        for row in rows:
+            mid = row["message_id"]
+            counts[mid.decode() if isinstance(mid, bytes) else str(mid)] = int(
+                row["times_delivered"]
+            )
+        return [Message(stream, i, f, counts.get(i, 1)) for i, f in entries]
+
+    # ------------------------------------------------------------------ claiming
+    async def _claim_tick(self) -> None:
+        claimed_total = 0
+        for stream in self.keys.streams():
+            cursor = self._cursors.get(stream, "0-0")
+            for _ in range(10):  # bounded work per tick; the cursor carries on next tick
+                reply = await self._translated(
+                    self.client.xautoclaim(
+                        stream,
+                        self.keys.group,
+                        self.name,
+                        self.settings.claim_idle_ms,
+                        start_id=cursor,
+                        count=self.settings.claim_count,
+                    )
+                )
+                cursor = _s(reply[0])
+                entries = parse_entries(reply[1])
+                if entries:
+                    claimed_total += len(entries)
+                    await self._handle(await self._with_deliveries(stream, entries))
+                if cursor == "0-0":
+                    break
+            self._cursors[stream] = cursor
+        if claimed_total:
+            self._notify("on_claimed", self.stage, claimed_total)
+        await self._remove_dead_consumers()
+        await self._report_backlog()
+
+    async def _remove_dead_consumers(self) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        dead_after = self.settings.consumer_dead_after_ms
+        heartbeats = {
+            _s(k): int(v)
+            for k, v in (await self._translated(self.client.hgetall(self.keys.heartbeats))).items()
+        }
+        for stream in self.keys.streams():
+            consumers = await self._translated(self.client.xinfo_consumers(stream, self.keys.group))
+            for c in consumers:
+                name = _s(c["name"])
+                if name == self.name or int(c["pending"]) > 0 or int(c["idle"]) < dead_after:
+                    continue
+                if now_ms - heartbeats.get(name, 0) < dead_after:
+                    continue
+                # atomic: deleted only if it still owns nothing
+                removed = await self._translated(
+                    self._delete_consumer(
+                        keys=[stream, self.keys.heartbeats], args=[self.keys.group, name]
+                    )
+                )
+                if removed:
+                    log.info("%s: removed dead consumer %s from %s", self.stage, name, stream)
+
+    async def _report_backlog(self) -> None:
+        if not self.middleware:
+            return
+        summary = await self._translated(self.client.xpending(self.keys.stream, self.keys.group))
+        lag: int | None = None
+        for g in await self._translated(self.client.xinfo_groups(self.keys.stream)):
+            if _s(g["name"]) == self.keys.group:
+                lag = g.get("lag")
+        self._notify("on_backlog", self.stage, int(summary["pending"]), lag)
+
+    # ------------------------------------------------------------------- retries
+    async def _run_due_retries(self) -> bool:
+        now = time.monotonic()
+        due = [(k, m) for k, (t, m) in self._retries.items() if t <= now]
+        if not due:
+            return False
+        for key, _ in due:
+            del self._retries[key]
+        by_stream: dict[str, list[Message[Any]]] = {}
+        for (stream, _), msg in due:
+            by_stream.setdefault(stream, []).append(msg)
+        for stream, msgs in by_stream.items():
+            # min idle: nobody else must have claimed it since (that resets idle)
+            min_idle = max(0, min(self._retry_delay_ms(m) for m in msgs) // 2)
+            raw = await self._translated(
+                self.client.xclaim(
+                    stream, self.keys.group, self.name, min_idle, [m.entry_id for m in msgs]
+                )
+            )
+            claimed = dict(parse_entries(raw))
+            fresh: list[Message[Any]] = [
+                Message(stream, m.entry_id, claimed[m.entry_id], m.deliveries + 1)
+                for m in msgs
+                if m.entry_id in claimed
+            ]
+            if fresh:
+                await self._handle(fresh)
+        return True
+
+    def _retry_delay_ms(self, msg: Message[Any], requested: int | None = None) -> int:
+        if requested is not None:
+            return requested
+        base = self.settings.retry_base_ms * 2 ** max(0, msg.deliveries - 1)
+        capped = min(self.settings.retry_max_ms, base)
+        return int(capped / 2 + random.random() * capped / 2)  # equal jitter
+
+    # ------------------------------------------------------------------ handling
+    async def _handle(self, msgs: list[Message[Any]]) -> None:
+        runnable: list[Message[Any]] = []
+        for msg in msgs:
+            try:
+                msg.envelope = self.codec.decode(msg.fields)
+            except MessageError as exc:
+                await self._dead_letter(msg, exc.category, str(exc))
+                continue
+            if msg.attempts > self.settings.max_deliveries:
+                await self._dead_letter(
+                    msg,
+                    "max-deliveries",
+                    f"delivered {msg.attempts} times (max_deliveries="
+                    f"{self.settings.max_deliveries}); its consumers kept dying or timing out",
+                )
+                continue
+            runnable.append(msg)
+        if not runnable:
+            return
+        outcome = _Outcome()
+
+        async def innermost(batch: Sequence[Message[Any]]) -> None:
+            await self._invoke(list(batch), outcome)
+
+        call: BatchCall = innermost
+        for mw in reversed(self.middleware):
+            call = partial(mw.around_batch, self.stage, call_next=call)
+        try:
+            await call(runnable)
+        except Exception as exc:  # a middleware failed: treat the batch as failed
+            handled = {id(m) for m in outcome.ok} | {id(m) for m, _ in outcome.failed}
+            outcome.failed += [(m, exc) for m in runnable if id(m) not in handled]
+        await self._settle(outcome)
+
+    async def _invoke(self, msgs: list[Message[Any]], outcome: _Outcome) -> None:
+        timeout_s = self.settings.handler_timeout_ms / 1000
+        if self.batch_handler is not None:
+            outcome.outbox = Outbox(self.codec)
+            ctx = Context(self.stage, self.name, outcome.outbox)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    failures = await self.batch_handler(msgs, ctx) or {}
+            except Exception as exc:
+                outcome.failed += [(m, exc) for m in msgs]
+                return
+            for m in msgs:
+                if m.entry_id in failures:
+                    outcome.failed.append((m, failures[m.entry_id]))
+                else:
+                    outcome.ok.append(m)
+            return
+
+        handler = self.handler
+        assert handler is not None
+        outbox = Outbox(self.codec)
+        outcome.outbox = outbox
+
+        async def one(msg: Message[Any]) -> None:
+            box = Outbox(self.codec)
+            ctx = Context(self.stage, self.name, box)
+
+            async def base(m: Message[Any]) -> None:
+                async with asyncio.timeout(timeout_s):
+                    await handler(m, ctx)
+
+            call: MessageCall = base
+            for mw in reversed(self.middleware):
+                call = partial(mw.around_message, self.stage, call_next=call)
+            try:
+                await call(msg)
+            except Exception as exc:
+                outcome.failed.append((msg, exc))
+                return
+            outbox.extend(box)  # only successful handlers' output is published
+            outcome.ok.append(msg)
+
+        width = min(self.settings.concurrency, len(msgs))
+        if width <= 1:
+            for msg in msgs:
+                await one(msg)
+            return
+        queue = iter(msgs)
+
+        async def lane() -> None:
+            for msg in queue:
+                await one(msg)
+
+        await asyncio.gather(*(lane() for _ in range(width)))
+
+    async def _settle(self, outcome: _Outcome) -> None:
+        if outcome.ok:
+            try:
+                if outcome.outbox is not None:
+                    await outcome.outbox.flush(self.client, self._url)
+            except (RedisUnavailable, rex.RedisError) as flush_error:
+                outcome.failed += [(m, flush_error) for m in outcome.ok]
+                outcome.ok = []
+            else:
+                await self._ack(outcome.ok)
+        for msg, exc in outcome.failed:
+            await self._fail(msg, exc)
+
+    async def _ack(self, msgs: Sequence[Message[Any]]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for m in msgs:
+            by_stream.setdefault(m.stream, []).append(m.entry_id)
+        with translate(self._url, self.keys.stream, self.keys.group):
+            if len(by_stream) == 1:
+                ((stream, ids),) = by_stream.items()
+                await self.client.xack(stream, self.keys.group, *ids)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, self.keys.group, *ids)
+                await pipe.execute()
+        self.handled += len(msgs)
+        self._notify("on_acked", self.stage, len(msgs))
+
+    async def _fail(self, msg: Message[Any], exc: BaseException) -> None:
+        category = _category(exc)
+        self._notify("on_failed", self.stage, msg, exc, category)
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, Reject | MessageError):
+            await self._dead_letter(msg, category, error)
+            return
+        if msg.attempts >= self.settings.max_deliveries:
+            final = "timeout" if category == "timeout" else "max-deliveries"
+            await self._dead_letter(msg, final, f"{error} (after {msg.attempts} deliveries)")
+            return
+        delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Retry) else None)
+        self._retries[(msg.stream, msg.entry_id)] = (time.monotonic() + delay_ms / 1000, msg)
+        self._notify("on_retry", self.stage, msg, delay_ms)
+
+    async def _dead_letter(self, msg: Message[Any], category: str, error: str) -> None:
+        moved = await self.dead_letters.move(
+            stream=msg.stream,
+            entry_id=msg.entry_id,
+            consumer=self.name,
+            category=category,
+            error=error,
+            attempts=msg.attempts,
+            fields=msg.fields,
+        )
+        if moved:
+            self._notify("on_dead_letter", self.stage, msg, category, error)
+
+    # ------------------------------------------------------------------ shutdown
+    async def _shutdown(self) -> None:
+        """Hand back everything still pending for us, then delete our consumer."""
+        try:
+            handed = 0
+            for stream in self.keys.streams():
+                while True:
+                    rows = await self._translated(
+                        self.client.xpending_range(
+                            stream,
+                            self.keys.group,
+                            min="-",
+                            max="+",
+                            count=500,
+                            consumername=self.name,
+                        )
+                    )
+                    if not rows:
+                        break
+                    for row in rows:
+                        await self._translated(
+                            self._hand_back(
+                                keys=[stream], args=[self.keys.group, self.name, row["message_id"]]
+                            )
+                        )
+                        handed += 1
+            self._retries.clear()
+            for stream in self.keys.streams():
+                await self._translated(
+                    self._delete_consumer(
+                        keys=[stream, self.keys.heartbeats], args=[self.keys.group, self.name]
+                    )
+                )
+            if handed:
+                log.warning(
+                    "%s/%s: handed back %d unfinished entries", self.stage, self.name, handed
+                )
+        except (RedisUnavailable, GroupMissing) as exc:
+            log.error(
+                "%s/%s: could not hand back pending entries (%s); another consumer will "
+                "claim them after claim_idle_ms",
+                self.stage,
+                self.name,
+                exc,
+            )
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for mw in self.middleware:
+            try:
+                getattr(mw, hook)(*args)
+            except Exception:  # observers must never break consumption
+                log.exception("middleware %s.%s failed", type(mw).__name__, hook)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
