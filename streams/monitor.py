@@ -1,0 +1,163 @@
+"""A typed picture of a stage shard from XINFO STREAM/GROUPS/CONSUMERS and XPENDING.
+
+``lag`` is what Redis reports (entries not yet delivered to the group). Redis reports
+it as null after deletions or trims in some ranges; then it is counted with XRANGE
+from the group's last-delivered id (capped at ``lag_count_cap``, flagged as a lower
+bound when the cap is hit).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis import exceptions as rex
+
+from streams.connection import Client, translate
+from streams.keys import StageKeys
+from streams.parse import entry_ms, parse_entries
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStatus:
+    name: str
+    pending: int
+    idle_ms: int
+    heartbeat_age_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    stream: str
+    length: int
+    last_id: str | None
+    lag: int | None
+    lag_exact: bool
+    pending: int
+    oldest_pending_id: str | None
+    oldest_pending_age_ms: int | None
+    last_delivered_id: str | None
+    group_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StageStatus:
+    stage: str
+    shard: int
+    group: str
+    streams: list[StreamStatus]
+    consumers: list[ConsumerStatus] = field(default_factory=list)
+    dead_letters: int = 0
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.streams)
+
+    @property
+    def lag(self) -> int:
+        return sum(s.lag or 0 for s in self.streams)
+
+    @property
+    def pending(self) -> int:
+        return sum(s.pending for s in self.streams)
+
+    @property
+    def oldest_pending_age_ms(self) -> int | None:
+        ages = [
+            s.oldest_pending_age_ms for s in self.streams if s.oldest_pending_age_ms is not None
+        ]
+        return max(ages) if ages else None
+
+    def live_consumers(self, dead_after_ms: int) -> list[ConsumerStatus]:
+        return [
+            c
+            for c in self.consumers
+            if c.heartbeat_age_ms is not None and c.heartbeat_age_ms < dead_after_ms
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            length=self.length,
+            lag=self.lag,
+            pending=self.pending,
+            oldest_pending_age_ms=self.oldest_pending_age_ms,
+        )
+        return d
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def _count_after(client: Client, stream: str, after: str, cap: int) -> tuple[int, bool]:
+    n, cursor = 0, "(" + after
+    while n < cap:
+        entries = parse_entries(await client.xrange(stream, min=cursor, max="+", count=500))
+        n += len(entries)
+        if len(entries) < 500:
+            return n, True
+        cursor = "(" + entries[-1][0]
+    return n, False
+
+
+async def stream_status(
+    client: Client, stream: str, group: str, *, now_ms: int, lag_count_cap: int = 100_000
+) -> StreamStatus:
+    try:
+        info = await client.xinfo_stream(stream)
+    except rex.ResponseError:  # no such key
+        return StreamStatus(stream, 0, None, 0, True, 0, None, None, None, False)
+    groups = {_s(g["name"]): g for g in await client.xinfo_groups(stream)}
+    g = groups.get(group)
+    last_id = _s(info["last-generated-id"]) if info.get("last-generated-id") else None
+    if g is None:
+        return StreamStatus(
+            stream, int(info["length"]), last_id, None, False, 0, None, None, None, False
+        )
+    last_delivered = _s(g["last-delivered-id"])
+    lag, exact = g.get("lag"), True
+    if lag is None:
+        lag, exact = await _count_after(client, stream, last_delivered, lag_count_cap)
+    pending = int(g["pending"])
+    oldest_id = oldest_age = None
+    if pending:
+        summary = await client.xpending(stream, group)
+        oldest_id = _s(summary["min"])
+        oldest_age = max(0, now_ms - entry_ms(oldest_id))
+    return StreamStatus(
+        stream=stream,
+        length=int(info["length"]),
+        last_id=last_id,
+        lag=int(lag),
+        lag_exact=exact,
+        pending=pending,
+        oldest_pending_id=oldest_id,
+        oldest_pending_age_ms=oldest_age,
+        last_delivered_id=last_delivered,
+        group_exists=True,
+    )
+
+
+async def stage_status(client: Client, keys: StageKeys, url: str = "") -> StageStatus:
+    now_ms = time.time_ns() // 1_000_000
+    with translate(url, keys.stream, keys.group):
+        streams = [
+            await stream_status(client, s, keys.group, now_ms=now_ms) for s in keys.streams()
+        ]
+        beats = {_s(k): int(v) for k, v in (await client.hgetall(keys.heartbeats)).items()}
+        merged: dict[str, tuple[int, int]] = {}
+        for st in streams:
+            if not st.group_exists:
+                continue
+            for c in await client.xinfo_consumers(st.stream, keys.group):
+                name = _s(c["name"])
+                pending, idle = merged.get(name, (0, 1 << 62))
+                merged[name] = (pending + int(c["pending"]), min(idle, int(c["idle"])))
+        dlq = int(await client.xlen(keys.dlq))
+    consumers = [
+        ConsumerStatus(name, pending, idle, now_ms - beats[name] if name in beats else None)
+        for name, (pending, idle) in sorted(merged.items())
+    ]
+    return StageStatus(keys.stage, keys.shard, keys.group, streams, consumers, dlq)

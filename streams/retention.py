@@ -1,0 +1,69 @@
+"""Safe retention: trim only what every consumer group has processed.
+
+The cut-off (``MINID``) is the smallest of, over all groups on the stream: the oldest
+pending id, and the last-delivered id (kept itself, so the cut is conservative).
+Entries younger than ``keep_ms`` are kept too, so recent history stays replayable.
+A stream without groups is left alone: nobody has processed anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from streams.connection import Client, translate
+from streams.parse import entry_ms
+
+
+@dataclass(frozen=True, slots=True)
+class TrimResult:
+    stream: str
+    min_id: str | None
+    removed: int
+    reason: str
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _key(i: str) -> tuple[int, int]:
+    ms, _, seq = i.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def safe_min_id(client: Client, stream: str, *, keep_ms: int = 0) -> tuple[str | None, str]:
+    groups = await client.xinfo_groups(stream)
+    if not groups:
+        return None, "no consumer groups"
+    candidates: list[str] = []
+    for g in groups:
+        candidates.append(_s(g["last-delivered-id"]))
+        if int(g["pending"]):
+            summary = await client.xpending(stream, _s(g["name"]))
+            candidates.append(_s(summary["min"]))
+    cut = min(candidates, key=_key)
+    reason = "oldest unprocessed entry"
+    if keep_ms:
+        horizon = time.time_ns() // 1_000_000 - keep_ms
+        if horizon < entry_ms(cut):
+            cut, reason = f"{max(horizon, 0)}-0", f"keep_ms={keep_ms}"
+    if cut in ("0-0", "0"):
+        return None, "nothing processed yet"
+    return cut, reason
+
+
+async def safe_trim(
+    client: Client, stream: str, *, keep_ms: int = 0, dry_run: bool = False, url: str = ""
+) -> TrimResult:
+    with translate(url):
+        min_id, reason = await safe_min_id(client, stream, keep_ms=keep_ms)
+        if min_id is None:
+            return TrimResult(stream, None, 0, reason)
+        if dry_run:
+            from streams.replay import count_range
+
+            n = await count_range(client, stream, "-", "(" + min_id, url)
+            return TrimResult(stream, min_id, n, reason + " (dry run)")
+        removed = await client.xtrim(stream, minid=min_id, approximate=False)
+    return TrimResult(stream, min_id, int(removed), reason)
