@@ -1,0 +1,375 @@
+"""The streams runtime against real Redis: every test runs on a standalone server and a
+3-master cluster (the ``redis_target`` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streams.connection import connect
+from streams.consumer import Consumer
+from streams.deadletter import DeadLetters
+from streams.errors import Reject
+from streams.message import Codec
+from streams.metrics import StreamMetrics
+from streams.monitor import stage_status
+from streams.parse import entry_ms
+from streams.producer import Producer, Route
+from streams.replay import replay_copy, replay_rewind
+from streams.retention import safe_trim
+from streams.worker import Worker
+from tests.support import Ping, fast_settings, run_until, wait_for
+
+
+@pytest.fixture
+async def env(redis_target, unique_prefix):
+    settings = fast_settings(redis_target, unique_prefix)
+    client = connect(settings)
+    codec = Codec([Ping])
+    route = Route(unique_prefix, "work")
+    yield settings, client, codec, route
+    await client.aclose()
+
+
+async def publish(client, codec, route, numbers):
+    return await Producer(client, codec).publish(route, [Ping(n=n) for n in numbers])
+
+
+async def pending_of(client, keys, consumer=None):
+    rows = await client.xpending_range(
+        keys.stream, keys.group, min="-", max="+", count=10_000, consumername=consumer
+    )
+    return len(rows)
+
+
+async def test_every_entry_handled_once_and_acked(env):
+    settings, client, codec, route = env
+    await publish(client, codec, route, range(500))
+    seen = Counter()
+
+    async def handle(msg, ctx):
+        seen[msg.payload.n] += 1
+
+    worker = Worker(client, settings.with_(concurrency=8), route, codec, handler=handle)
+    await worker.run(burst=True)
+    assert sorted(seen) == list(range(500))
+    assert set(seen.values()) == {1}
+    assert await pending_of(client, route.keys()) == 0
+    status = await stage_status(client, route.keys())
+    assert (status.length, status.lag, status.pending, status.dead_letters) == (500, 0, 0, 0)
+
+
+async def test_handler_publishes_downstream_before_ack(env):
+    settings, client, codec, route = env
+    nxt = Route(route.prefix, "next")
+    await publish(client, codec, route, range(50))
+
+    async def forward(batch, ctx):
+        for m in batch:
+            ctx.publish(nxt, Ping(n=m.payload.n * 2))
+
+    await Worker(client, settings, route, codec, batch_handler=forward).run(burst=True)
+    out = await client.xrange(nxt.keys().stream)
+    assert sorted(codec.decode(f).payload.n for _, f in out) == [n * 2 for n in range(50)]
+
+
+async def test_poison_goes_to_dead_letters_after_exactly_max_deliveries(env):
+    settings, client, codec, route = env
+    settings = settings.with_(max_deliveries=4)
+    await publish(client, codec, route, range(20))
+    calls = Counter()
+
+    async def handle(msg, ctx):
+        calls[msg.payload.n] += 1
+        if msg.payload.n == 13:
+            raise RuntimeError("always fails")
+
+    metrics = StreamMetrics(CollectorRegistry())
+    await Worker(client, settings, route, codec, handler=handle, middleware=[metrics]).run(
+        burst=True
+    )
+    assert calls[13] == 4
+    assert all(calls[n] == 1 for n in range(20) if n != 13)
+    letters = await DeadLetters(client, route.keys()).list()
+    assert len(letters) == 1
+    (letter,) = letters
+    assert letter.category == "max-deliveries"
+    assert letter.attempts == 4
+    assert "always fails" in letter.error
+    assert codec.decode(letter.fields).payload.n == 13
+    assert letter.origin == route.keys().stream and letter.group == "work"
+    assert await pending_of(client, route.keys()) == 0
+    assert metrics.retried.labels("work")._value.get() == 3
+    assert metrics.dead_lettered.labels("work", "max-deliveries")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "category"),
+    [
+        ({"junk": "x"}, "decode"),
+        ({"type": "test.ping", "v": "1", "msg_id": "m", "data": "{not json"}, "decode"),
+        ({"type": "nope", "v": "1", "msg_id": "m", "data": "{}"}, "decode"),
+        ({"type": "test.ping", "v": "1", "msg_id": "m", "data": '{"n": "x"}'}, "validation"),
+        ({"type": "test.ping", "v": "1", "msg_id": "m", "data": '{"n": 1, "z": 2}'}, "validation"),
+    ],
+)
+async def test_bad_entries_dead_lettered_at_once_and_stream_flows(env, fields, category):
+    settings, client, codec, route = env
+    await publish(client, codec, route, [1])
+    await client.xadd(route.keys().stream, fields)
+    await publish(client, codec, route, [2])
+    seen = []
+
+    async def handle(msg, ctx):
+        seen.append(msg.payload.n)
+
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert seen == [1, 2]
+    (letter,) = await DeadLetters(client, route.keys()).list()
+    assert letter.category == category
+    assert letter.attempts == 1
+    assert {k.decode(): v.decode() for k, v in letter.fields.items()} == fields
+
+
+async def test_reject_and_timeout_categories(env):
+    settings, client, codec, route = env
+    settings = settings.with_(max_deliveries=2, handler_timeout_ms=100, claim_idle_ms=1_000)
+    await publish(client, codec, route, [1, 2, 3])
+
+    async def handle(msg, ctx):
+        if msg.payload.n == 1:
+            raise Reject("bad tracker")
+        if msg.payload.n == 2:
+            await asyncio.sleep(10)
+
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    letters = {codec.decode(x.fields).payload.n: x for x in await DeadLetters(client, route.keys()).list()}
+    assert letters[1].category == "handler" and "bad tracker" in letters[1].error
+    assert letters[1].attempts == 1
+    assert letters[2].category == "timeout" and letters[2].attempts == 2
+    assert 3 not in letters
+
+
+async def test_redrive_brings_a_dead_letter_back_once_and_purge(env):
+    settings, client, codec, route = env
+    settings = settings.with_(max_deliveries=1)
+    await publish(client, codec, route, [1, 2])
+    broken = {1}
+    seen = []
+
+    async def handle(msg, ctx):
+        if msg.payload.n in broken:
+            raise RuntimeError("downstream down")
+        seen.append(msg.payload.n)
+
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    dlq = DeadLetters(client, route.keys())
+    (letter,) = await dlq.list()
+    broken.clear()  # the cause is fixed
+    first = await dlq.redrive([letter.id])
+    again = await dlq.redrive([letter.id])
+    assert first[letter.id] is not None and again[letter.id] is None
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert sorted(seen) == [1, 2]
+    assert await dlq.count() == 0
+
+    await client.xadd(route.keys().stream, {"junk": "1"})
+    await client.xadd(route.keys().stream, {"junk": "2"})
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    letters = await dlq.list(category="decode")
+    assert len(letters) == 2
+    assert await dlq.purge([letters[0].id]) == 1
+    assert await dlq.purge() == 1
+    assert await dlq.count() == 0
+
+
+async def test_replay_by_copy_and_by_rewind_from_id_and_time(env):
+    settings, client, codec, route = env
+    ids = await publish(client, codec, route, range(10))
+    seen = []
+
+    async def handle(msg, ctx):
+        seen.append(msg.payload.n)
+
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    keys = route.keys()
+
+    dry = await replay_copy(client, keys, ids[6], dry_run=True)
+    assert dry.count == 4 and dry.dry_run
+    seen.clear()
+    result = await replay_copy(client, keys, ids[6], ids[8])
+    assert result.count == 3
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert sorted(seen) == [6, 7, 8]
+
+    seen.clear()
+    await replay_rewind(client, keys, ids[7])
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert sorted(seen) == [6, 7, 7, 8, 8, 9]  # 7..9 then the three copies
+
+    # by time: the entries stamped at or after a moment (an entry id is its arrival ms)
+    new_ids = await publish(client, codec, route, [100, 101])
+    seen.clear()
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert sorted(seen) == [100, 101]
+    at = datetime.fromtimestamp(entry_ms(new_ids[0]) / 1000, UTC)
+    expected = sorted(
+        codec.decode(f).payload.n for _, f in await client.xrange(keys.stream, min=f"{entry_ms(new_ids[0])}-0")
+    )
+    assert {100, 101} <= set(expected)
+    seen.clear()
+    dry = await replay_rewind(client, keys, at, dry_run=True)
+    assert dry.count == len(expected)
+    await replay_rewind(client, keys, at)
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert sorted(seen) == expected
+
+
+async def test_graceful_shutdown_leaves_nothing_pending_for_the_stopped_consumer(env):
+    settings, client, codec, route = env
+    settings = settings.with_(batch_size=50, concurrency=1, shutdown_grace_ms=100)
+    await publish(client, codec, route, range(200))
+    started = asyncio.Event()
+    seen = Counter()
+
+    async def slow(msg, ctx):
+        started.set()
+        await asyncio.sleep(0.05)
+        seen[msg.payload.n] += 1
+
+    worker = Worker(client, settings, route, codec, handler=slow, consumer="slowpoke")
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    worker.stop()  # mid-batch: grace of 100 ms cannot finish 50 x 50 ms
+    await asyncio.wait_for(task, 10)
+    keys = route.keys()
+    assert await pending_of(client, keys, "slowpoke") == 0
+    names = [c["name"] for c in await client.xinfo_consumers(keys.stream, keys.group)]
+    assert b"slowpoke" not in names
+
+    async def fast(msg, ctx):
+        seen[msg.payload.n] += 1
+
+    await Worker(client, settings, route, codec, handler=fast).run(burst=True)
+    assert sorted(seen) == list(range(200))  # nothing lost
+    assert await pending_of(client, keys) == 0
+
+
+async def test_group_deleted_under_a_running_consumer_is_recreated(env):
+    settings, client, codec, route = env
+    seen = set()
+
+    async def handle(msg, ctx):
+        seen.add(msg.payload.n)
+
+    metrics = StreamMetrics(CollectorRegistry())
+    worker = Worker(client, settings, route, codec, handler=handle, middleware=[metrics])
+    task = asyncio.create_task(worker.run())
+    await publish(client, codec, route, [1])
+    await wait_for(lambda: 1 in seen, what="first entry")
+    keys = route.keys()
+    await client.xgroup_destroy(keys.stream, keys.group)
+    await publish(client, codec, route, [2, 3])
+    await wait_for(lambda: {2, 3} <= seen, what="entries after the group was deleted")
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert metrics.recreated.labels("work")._value.get() >= 1
+
+
+async def test_restarted_consumer_rereads_its_own_pending_first(env):
+    settings, client, codec, route = env
+    keys = route.keys()
+    await publish(client, codec, route, range(5))
+    await Consumer(client, settings, keys, codec, name="w1", handler=_noop)._start()
+    # a crash right after reading: delivered to w1, never acked
+    await client.xreadgroup(keys.group, "w1", {keys.stream: ">"}, count=3)
+    await publish(client, codec, route, range(5, 8))
+    order = []
+
+    async def handle(msg, ctx):
+        order.append((msg.payload.n, msg.deliveries))
+
+    await Worker(client, settings, route, codec, handler=handle, consumer="w1").run(burst=True)
+    assert [n for n, _ in order[:3]] == [0, 1, 2]
+    assert all(d >= 2 for _, d in order[:3])
+    assert sorted(n for n, _ in order) == list(range(8))
+
+
+async def test_idle_entries_of_a_dead_consumer_are_claimed_and_it_is_removed(env):
+    settings, client, codec, route = env
+    keys = route.keys()
+    await publish(client, codec, route, range(30))
+    await Consumer(client, settings, keys, codec, name="ghost", handler=_noop)._start()
+    await client.xreadgroup(keys.group, "ghost", {keys.stream: ">"}, count=30)
+    seen = Counter()
+
+    async def handle(msg, ctx):
+        seen[msg.payload.n] += 1
+
+    metrics = StreamMetrics(CollectorRegistry())
+    worker = Worker(client, settings, route, codec, handler=handle, middleware=[metrics])
+
+    async def ghost_gone():
+        names = {c["name"] for c in await client.xinfo_consumers(keys.stream, keys.group)}
+        return len(seen) == 30 and b"ghost" not in names
+
+    await run_until(worker, ghost_gone, what="claiming and dead-consumer cleanup")
+    assert set(seen.values()) == {1}
+    assert metrics.claimed.labels("work")._value.get() == 30
+
+
+async def test_safe_trim_never_removes_unacknowledged_entries(env):
+    settings, client, codec, route = env
+    keys = route.keys()
+    ids = await publish(client, codec, route, range(20))
+    await Consumer(client, settings, keys, codec, name="slow", handler=_noop)._start()
+    await client.xreadgroup(keys.group, "slow", {keys.stream: ">"}, count=10)
+    await client.xack(keys.stream, keys.group, *ids[:5])  # 5..9 pending, 10..19 not delivered
+    result = await safe_trim(client, keys.stream)
+    assert result.min_id == ids[5] and result.removed == 5
+    left = [i.decode() for i, _ in await client.xrange(keys.stream)]
+    assert left == ids[5:]
+    # a second group that has read nothing pins everything
+    await client.xgroup_create(keys.stream, "audit", id="0")
+    assert (await safe_trim(client, keys.stream)).removed == 0
+    assert await client.xlen(keys.stream) == 15
+
+
+async def test_stage_keys_share_a_slot_and_stages_spread(redis_target, unique_prefix):
+    settings = fast_settings(redis_target, unique_prefix)
+    client = connect(settings)
+    try:
+        slots = {}
+        for stage in ("scheduler", "fetch", "geocode", "geofence", "view-refresh"):
+            k = Route(unique_prefix, stage).keys()
+            own = {
+                await client.cluster_keyslot(key) if redis_target.cluster else _slot(key)
+                for key in (k.stream, k.priority, k.dlq, k.heartbeats, k.redriven, k.lease("c"))
+            }
+            assert len(own) == 1, f"{stage} keys span slots {own}"
+            slots[stage] = own.pop()
+        assert len(set(slots.values())) > 1
+        if redis_target.cluster:
+            nodes = {await _node_of(client, s) for s in slots.values()}
+            assert len(nodes) > 1, "all stages landed on one cluster node"
+    finally:
+        await client.aclose()
+
+
+async def _noop(msg, ctx):
+    return None
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return key_slot(key.encode())
+
+
+async def _node_of(client, slot: int) -> str:
+    node = client.nodes_manager.get_node_from_slot(slot)
+    return node.name
