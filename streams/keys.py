@@ -17,7 +17,8 @@ key                                     type    what
 ``{p}:{stage}:lease:{consumer}``        string  holder token of a consumer name (``SET NX PX``)
 ``{p}:{stage}:lock:{name}``             string  a named lock of the stage (``SET NX PX``)
 ``{p}:{stage}:fence:{name}``            string  fencing counter that goes with ``lock:{name}``
-======================================  ======================================================
+``{p}:{stage}:state:{name}``            string  small state a stage shares across its workers
+======================================  ======  ==============================================
 
 With ``shards > 1`` the tag is ``{stage.0}`` ... ``{stage.N-1}``; the consumer group
 is always named after the stage.
@@ -96,6 +97,9 @@ class StageKeys:
 
     def fence(self, name: str) -> str:
         return self._key(f"fence:{name}")
+
+    def state(self, name: str) -> str:
+        return self._key(f"state:{name}")
 
     def streams(self) -> tuple[str, str]:
         """Input streams in the order they are served."""
