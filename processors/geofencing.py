@@ -1,0 +1,249 @@
+"""Which geofences contain a point, and the enter/exit events that follow from it.
+
+Circles are tested by great-circle distance on a sphere of radius ``EARTH_RADIUS_M``
+(inclusive: a point exactly ``radius_m`` away is inside). Polygons are GeoJSON
+(``[lon, lat]`` order, holes supported) tested with shapely, boundary inclusive.
+Polygons that cross the antimeridian must be split into a MultiPolygon, as GeoJSON
+(RFC 7946) asks. A ``shapely.STRtree`` over polygon bounds and circle bounding boxes
+narrows each lookup to a few exact tests.
+
+Events are a pure function of a tracker's reports sorted by time: the transition at
+a report depends only on the geofences containing it and its predecessor
+(:func:`transitions`); :func:`events_from_history` is the reference computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import shapely
+from shapely.geometry import shape
+
+EARTH_RADIUS_M = 6_371_008.8  # mean radius (IUGG)
+_BOX_MARGIN_DEG = 1e-9  # widens circle boxes against rounding
+
+EventKind = Literal["enter", "exit"]
+Event = tuple[datetime, int, EventKind]
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+def destination_point(
+    lat: float, lon: float, bearing_deg: float, distance_m: float
+) -> tuple[float, float]:
+    """The point ``distance_m`` from (lat, lon) along ``bearing_deg``; lon in [-180, 180)."""
+    d = distance_m / EARTH_RADIUS_M
+    p1, l1, b = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
+    sin_p2 = math.sin(p1) * math.cos(d) + math.cos(p1) * math.sin(d) * math.cos(b)
+    p2 = math.asin(max(-1.0, min(1.0, sin_p2)))
+    l2 = l1 + math.atan2(
+        math.sin(b) * math.sin(d) * math.cos(p1), math.cos(d) - math.sin(p1) * sin_p2
+    )
+    return math.degrees(p2), _wrap_lon(math.degrees(l2))
+
+
+def circle_boxes(
+    lat: float, lon: float, radius_m: float
+) -> list[tuple[float, float, float, float]]:
+    """Degree boxes (min_lon, min_lat, max_lon, max_lat) that together cover the circle.
+
+    One box normally, two when the circle crosses the antimeridian, a full-longitude
+    band when it reaches a pole.
+    """
+    d = radius_m / EARTH_RADIUS_M  # angular radius
+    dlat = math.degrees(d) + _BOX_MARGIN_DEG
+    south, north = max(-90.0, lat - dlat), min(90.0, lat + dlat)
+    if north >= 90.0 or south <= -90.0 or d >= math.pi / 2:
+        return [(-180.0, south, 180.0, north)]
+    # Widest longitude extent of a spherical cap: asin(sin d / cos lat).
+    ratio = math.sin(d) / math.cos(math.radians(lat))
+    if ratio >= 1.0:
+        return [(-180.0, south, 180.0, north)]
+    dlon = math.degrees(math.asin(ratio)) + _BOX_MARGIN_DEG
+    lon = _wrap_lon(lon)
+    west, east = lon - dlon, lon + dlon
+    if west <= -180.0:
+        return [(west + 360.0, south, 180.0, north), (-180.0, south, east, north)]
+    if east >= 180.0:
+        return [(west, south, 180.0, north), (-180.0, south, east - 360.0, north)]
+    return [(west, south, east, north)]
+
+
+class GeofenceIndex:
+    """Geofence rows indexed for point lookups; rebuild it when the rows change.
+
+    A row is a mapping or an object with attributes ``id``, ``kind`` ("circle" or
+    "polygon"), ``center_lat``/``center_lon``/``radius_m`` for circles and
+    ``geometry_geojson`` (a JSON string or dict) for polygons. A row that does not fit
+    raises ValueError naming its id.
+    """
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        boxes: list[shapely.Geometry] = []
+        self._box_fence: list[int] = []  # tree index -> position in the arrays below
+        ids: list[int] = []
+        circles: list[tuple[float, float, float]] = []
+        polygons: list[shapely.Geometry | None] = []
+        for row in rows:
+            gid, kind = int(_field(row, "id")), _field(row, "kind")
+            pos = len(ids)
+            try:
+                if kind == "circle":
+                    lat, lon = float(_field(row, "center_lat")), float(_field(row, "center_lon"))
+                    radius_m = float(_field(row, "radius_m"))
+                    _check_circle(lat, lon, radius_m)
+                    circles.append((lat, lon, radius_m))
+                    polygons.append(None)
+                    fence_boxes = [shapely.box(*b) for b in circle_boxes(lat, lon, radius_m)]
+                elif kind == "polygon":
+                    geom = _polygon(_field(row, "geometry_geojson"))
+                    circles.append((math.nan, math.nan, math.nan))
+                    polygons.append(geom)
+                    fence_boxes = [geom]  # the tree indexes its envelope
+                else:
+                    raise ValueError(f"unknown kind {kind!r}")
+            except (TypeError, ValueError, KeyError, shapely.errors.ShapelyError) as exc:
+                raise ValueError(f"geofence {gid}: {exc}") from exc
+            ids.append(gid)
+            boxes.extend(fence_boxes)
+            self._box_fence.extend([pos] * len(fence_boxes))
+        self._ids = np.array(ids, dtype=np.int64)
+        circle_arr = np.array(circles, dtype=float).reshape(-1, 3)
+        self._c_lat = np.radians(circle_arr[:, 0])
+        self._c_lon = np.radians(circle_arr[:, 1])
+        self._c_radius_m = circle_arr[:, 2]
+        self._is_circle = ~np.isnan(self._c_radius_m)
+        self._polygons = np.array(polygons, dtype=object)
+        self._box_fence_arr = np.array(self._box_fence, dtype=np.int64)
+        self._tree = shapely.STRtree(boxes)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def members(self, lat: float, lon: float) -> frozenset[int]:
+        """Ids of the geofences containing the point."""
+        return self.members_many([(lat, lon)])[0]
+
+    def members_many(self, points: Sequence[tuple[float, float]]) -> list[frozenset[int]]:
+        """Ids of the geofences containing each (lat, lon) point, in order."""
+        if len(points) == 0:
+            return []
+        lat = np.array([p[0] for p in points], dtype=float)
+        lon = (np.array([p[1] for p in points], dtype=float) + 180.0) % 360.0 - 180.0
+        if np.any(np.abs(lat) > 90.0) or not np.all(np.isfinite(lat) & np.isfinite(lon)):
+            raise ValueError("latitudes must be within [-90, 90] and coordinates finite")
+        if len(self._ids) == 0:
+            return [frozenset()] * len(points)
+        pts = shapely.points(lon, lat)
+        point_idx, box_idx = self._tree.query(pts)
+        result: list[set[int]] = [set() for _ in points]
+        fence = self._box_fence_arr[box_idx]
+        inside = np.zeros(len(fence), dtype=bool)
+        circ = self._is_circle[fence]
+        if circ.any():
+            pi, fi = point_idx[circ], fence[circ]
+            inside[circ] = (
+                _haversine_np(
+                    np.radians(lat[pi]), np.radians(lon[pi]), self._c_lat[fi], self._c_lon[fi]
+                )
+                <= self._c_radius_m[fi]
+            )
+        poly = ~circ
+        if poly.any():
+            inside[poly] = shapely.covers(self._polygons[fence[poly]], pts[point_idx[poly]])
+        for p, f in zip(point_idx[inside], fence[inside], strict=True):
+            result[p].add(int(self._ids[f]))
+        return [frozenset(s) for s in result]
+
+
+def transitions(
+    prev_members: frozenset[int] | None, cur_members: frozenset[int]
+) -> dict[int, EventKind]:
+    """Enter/exit events at a report, given the geofences holding it and its predecessor.
+
+    ``prev_members`` None means the tracker has no earlier report: every geofence it is
+    in counts as entered.
+    """
+    before = prev_members or frozenset()
+    events: dict[int, EventKind] = {}
+    for gid in sorted(cur_members - before):
+        events[gid] = "enter"
+    for gid in sorted(before - cur_members):
+        events[gid] = "exit"
+    return dict(sorted(events.items()))
+
+
+def events_from_history(points: Iterable[Any], index: GeofenceIndex) -> list[Event]:
+    """All (observed_at, geofence_id, kind) events of one tracker, the reference way.
+
+    ``points`` are ``(observed_at, lat, lon)`` tuples or objects with those attributes,
+    sorted by observed_at. Repeats of the same report are ignored; two different
+    positions at one instant, or unsorted input, raise ValueError.
+    """
+    history: list[tuple[datetime, float, float]] = []
+    for p in points:
+        if isinstance(p, Sequence):
+            item = (p[0], float(p[1]), float(p[2]))
+        else:
+            item = (p.observed_at, float(p.lat), float(p.lon))
+        if history and item[0] <= history[-1][0]:
+            if item == history[-1]:
+                continue
+            raise ValueError(f"points not sorted by observed_at (or conflicting at {item[0]})")
+        history.append(item)
+    memberships = index.members_many([(lat, lon) for _, lat, lon in history])
+    events: list[Event] = []
+    prev: frozenset[int] | None = None
+    for (observed_at, _, _), cur in zip(history, memberships, strict=True):
+        events.extend((observed_at, gid, kind) for gid, kind in transitions(prev, cur).items())
+        prev = cur
+    return events
+
+
+def _haversine_np(
+    lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray
+) -> np.ndarray:
+    """Vectorised :func:`haversine_m` on radians (same formula, same rounding)."""
+    h = np.sin((lat2 - lat1) / 2) ** 2
+    h = h + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    distance_m: np.ndarray = 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
+    return distance_m
+
+
+def _field(row: Any, name: str) -> Any:
+    return row[name] if isinstance(row, Mapping) else getattr(row, name)
+
+
+def _check_circle(lat: float, lon: float, radius_m: float) -> None:
+    if not (-90.0 <= lat <= 90.0 and math.isfinite(lon)):
+        raise ValueError(f"center ({lat}, {lon}) out of range")
+    if not (radius_m > 0 and math.isfinite(radius_m)):
+        raise ValueError(f"radius_m must be a positive number, got {radius_m}")
+
+
+def _polygon(geojson: str | Mapping[str, Any]) -> shapely.Geometry:
+    data = json.loads(geojson) if isinstance(geojson, str | bytes) else geojson
+    geom = shape(data)
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"geometry must be a Polygon or MultiPolygon, not {geom.geom_type}")
+    if geom.is_empty:
+        raise ValueError("geometry is empty")
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    shapely.prepare(geom)
+    return geom
+
+
+def _wrap_lon(lon: float) -> float:
+    return (lon + 180.0) % 360.0 - 180.0

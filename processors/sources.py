@@ -1,0 +1,491 @@
+"""Where location reports come from: the ``LocationSource`` port and its adapters.
+
+::
+
+    SourceError
+    ├── SourceUnavailable(retry_after_s)   transient: timeout, connection error, 5xx, 408, 429
+    └── SourceRejected                     permanent: other 4xx, malformed or invalid payload
+
+Adapters: :class:`SimulatedFleet` (deterministic trackers moving around real cities,
+for demos and tests), :class:`HttpLocationSource` (a real batch API) and
+:class:`ResilientSource`, which wraps either with a circuit breaker, a rate limit and
+retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import itertools
+import json
+import logging
+import math
+import random
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from processors.clock import Clock, system_clock
+from processors.geofencing import destination_point, haversine_m
+from processors.resilience import CircuitBreaker, RateLimiter, Rng, Sleep, retry_async
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 64  # trackers per call to the location API
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """One location report. ``observed_at`` is aware and normalised to UTC."""
+
+    tracker_id: str
+    observed_at: datetime
+    lat: float
+    lon: float
+    accuracy_m: float | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.observed_at.tzinfo is None:
+            raise ValueError("observed_at must be timezone-aware")
+        object.__setattr__(self, "observed_at", self.observed_at.astimezone(UTC))
+
+
+class LocationSource(Protocol):
+    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+        """Reports for these trackers (any number per tracker, possibly none)."""
+        ...
+
+
+class SourceError(Exception):
+    """Base of the errors a location source raises on purpose."""
+
+
+class SourceUnavailable(SourceError):
+    """Transient: try again later (after ``retry_after_s`` when the source said so)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SourceRejected(SourceError):
+    """Permanent: the same request will fail the same way."""
+
+
+# --- simulated fleet ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class City:
+    name: str
+    country_code: str
+    factory: tuple[float, float]  # (lat, lon) of an industrial area
+    port: tuple[float, float]  # (lat, lon) of a container terminal or logistics port
+
+
+CITIES: tuple[City, ...] = (
+    City("Shenzhen", "CN", (22.5430, 113.9490), (22.4790, 113.9100)),
+    City("Rotterdam", "NL", (51.9330, 4.4330), (51.8800, 4.4250)),
+    City("Hamburg", "DE", (53.4600, 9.9850), (53.5060, 9.9250)),
+    City("Los Angeles", "US", (33.8320, -118.2600), (33.7460, -118.2700)),
+    City("Singapore", "SG", (1.3330, 103.7200), (1.2750, 103.7650)),
+    City("Shanghai", "CN", (31.2600, 121.6000), (31.3500, 121.5900)),
+    City("Antwerp", "BE", (51.2500, 4.4400), (51.2950, 4.3400)),
+    City("Chicago", "US", (41.6950, -87.6100), (41.7050, -87.5400)),
+    City("Mumbai", "IN", (19.0100, 72.8600), (18.9400, 72.8450)),
+    City("Santos", "BR", (-23.8800, -46.4200), (-23.9300, -46.3600)),
+    City("Felixstowe", "GB", (52.0100, 1.2400), (51.9550, 1.3200)),
+    City("Busan", "KR", (35.1600, 128.9850), (35.1100, 129.0450)),
+    City("Dubai", "AE", (25.0100, 55.1200), (25.0100, 55.0600)),
+    City("Lyon", "FR", (45.7000, 4.8850), (45.7250, 4.8200)),
+    City("Nagoya", "JP", (35.0900, 136.8900), (35.0300, 136.8400)),
+)
+
+FACTORY_RADIUS_M = 500.0
+# The port area: a pentagon around the terminal, vertices as (bearing_deg, distance_m).
+_PORT_OUTLINE = ((20.0, 900.0), (100.0, 700.0), (160.0, 1000.0), (230.0, 800.0), (300.0, 750.0))
+_FACTORY_PARK_M = 150.0  # parked within this distance of the factory point
+_PORT_PARK_M = 300.0  # and of the port point
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """A tracker's loop: dwell at the factory, drive to the port, dwell, drive back."""
+
+    city: City
+    waypoints: tuple[tuple[float, float], ...]  # position at each knot
+    knots_s: tuple[float, ...]  # seconds into the loop of each waypoint, from 0
+    phase_s: float  # where in the loop the tracker is at the epoch
+    report_offset_s: int  # reports fall at this offset within each interval
+
+    @property
+    def period_s(self) -> float:
+        return self.knots_s[-1]
+
+    def position(self, epoch_s: float) -> tuple[float, float]:
+        u = (epoch_s + self.phase_s) % self.period_s
+        i = min(bisect.bisect_right(self.knots_s, u), len(self.knots_s) - 1)
+        t0, t1 = self.knots_s[i - 1], self.knots_s[i]
+        (lat0, lon0), (lat1, lon1) = self.waypoints[i - 1], self.waypoints[i]
+        f = 0.0 if t1 == t0 else (u - t0) / (t1 - t0)
+        return lat0 + (lat1 - lat0) * f, lon0 + (lon1 - lon0) * f
+
+
+class SimulatedFleet:
+    """Deterministic trackers shuttling between a factory and a port in real cities.
+
+    Each tracker id maps (by BLAKE2b of seed and id, stable across processes) to a home
+    city and its own timings: it dwells 45-120 min inside the factory geofence, drives
+    at 30-50 km/h along a bent road to the port, dwells 1-3 h inside the port geofence,
+    and drives back another way. Where it is at a time is a pure function of (seed,
+    tracker, time). It reports every ``report_interval_s`` at a per-tracker offset;
+    ``fetch`` returns the reports observed since the tracker's previous fetch (at most
+    ``max_reports_per_call``, the latest ones; only the latest on a first fetch). The
+    cursor lives in this object: a second instance starts afresh.
+    """
+
+    source_name = "simulated"
+
+    def __init__(
+        self,
+        seed: int,
+        clock: Clock = system_clock,
+        *,
+        report_interval_s: int = 300,
+        max_reports_per_call: int = 12,
+    ) -> None:
+        if report_interval_s < 1 or max_reports_per_call < 1:
+            raise ValueError("report_interval_s and max_reports_per_call must be >= 1")
+        self.seed = seed
+        self.clock = clock
+        self.report_interval_s = report_interval_s
+        self.max_reports_per_call = max_reports_per_call
+        self.calls = 0
+        self.reports_returned = 0
+        self._routes: dict[str, _Route] = {}
+        self._cursor: dict[str, int] = {}  # tracker -> index of the last report returned
+        self._fail_next = 0
+        self._outage = False
+
+    # -- failure injection
+
+    def fail_next(self, n: int = 1) -> None:
+        """Make the next ``n`` fetches raise SourceUnavailable."""
+        self._fail_next = n
+
+    def outage(self, down: bool = True) -> None:
+        """While down, every fetch raises SourceUnavailable."""
+        self._outage = down
+
+    # -- the port
+
+    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+        self.calls += 1
+        if self._outage or self._fail_next > 0:
+            self._fail_next = max(0, self._fail_next - 1)
+            raise SourceUnavailable("simulated location API outage")
+        if any(not t for t in tracker_ids):
+            raise SourceRejected("empty tracker id")
+        now_s = self.clock().timestamp()
+        fixes: list[Fix] = []
+        for tracker_id in dict.fromkeys(tracker_ids):
+            latest = self._report_index(tracker_id, now_s)
+            last = self._cursor.get(tracker_id)
+            if last is None:  # first fetch: only the latest report
+                first = latest
+            else:  # everything since the last fetch, at most the latest K
+                first = max(last + 1, latest - self.max_reports_per_call + 1)
+                latest = max(latest, last)  # a clock that went back returns nothing
+            fixes.extend(self.report(tracker_id, k) for k in range(first, latest + 1))
+            self._cursor[tracker_id] = latest
+        self.reports_returned += len(fixes)
+        return fixes
+
+    # -- pure functions of (seed, tracker, time)
+
+    def home_city(self, tracker_id: str) -> City:
+        return self._route(tracker_id).city
+
+    def position_at(self, tracker_id: str, at: datetime) -> tuple[float, float]:
+        """Where the tracker truly is (no GPS noise), as (lat, lon)."""
+        return self._route(tracker_id).position(at.timestamp())
+
+    def reports_between(self, tracker_id: str, start: datetime, end: datetime) -> list[Fix]:
+        """Every report observed in (start, end], as fetch would return them."""
+        first = self._report_index(tracker_id, start.timestamp()) + 1
+        last = self._report_index(tracker_id, end.timestamp())
+        return [self.report(tracker_id, k) for k in range(first, last + 1)]
+
+    def report(self, tracker_id: str, k: int) -> Fix:
+        """The tracker's ``k``-th report since the epoch, with GPS noise and accuracy."""
+        route = self._route(tracker_id)
+        at_s = k * self.report_interval_s + route.report_offset_s
+        lat, lon = route.position(at_s)
+        u_acc, u_dir, u_err = _units(self.seed, tracker_id, "report", k, n=3)
+        accuracy_m = round(4.0 + 46.0 * u_acc**3, 1)  # mostly under 10 m, up to 50 m
+        lat, lon = destination_point(lat, lon, 360.0 * u_dir, 0.5 * accuracy_m * u_err)
+        return Fix(
+            tracker_id=tracker_id,
+            observed_at=datetime.fromtimestamp(at_s, UTC),
+            lat=round(lat, 6),
+            lon=round(lon, 6),
+            accuracy_m=accuracy_m,
+            source=self.source_name,
+        )
+
+    @staticmethod
+    def geofences_for_demo() -> list[dict[str, Any]]:
+        """A circle around each city's factory and a polygon around its port area."""
+        fences: list[dict[str, Any]] = []
+        for city in CITIES:
+            fences.append(
+                {
+                    "name": f"{city.name} factory",
+                    "kind": "circle",
+                    "center_lat": city.factory[0],
+                    "center_lon": city.factory[1],
+                    "radius_m": FACTORY_RADIUS_M,
+                }
+            )
+            ring = [destination_point(*city.port, b, d) for b, d in reversed(_PORT_OUTLINE)]
+            coords = [[round(lon, 6), round(lat, 6)] for lat, lon in ring]
+            geometry = {"type": "Polygon", "coordinates": [[*coords, coords[0]]]}
+            fences.append(
+                {
+                    "name": f"{city.name} port",
+                    "kind": "polygon",
+                    "geometry_geojson": json.dumps(geometry),
+                }
+            )
+        return fences
+
+    def _report_index(self, tracker_id: str, epoch_s: float) -> int:
+        """Index of the last report observed at or before ``epoch_s``."""
+        offset_s = self._route(tracker_id).report_offset_s
+        return math.floor((epoch_s - offset_s) / self.report_interval_s)
+
+    def _route(self, tracker_id: str) -> _Route:
+        route = self._routes.get(tracker_id)
+        if route is None:
+            route = self._routes[tracker_id] = self._make_route(tracker_id)
+        return route
+
+    def _make_route(self, tracker_id: str) -> _Route:
+        u = _units(self.seed, tracker_id, "route", n=11)
+        city = CITIES[int(u[0] * len(CITIES))]
+        factory = destination_point(*city.factory, 360.0 * u[1], _FACTORY_PARK_M * u[2])
+        port = destination_point(*city.port, 360.0 * u[3], _PORT_PARK_M * u[4])
+        speed_mps = 8.3 + 5.6 * u[5]  # 30-50 km/h
+        bend = 0.1 + 0.2 * u[6]  # the road bows out by 10-30 % of the distance
+        there = [factory, _bow(factory, port, bend), port]
+        back = [port, _bow(port, factory, bend), factory]
+        points = [factory]
+        knots = [0.0, 60.0 * (45.0 + 75.0 * u[7])]  # dwell at the factory
+        points.append(factory)
+        for leg, dwell_s in ((there, 60.0 * (60.0 + 120.0 * u[8])), (back, 0.0)):
+            for a, b in itertools.pairwise(leg):
+                points.append(b)
+                knots.append(knots[-1] + haversine_m(*a, *b) / speed_mps)
+            if dwell_s:
+                points.append(leg[-1])
+                knots.append(knots[-1] + dwell_s)
+        return _Route(
+            city=city,
+            waypoints=tuple(points),
+            knots_s=tuple(knots),
+            phase_s=u[9] * knots[-1],
+            report_offset_s=int(u[10] * self.report_interval_s),
+        )
+
+
+def _units(seed: int, tracker_id: str, purpose: str, *parts: object, n: int) -> tuple[float, ...]:
+    """``n`` deterministic numbers in [0, 1) from the seed, the tracker and ``parts``."""
+    key = "\x1f".join(map(str, (seed, tracker_id, purpose, *parts))).encode()
+    digest = hashlib.blake2b(key, digest_size=4 * n).digest()
+    return tuple(x / 2**32 for x in struct.unpack(f">{n}I", digest))
+
+
+def _bow(a: tuple[float, float], b: tuple[float, float], fraction: float) -> tuple[float, float]:
+    """The midpoint of a-b pushed sideways (to the left of a->b) by ``fraction`` of a-b."""
+    mid_lat, mid_lon = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+    k = math.cos(math.radians(mid_lat))
+    dx, dy = (b[1] - a[1]) * k, b[0] - a[0]  # east, north in "degrees of latitude"
+    return mid_lat + dx * fraction, mid_lon - dy * fraction / k
+
+
+# --- HTTP adapter ------------------------------------------------------------------
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    tracker_id: str = Field(min_length=1)
+    observed_at: AwareDatetime
+    lat: float = Field(ge=-90.0, le=90.0)
+    lon: float = Field(ge=-180.0, le=180.0)
+    accuracy_m: float | None = Field(default=None, ge=0.0)
+
+
+class _BatchResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    reports: list[_Report]
+
+
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+class HttpLocationSource:
+    """A batch location API over HTTP.
+
+    ``POST {base_url}/locations/batch`` with ``{"tracker_ids": [...]}`` (and
+    ``Authorization: Bearer <api_key>`` when given) must answer 200 with::
+
+        {"reports": [{"tracker_id": "T1", "observed_at": "2024-05-01T12:00:00Z",
+                      "lat": 51.92, "lon": 4.48, "accuracy_m": 12.5}, ...]}
+
+    ``observed_at`` is ISO-8601 with an offset; ``accuracy_m`` may be missing or null;
+    unknown fields are ignored; reports for trackers not asked for are dropped. A client
+    passed in is left open; one made here is closed by :meth:`aclose`.
+    """
+
+    source_name = "http"
+
+    def __init__(
+        self,
+        base_url: str,
+        client: httpx.AsyncClient | None = None,
+        timeout_s: float = 10.0,
+        api_key: str | None = None,
+        *,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/locations/batch"
+        self.timeout_s = timeout_s
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout_s)
+        self._headers = {"Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._clock = clock
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+        ids = list(tracker_ids)
+        try:
+            response = await self._client.post(
+                self.url, json={"tracker_ids": ids}, headers=self._headers, timeout=self.timeout_s
+            )
+        except (httpx.UnsupportedProtocol, httpx.DecodingError, httpx.TooManyRedirects) as exc:
+            raise SourceRejected(f"POST {self.url}: {exc!r}") from exc
+        except httpx.TransportError as exc:  # timeouts, connection and protocol errors
+            raise SourceUnavailable(f"POST {self.url}: {exc!r}") from exc
+        status = response.status_code
+        if status in _TRANSIENT_STATUS or status >= 500:
+            retry_after_s = _retry_after_s(response.headers.get("Retry-After"), self._clock())
+            raise SourceUnavailable(f"POST {self.url}: HTTP {status}", retry_after_s)
+        if status != 200:
+            raise SourceRejected(f"POST {self.url}: HTTP {status}: {response.text[:200]}")
+        try:
+            batch = _BatchResponse.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise SourceRejected(f"POST {self.url}: invalid response: {exc}") from exc
+        wanted = set(ids)
+        fixes = [
+            Fix(r.tracker_id, r.observed_at, r.lat, r.lon, r.accuracy_m, self.source_name)
+            for r in batch.reports
+            if r.tracker_id in wanted
+        ]
+        if len(fixes) < len(batch.reports):
+            log.warning(
+                "%s: dropped %d reports for trackers not asked for",
+                self.url,
+                len(batch.reports) - len(fixes),
+            )
+        return fixes
+
+
+def _retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+# --- resilience wrapper ------------------------------------------------------------
+
+
+class ResilientSource:
+    """Any source behind a circuit breaker, a rate limit and retries.
+
+    Each attempt is admitted by the breaker (CircuitOpen at once while it is open),
+    then waits for a rate-limit token, then calls the inner source; SourceUnavailable
+    is retried with full-jitter backoff up to ``attempts`` calls in all. SourceRejected
+    means the source answered: it is raised at once and does not trip the breaker.
+    More than ``max_batch`` trackers is a programming error (ValueError).
+    """
+
+    def __init__(
+        self,
+        inner: LocationSource,
+        breaker: CircuitBreaker,
+        rate_limiter: RateLimiter,
+        *,
+        attempts: int = 3,
+        base_delay_s: float = 0.5,
+        max_delay_s: float = 10.0,
+        max_batch: int = MAX_BATCH,
+        sleep: Sleep = asyncio.sleep,
+        rng: Rng = random.random,
+    ) -> None:
+        self.inner = inner
+        self.breaker = breaker
+        self.rate_limiter = rate_limiter
+        self.attempts = attempts
+        self.base_delay_s = base_delay_s
+        self.max_delay_s = max_delay_s
+        self.max_batch = max_batch
+        self._sleep = sleep
+        self._rng = rng
+
+    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+        if len(tracker_ids) > self.max_batch:
+            raise ValueError(f"at most {self.max_batch} trackers per call, got {len(tracker_ids)}")
+        if not tracker_ids:
+            return []
+        return await retry_async(
+            lambda: self._attempt(tracker_ids),
+            attempts=self.attempts,
+            base_delay_s=self.base_delay_s,
+            max_delay_s=self.max_delay_s,
+            retry_on=(SourceUnavailable,),
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+
+    async def _attempt(self, tracker_ids: Sequence[str]) -> list[Fix]:
+        # A rejection means the source answered: it must not trip the breaker.
+        async with self.breaker.guard(success_on=(SourceRejected,)):
+            await self.rate_limiter.acquire()
+            return await self.inner.fetch(tracker_ids)
