@@ -91,7 +91,7 @@ def run_raw(settings: StreamSettings, prefix: str, n: int, batch: int, pipelined
     start = time.perf_counter()
     while done < n:
         for i, k in enumerate(keys):
-            reply = r.xreadgroup(k.group, "raw", {k.stream: ">"}, count=batch)
+            reply: Any = r.xreadgroup(k.group, "raw", {k.stream: ">"}, count=batch)
             if not reply:
                 continue
             entries = reply[0][1]

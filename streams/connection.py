@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.connection import Connection
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -32,7 +32,7 @@ _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.T
 try:
     import hiredis
 except ImportError:  # pragma: no cover - hiredis is a declared dependency
-    hiredis = None
+    hiredis = None  # type: ignore[assignment,unused-ignore]
 
 
 class HiredisPackConnection(Connection):
@@ -101,6 +101,8 @@ def translate(url: str, stream: str = "", group: str = "") -> Iterator[None]:
             raise GroupMissing(stream, group) from exc
         raise
     except _TRANSIENT as exc:
+        raise RedisUnavailable(redact(url), exc) from exc
+    except rex.RedisClusterException as exc:  # no reachable node / slots not covered
         raise RedisUnavailable(redact(url), exc) from exc
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from streams.connection import Client, translate
+from streams.errors import GroupMissing
 from streams.keys import StageKeys
 from streams.parse import id_before, normalize_id, parse_entries
 
@@ -108,6 +109,10 @@ async def replay_rewind(
 ) -> ReplayResult:
     lo = to_id(start)
     n = await count_range(client, keys.stream, lo, "+", url)
+    with translate(url):
+        exists = await client.exists(keys.stream)
+    if not exists:  # no stream, so no group to move
+        raise GroupMissing(keys.stream, keys.group)
     if not dry_run:
         with translate(url, keys.stream, keys.group):
             await client.xgroup_setid(keys.stream, keys.group, id_before(lo))

@@ -33,6 +33,8 @@ def _key(i: str) -> tuple[int, int]:
 
 
 async def safe_min_id(client: Client, stream: str, *, keep_ms: int = 0) -> tuple[str | None, str]:
+    if not await client.exists(stream):
+        return None, "no stream"
     groups = await client.xinfo_groups(stream)
     if not groups:
         return None, "no consumer groups"

@@ -29,8 +29,9 @@ async def main(url: str, cluster: bool, prefix: str, consumer: str) -> None:
         await client.hincrby(calls_key, str(msg.payload.n), 1)
         await asyncio.sleep(0.01)
 
-    await Worker(client, settings, Route(prefix, "work"), Codec([Ping]), handler=handle,
-                 consumer=consumer).run()
+    await Worker(
+        client, settings, Route(prefix, "work"), Codec([Ping]), handler=handle, consumer=consumer
+    ).run()
 
 
 if __name__ == "__main__":

@@ -55,14 +55,15 @@ async def wait_for(
 
 
 async def run_until(
-    worker: Any, condition: Callable[[], Awaitable[bool] | bool], timeout_s: float = 20, what: str = ""
+    worker: Any,
+    condition: Callable[[], Awaitable[bool] | bool],
+    timeout_s: float = 20,
+    what: str = "",
 ) -> None:
     """Run a worker until ``condition`` holds, then stop it gracefully."""
     task = asyncio.create_task(worker.run())
     try:
-        await wait_for(
-            lambda: task.done() or condition(), timeout_s, what or "worker condition"
-        )
+        await wait_for(lambda: task.done() or condition(), timeout_s, what or "worker condition")
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)

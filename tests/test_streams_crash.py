@@ -30,11 +30,19 @@ async def test_sigkilled_worker_loses_nothing(redis_target, unique_prefix):
     await Producer(client, codec).publish(route, [Ping(n=n) for n in range(TOTAL)])
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_worker", redis_target.url,
-         "1" if redis_target.cluster else "0", unique_prefix, "doomed"],
+        [
+            sys.executable,
+            "-m",
+            "tests.crash_worker",
+            redis_target.url,
+            "1" if redis_target.cluster else "0",
+            unique_prefix,
+            "doomed",
+        ],
         cwd=ROOT,
     )
     try:
+
         async def mid_second_batch():
             assert proc.poll() is None, "crash worker exited early"
             return int(await client.hlen(calls_key)) >= 75  # batch 50..99 in flight, unacked
@@ -57,8 +65,9 @@ async def test_sigkilled_worker_loses_nothing(redis_target, unique_prefix):
         await client.hincrby(calls_key, str(msg.payload.n), 1)
 
     metrics = StreamMetrics(CollectorRegistry())
-    rescuer = Worker(client, settings, route, codec, handler=handle, consumer="rescuer",
-                     middleware=[metrics])
+    rescuer = Worker(
+        client, settings, route, codec, handler=handle, consumer="rescuer", middleware=[metrics]
+    )
 
     async def all_done():
         return int(await client.hlen(calls_key)) == TOTAL and not await client.xpending_range(

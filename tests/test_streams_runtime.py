@@ -147,7 +147,9 @@ async def test_reject_and_timeout_categories(env):
             await asyncio.sleep(10)
 
     await Worker(client, settings, route, codec, handler=handle).run(burst=True)
-    letters = {codec.decode(x.fields).payload.n: x for x in await DeadLetters(client, route.keys()).list()}
+    letters = {
+        codec.decode(x.fields).payload.n: x for x in await DeadLetters(client, route.keys()).list()
+    }
     assert letters[1].category == "handler" and "bad tracker" in letters[1].error
     assert letters[1].attempts == 1
     assert letters[2].category == "timeout" and letters[2].attempts == 2
@@ -218,7 +220,8 @@ async def test_replay_by_copy_and_by_rewind_from_id_and_time(env):
     assert sorted(seen) == [100, 101]
     at = datetime.fromtimestamp(entry_ms(new_ids[0]) / 1000, UTC)
     expected = sorted(
-        codec.decode(f).payload.n for _, f in await client.xrange(keys.stream, min=f"{entry_ms(new_ids[0])}-0")
+        codec.decode(f).payload.n
+        for _, f in await client.xrange(keys.stream, min=f"{entry_ms(new_ids[0])}-0")
     )
     assert {100, 101} <= set(expected)
     seen.clear()
