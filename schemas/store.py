@@ -1,0 +1,657 @@
+"""The pipeline's reads and writes, one function per question.
+
+Every function takes a :class:`~sqlalchemy.orm.Session` first and does not commit: the
+caller's transaction does (``processors.database.Database.run`` runs one function per
+transaction). Every write is idempotent on a natural key, with dialect-aware upserts
+(``INSERT ... ON CONFLICT``) on PostgreSQL and SQLite alike, so redeliveries and
+replays rewrite the same rows.
+
+Tracker ids here are the trackers' external ids (``"SIM-00001"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
+
+import shapely
+from shapely.geometry import shape
+from shapely.validation import explain_validity
+from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from schemas.events import LocationGeocoded, LocationReported
+from schemas.tables import Geofence, GeofenceEvent, LocationReport, Tracker, UTCDateTime, utcnow
+
+__all__ = [
+    "GEOFENCE_KINDS",
+    "MAX_RADIUS_M",
+    "InvalidGeofence",
+    "active_geofences",
+    "add_geofence",
+    "count_not_checked",
+    "count_not_geocoded",
+    "deactivate_geofence",
+    "eligible_trackers",
+    "events_for",
+    "geofences_version",
+    "incomplete_reports",
+    "insert_reports",
+    "lock_tracker",
+    "mark_geofence_checked",
+    "mark_processed",
+    "replace_events_at",
+    "report_with_neighbours",
+    "reports_for",
+    "set_addresses",
+    "stalest_active_tracker_age_s",
+    "update_geofence",
+    "upsert_trackers",
+    "validate_geofence",
+]
+
+log = logging.getLogger("trackstream.store")
+
+GEOFENCE_KINDS = ("circle", "polygon")
+EVENT_KINDS = ("enter", "exit")
+MAX_RADIUS_M = 1_000_000.0  # 1,000 km: anything larger is a unit mistake, not a site
+CHUNK = 500  # rows per multi-row statement (well under both dialects' parameter limits)
+
+T = TypeVar("T")
+
+_reports = cast(Table, LocationReport.__table__)
+_trackers = cast(Table, Tracker.__table__)
+_events = cast(Table, GeofenceEvent.__table__)
+
+
+class InvalidGeofence(ValueError):
+    """A geofence that cannot be stored; the message says what is wrong with it."""
+
+
+# -- helpers
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _insert(session: Session, table: Any) -> Any:
+    return pg_insert(table) if _dialect(session) == "postgresql" else sqlite_insert(table)
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _in_run(now: datetime) -> Any:
+    return and_(
+        Tracker.active.is_(True),
+        or_(Tracker.run_starts_at.is_(None), Tracker.run_starts_at <= now),
+        or_(Tracker.run_ends_at.is_(None), Tracker.run_ends_at > now),
+    )
+
+
+# -- trackers
+
+
+def upsert_trackers(session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Creates or updates trackers by ``external_id`` (keys: external_id, name, active,
+    run_starts_at, run_ends_at; name defaults to the id, active to True, the run bounds
+    to None = unbounded). Returns the number of distinct trackers written."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        ext = str(row.get("external_id") or "").strip()
+        if not ext:
+            raise ValueError(f"tracker without external_id: {dict(row)!r}")
+        by_id[ext] = {
+            "external_id": ext,
+            "name": row.get("name") or ext,
+            "active": bool(row.get("active", True)),
+            "run_starts_at": row.get("run_starts_at"),
+            "run_ends_at": row.get("run_ends_at"),
+        }
+    values = list(by_id.values())
+    for chunk in _chunks(values):
+        stmt = _insert(session, _trackers).values(list(chunk))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[_trackers.c.external_id],
+            set_={c: stmt.excluded[c] for c in ("name", "active", "run_starts_at", "run_ends_at")},
+        )
+        session.execute(stmt)
+    return len(values)
+
+
+def eligible_trackers(
+    session: Session, now: datetime, min_interval_s: float, limit: int, lock: bool = False
+) -> list[str]:
+    """External ids of the trackers to fetch now, fairest first.
+
+    Eligible: active, inside the production run (``run_starts_at <= now < run_ends_at``,
+    a NULL bound is open), and not processed within ``min_interval_s``
+    (``last_processed_at`` NULL or ``<= now - min_interval_s``). Order: never fetched
+    first, then oldest ``last_processed_at``, then id.
+
+    ``lock=True`` reserves the rows for this transaction: ``FOR UPDATE SKIP LOCKED`` on
+    PostgreSQL (a concurrent scheduler gets a disjoint set); on SQLite every transaction
+    already holds the write lock from its ``BEGIN IMMEDIATE`` (see :mod:`schemas.db`).
+    The caller then marks them processed in the same transaction.
+    """
+    if limit <= 0:
+        return []
+    cutoff = now - timedelta(seconds=min_interval_s)
+    stmt: Select[Any] = (
+        select(Tracker.external_id)
+        .where(
+            _in_run(now),
+            or_(Tracker.last_processed_at.is_(None), Tracker.last_processed_at <= cutoff),
+        )
+        .order_by(Tracker.last_processed_at.asc().nulls_first(), Tracker.id)
+        .limit(limit)
+    )
+    if lock:
+        if _dialect(session) == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        else:
+            _take_sqlite_write_lock(session)
+    return list(session.scalars(stmt))
+
+
+def _take_sqlite_write_lock(session: Session) -> None:
+    """Makes sure this SQLite transaction holds the write lock (a no-op write), for
+    connections not made by :func:`schemas.db.make_engine` (which begin IMMEDIATE)."""
+    session.execute(text("UPDATE trackers SET id = id WHERE id = (SELECT MIN(id) FROM trackers)"))
+
+
+def mark_processed(session: Session, external_ids: Sequence[str], at: datetime) -> None:
+    """Sets ``last_processed_at`` of these trackers to ``at``."""
+    ids = sorted(set(external_ids))  # a stable order keeps row locks deadlock-free
+    for chunk in _chunks(ids, 5000):
+        session.execute(
+            update(_trackers)
+            .where(_trackers.c.external_id.in_(list(chunk)))
+            .values(last_processed_at=at)
+        )
+
+
+def lock_tracker(session: Session, tracker_id: str) -> None:
+    """Serialises work on one tracker until the transaction ends: a transaction-scoped
+    advisory lock on PostgreSQL; nothing on SQLite, where writers are serialised."""
+    if _dialect(session) == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+            {"k": f"trackstream.tracker.{tracker_id}"},
+        )
+
+
+def stalest_active_tracker_age_s(session: Session, now: datetime) -> float | None:
+    """Seconds since the stalest active, in-run tracker was processed (a never-fetched
+    one counts from its ``created_at``); None when there is no such tracker."""
+    oldest = session.scalar(
+        select(func.min(func.coalesce(Tracker.last_processed_at, Tracker.created_at))).where(
+            _in_run(now)
+        )
+    )
+    if oldest is None:
+        return None
+    return max(0.0, (now - oldest).total_seconds())
+
+
+# -- location reports
+
+
+def _report_row(r: LocationReported) -> dict[str, Any]:
+    return {
+        "tracker_id": r.tracker_id,
+        "observed_at": r.observed_at,
+        "lat": r.lat,
+        "lon": r.lon,
+        "accuracy_m": r.accuracy_m,
+        "source": r.source,
+        "fetched_at": r.fetched_at,
+    }
+
+
+def insert_reports(session: Session, reports: Sequence[LocationReported]) -> list[LocationReported]:
+    """Stores the reports; returns those that were new, in input order.
+
+    A report already stored (same ``tracker_id`` and ``observed_at``) is ignored, also
+    when it appears twice in ``reports`` (the first one counts). A report of a tracker
+    that is not in ``trackers`` is skipped with a warning (it cannot satisfy the foreign
+    key, and failing the batch would only make it fail again on redelivery).
+    """
+    unique: dict[tuple[str, datetime], LocationReported] = {}
+    for r in reports:
+        unique.setdefault((r.tracker_id, r.observed_at), r)
+    if not unique:
+        return []
+    tracker_ids = sorted({t for t, _ in unique})
+    known = set(
+        session.scalars(select(Tracker.external_id).where(Tracker.external_id.in_(tracker_ids)))
+    )
+    unknown = [t for t in tracker_ids if t not in known]
+    if unknown:
+        log.warning(
+            "skipping reports of %d unknown tracker(s): %s",
+            len(unknown),
+            ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""),
+        )
+    rows = [_report_row(r) for (t, _), r in unique.items() if t in known]
+    inserted: set[tuple[str, datetime]] = set()
+    for chunk in _chunks(rows):
+        stmt = (
+            _insert(session, _reports)
+            .values(list(chunk))
+            .on_conflict_do_nothing(index_elements=["tracker_id", "observed_at"])
+            .returning(_reports.c.tracker_id, _reports.c.observed_at)
+        )
+        inserted.update((t, o) for t, o in session.execute(stmt))
+    return [r for key, r in unique.items() if key in inserted]
+
+
+def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: datetime) -> None:
+    """Stores the address of each report and sets ``geocoded_at`` (rewrites on repeat)."""
+    if not geocoded:
+        return
+    stmt = (
+        update(_reports)
+        .where(
+            _reports.c.tracker_id == bindparam("b_tracker"),
+            _reports.c.observed_at == bindparam("b_observed", type_=UTCDateTime()),
+        )
+        .values(
+            city=bindparam("b_city"),
+            country_code=bindparam("b_cc"),
+            country=bindparam("b_country"),
+            address=bindparam("b_address"),
+            geocoded_at=bindparam("b_at", type_=UTCDateTime()),
+        )
+    )
+    params = [
+        {
+            "b_tracker": g.tracker_id,
+            "b_observed": g.observed_at,
+            "b_city": g.city,
+            "b_cc": g.country_code,
+            "b_country": g.country,
+            "b_address": g.address,
+            "b_at": at,
+        }
+        for g in geocoded
+    ]
+    session.execute(stmt, params)
+
+
+def mark_geofence_checked(
+    session: Session, reports: Sequence[tuple[str, datetime]], at: datetime
+) -> None:
+    """Sets ``geofence_checked_at`` of the reports ``(tracker_id, observed_at)``."""
+    if not reports:
+        return
+    stmt = (
+        update(_reports)
+        .where(
+            _reports.c.tracker_id == bindparam("b_tracker"),
+            _reports.c.observed_at == bindparam("b_observed", type_=UTCDateTime()),
+        )
+        .values(geofence_checked_at=bindparam("b_at", type_=UTCDateTime()))
+    )
+    session.execute(stmt, [{"b_tracker": t, "b_observed": o, "b_at": at} for t, o in reports])
+
+
+def report_with_neighbours(
+    session: Session, tracker_id: str, observed_at: datetime
+) -> tuple[LocationReport | None, LocationReport | None, LocationReport | None]:
+    """The tracker's report at ``observed_at`` and the reports just before and after it
+    (by ``observed_at``); each None when there is none."""
+    base = select(LocationReport).where(LocationReport.tracker_id == tracker_id)
+    cur = session.scalars(base.where(LocationReport.observed_at == observed_at)).first()
+    prev = session.scalars(
+        base.where(LocationReport.observed_at < observed_at)
+        .order_by(LocationReport.observed_at.desc())
+        .limit(1)
+    ).first()
+    nxt = session.scalars(
+        base.where(LocationReport.observed_at > observed_at)
+        .order_by(LocationReport.observed_at.asc())
+        .limit(1)
+    ).first()
+    return prev, cur, nxt
+
+
+def incomplete_reports(
+    session: Session, older_than: datetime, limit: int
+) -> tuple[list[LocationReport], list[LocationReport]]:
+    """Reports the pipeline has not finished, after a grace period:
+    ``(not_geocoded, not_checked)`` - fetched at or before ``older_than`` and never
+    geocoded; geocoded at or before ``older_than`` and never geofence-checked. Oldest
+    first, at most ``limit`` of each."""
+    not_geocoded = list(
+        session.scalars(
+            select(LocationReport)
+            .where(LocationReport.geocoded_at.is_(None), LocationReport.fetched_at <= older_than)
+            .order_by(LocationReport.fetched_at, LocationReport.id)
+            .limit(limit)
+        )
+    )
+    not_checked = list(
+        session.scalars(
+            select(LocationReport)
+            .where(
+                LocationReport.geofence_checked_at.is_(None),
+                LocationReport.geocoded_at.is_not(None),
+                LocationReport.geocoded_at <= older_than,
+            )
+            .order_by(LocationReport.geocoded_at, LocationReport.id)
+            .limit(limit)
+        )
+    )
+    return not_geocoded, not_checked
+
+
+def count_not_geocoded(session: Session) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).select_from(_reports).where(_reports.c.geocoded_at.is_(None))
+        )
+        or 0
+    )
+
+
+def count_not_checked(session: Session) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(_reports)
+            .where(_reports.c.geocoded_at.is_not(None), _reports.c.geofence_checked_at.is_(None))
+        )
+        or 0
+    )
+
+
+def reports_for(session: Session, tracker_id: str) -> list[LocationReport]:
+    """The tracker's reports by ``observed_at``."""
+    return list(
+        session.scalars(
+            select(LocationReport)
+            .where(LocationReport.tracker_id == tracker_id)
+            .order_by(LocationReport.observed_at)
+        )
+    )
+
+
+# -- geofence events
+
+
+def replace_events_at(
+    session: Session, tracker_id: str, observed_at: datetime, events: Mapping[int, str]
+) -> None:
+    """Makes the tracker's events at ``observed_at`` exactly ``events``
+    (geofence id -> "enter" | "exit"): others at that instant are deleted, these upserted."""
+    for gid, kind in events.items():
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"event kind must be 'enter' or 'exit', not {kind!r} (geofence {gid})")
+    stale = delete(_events).where(
+        _events.c.tracker_id == tracker_id, _events.c.observed_at == observed_at
+    )
+    if events:
+        stale = stale.where(_events.c.geofence_id.not_in(list(events)))
+    session.execute(stale)
+    if not events:
+        return
+    now = utcnow()
+    stmt = _insert(session, _events).values(
+        [
+            {
+                "tracker_id": tracker_id,
+                "geofence_id": int(gid),
+                "observed_at": observed_at,
+                "kind": kind,
+                "created_at": now,
+            }
+            for gid, kind in sorted(events.items())
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["tracker_id", "geofence_id", "observed_at"],
+        set_={"kind": stmt.excluded.kind},
+    )
+    session.execute(stmt)
+
+
+def events_for(
+    session: Session, tracker_id: str | None = None
+) -> list[tuple[str, datetime, int, str]]:
+    """``(tracker_id, observed_at, geofence_id, kind)`` of all events (or one tracker's),
+    sorted."""
+    stmt = select(
+        GeofenceEvent.tracker_id,
+        GeofenceEvent.observed_at,
+        GeofenceEvent.geofence_id,
+        GeofenceEvent.kind,
+    ).order_by(GeofenceEvent.tracker_id, GeofenceEvent.observed_at, GeofenceEvent.geofence_id)
+    if tracker_id is not None:
+        stmt = stmt.where(GeofenceEvent.tracker_id == tracker_id)
+    return [(t, o, g, k) for t, o, g, k in session.execute(stmt)]
+
+
+# -- geofences
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        raise InvalidGeofence(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidGeofence(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidGeofence(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _check_polygon(geometry_geojson: Any) -> str:
+    if geometry_geojson is None:
+        raise InvalidGeofence("a polygon geofence needs geometry_geojson")
+    if isinstance(geometry_geojson, Mapping):
+        data: Any = dict(geometry_geojson)
+        raw = json.dumps(data)
+    else:
+        raw = str(geometry_geojson)
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidGeofence(f"geometry_geojson is not JSON: {exc}") from None
+    if isinstance(data, Mapping) and data.get("type") == "Feature":
+        data = data.get("geometry")
+    if not isinstance(data, Mapping) or data.get("type") not in ("Polygon", "MultiPolygon"):
+        found = data.get("type") if isinstance(data, Mapping) else type(data).__name__
+        raise InvalidGeofence(
+            f"geometry_geojson must be a GeoJSON Polygon or MultiPolygon, not {found!r}"
+        )
+    _check_rings(data)
+    try:
+        geom = shape(data)
+    except (ValueError, TypeError, KeyError, IndexError, shapely.errors.ShapelyError) as exc:
+        raise InvalidGeofence(f"geometry_geojson is not a usable {data['type']}: {exc}") from None
+    if geom.is_empty:
+        raise InvalidGeofence("geometry_geojson is empty (no coordinates)")
+    minx, miny, maxx, maxy = geom.bounds
+    if not (minx >= -180 and maxx <= 180 and miny >= -90 and maxy <= 90):
+        raise InvalidGeofence(
+            f"geometry_geojson coordinates must be [lon, lat] within [-180, 180] x [-90, 90]; "
+            f"bounds are {geom.bounds}"
+        )
+    if not geom.is_valid:
+        raise InvalidGeofence(f"geometry_geojson is not a valid polygon: {explain_validity(geom)}")
+    if geom.area <= 0:
+        raise InvalidGeofence("geometry_geojson has zero area")
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _check_rings(data: Mapping[str, Any]) -> None:
+    """Each ring of a (Multi)Polygon needs at least 4 positions (closed: first == last)."""
+    coords = data.get("coordinates")
+    polygons = coords if data["type"] == "MultiPolygon" else [coords]
+    if not isinstance(polygons, list):
+        return  # shape() reports it
+    for polygon in polygons:
+        if not isinstance(polygon, list):
+            continue
+        for ring in polygon:
+            if isinstance(ring, list) and 0 < len(ring) < 4:
+                raise InvalidGeofence(
+                    f"a polygon ring has {len(ring)} positions; a closed ring needs at least 4 "
+                    "(too few points)"
+                )
+
+
+def validate_geofence(
+    *,
+    name: Any,
+    kind: Any,
+    center_lat: Any = None,
+    center_lon: Any = None,
+    radius_m: Any = None,
+    geometry_geojson: Any = None,
+) -> dict[str, Any]:
+    """The geofence's stored fields, or :class:`InvalidGeofence` saying what is wrong.
+    Fields that do not belong to the kind are cleared."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidGeofence(f"a geofence needs a non-empty name, got {name!r}")
+    if kind not in GEOFENCE_KINDS:
+        raise InvalidGeofence(
+            f"geofence {name!r}: kind must be 'circle' or 'polygon', not {kind!r}"
+        )
+    fields: dict[str, Any] = {
+        "name": name.strip(),
+        "kind": kind,
+        "center_lat": None,
+        "center_lon": None,
+        "radius_m": None,
+        "geometry_geojson": None,
+    }
+    try:
+        if kind == "circle":
+            if center_lat is None or center_lon is None or radius_m is None:
+                raise InvalidGeofence("a circle needs center_lat, center_lon and radius_m")
+            lat, lon = _number("center_lat", center_lat), _number("center_lon", center_lon)
+            radius = _number("radius_m", radius_m)
+            if not -90 <= lat <= 90:
+                raise InvalidGeofence(f"center_lat must be within [-90, 90], got {lat}")
+            if not -180 <= lon <= 180:
+                raise InvalidGeofence(f"center_lon must be within [-180, 180], got {lon}")
+            if radius <= 0:
+                raise InvalidGeofence(f"radius_m must be positive, got {radius}")
+            if radius > MAX_RADIUS_M:
+                raise InvalidGeofence(
+                    f"radius_m {radius:g} is larger than {MAX_RADIUS_M:g} m (a unit mistake?)"
+                )
+            fields.update(center_lat=lat, center_lon=lon, radius_m=radius)
+        else:
+            fields["geometry_geojson"] = _check_polygon(geometry_geojson)
+    except InvalidGeofence as exc:
+        raise InvalidGeofence(f"geofence {name!r}: {exc}") from None
+    return fields
+
+
+def _geofence_write_lock(session: Session) -> datetime:
+    """Serialises geofence writes and returns a change time strictly after every stored
+    ``updated_at``, so :func:`geofences_version` changes on every write even when clocks
+    of different hosts disagree."""
+    if _dialect(session) == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('trackstream.geofences'))"))
+    latest = session.scalar(select(func.max(Geofence.updated_at)))
+    now = utcnow()
+    if latest is not None and now <= latest:
+        now = latest + timedelta(microseconds=1)
+    return now
+
+
+def add_geofence(
+    session: Session,
+    name: str,
+    kind: str,
+    center_lat: float | None = None,
+    center_lon: float | None = None,
+    radius_m: float | None = None,
+    geometry_geojson: str | Mapping[str, Any] | None = None,
+    active: bool = True,
+) -> Geofence:
+    """Validates and adds a geofence (:class:`InvalidGeofence` if it is not usable;
+    nothing is written then). Returns it with its id."""
+    fields = validate_geofence(
+        name=name,
+        kind=kind,
+        center_lat=center_lat,
+        center_lon=center_lon,
+        radius_m=radius_m,
+        geometry_geojson=geometry_geojson,
+    )
+    geofence = Geofence(**fields, active=bool(active), updated_at=_geofence_write_lock(session))
+    session.add(geofence)
+    session.flush()
+    return geofence
+
+
+_GEOFENCE_FIELDS = (
+    "name",
+    "kind",
+    "center_lat",
+    "center_lon",
+    "radius_m",
+    "geometry_geojson",
+    "active",
+)
+
+
+def update_geofence(session: Session, geofence_id: int, **changes: Any) -> Geofence:
+    """Changes fields of a geofence (validated like :func:`add_geofence`); bumps
+    ``updated_at``. LookupError if there is no such geofence."""
+    unknown = sorted(set(changes) - set(_GEOFENCE_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"unknown geofence field(s) {', '.join(unknown)}; fields: {', '.join(_GEOFENCE_FIELDS)}"
+        )
+    now = _geofence_write_lock(session)
+    geofence = session.get(Geofence, geofence_id, with_for_update=True)
+    if geofence is None:
+        raise LookupError(f"no geofence with id {geofence_id}")
+    merged = {f: getattr(geofence, f) for f in _GEOFENCE_FIELDS}
+    merged.update(changes)
+    active = bool(merged.pop("active"))
+    fields = validate_geofence(**merged)
+    for key, value in fields.items():
+        setattr(geofence, key, value)
+    geofence.active = active
+    geofence.updated_at = now
+    session.flush()
+    return geofence
+
+
+def deactivate_geofence(session: Session, geofence_id: int) -> Geofence:
+    """Deactivates a geofence (it stays, with its events); bumps ``updated_at``."""
+    return update_geofence(session, geofence_id, active=False)
+
+
+def active_geofences(session: Session) -> list[Geofence]:
+    """The active geofences, by id."""
+    return list(
+        session.scalars(select(Geofence).where(Geofence.active.is_(True)).order_by(Geofence.id))
+    )
+
+
+def geofences_version(session: Session) -> tuple[int, datetime | None, int | None]:
+    """A value that changes whenever a geofence is added, changed or deactivated:
+    ``(count, max(updated_at), max(id))``. Compare it with the last one seen to know
+    whether to reload :func:`active_geofences`."""
+    count, latest, max_id = session.execute(
+        select(func.count(Geofence.id), func.max(Geofence.updated_at), func.max(Geofence.id))
+    ).one()
+    return int(count), latest, max_id

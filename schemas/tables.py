@@ -1,0 +1,217 @@
+"""The tables (SQLAlchemy 2 declarative), portable between PostgreSQL and SQLite.
+
+Timestamps are :class:`UTCDateTime`: ``timestamptz`` on PostgreSQL; on SQLite (which has
+no timezone type) they are stored as naive UTC text in one fixed format, so they sort
+and compare correctly as strings, and are returned timezone-aware (UTC) on both.
+
+The materialized views ``latest_location`` and ``geofence_occupancy`` live in
+:mod:`schemas.views`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    true,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "Geofence",
+    "GeofenceEvent",
+    "LocationReport",
+    "Tracker",
+    "UTCDateTime",
+    "utcnow",
+]
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware datetime in, an aware UTC datetime out, on every dialect.
+
+    Naive datetimes are refused when bound: a naive value is ambiguous, and on SQLite it
+    would silently compare against UTC text.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: give a timezone-aware one")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+    @property
+    def python_type(self) -> type[datetime]:
+        return datetime
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Tracker(Base):
+    """A tracker; ``run_starts_at``/``run_ends_at`` bound its production run (NULL: open)."""
+
+    __tablename__ = "trackers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(256))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    run_starts_at: Mapped[datetime | None]
+    run_ends_at: Mapped[datetime | None]
+    last_processed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+    __table_args__ = (
+        # the scheduler's query: active trackers by last_processed_at
+        Index("ix_trackers_active_last_processed_at", "active", "last_processed_at"),
+    )
+
+    def __repr__(self) -> str:
+        return f"Tracker({self.external_id!r}, active={self.active})"
+
+
+class LocationReport(Base):
+    """One location report; its natural key is ``(tracker_id, observed_at)``."""
+
+    __tablename__ = "location_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tracker_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("trackers.external_id", ondelete="CASCADE")
+    )
+    observed_at: Mapped[datetime]
+    lat: Mapped[float] = mapped_column(Float)
+    lon: Mapped[float] = mapped_column(Float)
+    accuracy_m: Mapped[float | None] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(64))
+    fetched_at: Mapped[datetime]
+    city: Mapped[str | None] = mapped_column(String(256))
+    country_code: Mapped[str | None] = mapped_column(String(8))
+    country: Mapped[str | None] = mapped_column(String(256))
+    address: Mapped[str | None] = mapped_column(Text)
+    geocoded_at: Mapped[datetime | None]
+    geofence_checked_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("tracker_id", "observed_at"),
+        # the reconciler: reports not geocoded / not checked
+        Index("ix_location_history_geocoded_at_fetched_at", "geocoded_at", "fetched_at"),
+        Index(
+            "ix_location_history_geofence_checked_at_geocoded_at",
+            "geofence_checked_at",
+            "geocoded_at",
+        ),
+    )
+
+    def __repr__(self) -> str:
+        return f"LocationReport({self.tracker_id!r}, {self.observed_at.isoformat()})"
+
+
+class Geofence(Base):
+    """A circle (center + radius in metres) or a polygon (GeoJSON Polygon/MultiPolygon)."""
+
+    __tablename__ = "geofences"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))
+    center_lat: Mapped[float | None] = mapped_column(Float)
+    center_lon: Mapped[float | None] = mapped_column(Float)
+    radius_m: Mapped[float | None] = mapped_column(Float)
+    geometry_geojson: Mapped[str | None] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint("kind IN ('circle', 'polygon')", name="kind"),
+        CheckConstraint(
+            "kind <> 'circle' OR (center_lat IS NOT NULL AND center_lon IS NOT NULL "
+            "AND radius_m > 0)",
+            name="circle",
+        ),
+        CheckConstraint("kind <> 'polygon' OR geometry_geojson IS NOT NULL", name="polygon"),
+    )
+
+    def __repr__(self) -> str:
+        return f"Geofence({self.id}, {self.name!r}, {self.kind})"
+
+
+class GeofenceEvent(Base):
+    """A tracker entered or left a geofence at a report's ``observed_at``."""
+
+    __tablename__ = "geofence_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tracker_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("trackers.external_id", ondelete="CASCADE")
+    )
+    geofence_id: Mapped[int] = mapped_column(ForeignKey("geofences.id", ondelete="CASCADE"))
+    observed_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+    __table_args__ = (
+        UniqueConstraint("tracker_id", "geofence_id", "observed_at"),
+        CheckConstraint("kind IN ('enter', 'exit')", name="kind"),
+        Index("ix_geofence_events_tracker_id_observed_at", "tracker_id", "observed_at"),
+        # occupancy: latest event per (geofence, tracker)
+        Index(
+            "ix_geofence_events_geofence_id_tracker_id_observed_at",
+            "geofence_id",
+            "tracker_id",
+            "observed_at",
+        ),
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"GeofenceEvent({self.tracker_id!r}, {self.geofence_id}, "
+            f"{self.observed_at.isoformat()}, {self.kind})"
+        )

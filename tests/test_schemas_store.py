@@ -1,0 +1,648 @@
+"""The schema, migrations, store functions and views, on SQLite and on PostgreSQL
+(``db_url`` from conftest runs each test on both; no mocks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas import store, views
+from schemas.db import current_revision, head_revision, make_engine, session_factory, upgrade
+from schemas.events import LocationGeocoded, LocationReported
+from schemas.tables import Base, Geofence, GeofenceEvent, LocationReport, Tracker
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+Tx = Callable[..., Any]
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    upgrade(db_url)
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def tx(engine: Engine) -> Tx:
+    """``tx(fn, *args)`` runs ``fn(session, *args)`` in one committed transaction."""
+    factory = session_factory(engine)
+
+    def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with factory.begin() as session:
+            return fn(session, *args, **kwargs)
+
+    return run
+
+
+def tracker(ext: str, **changes: Any) -> dict[str, Any]:
+    row = {
+        "external_id": ext,
+        "name": ext,
+        "active": True,
+        "run_starts_at": None,
+        "run_ends_at": None,
+    }
+    row.update(changes)
+    return row
+
+
+def report(ext: str, minute: float, lat: float = 51.9, lon: float = 4.4) -> LocationReported:
+    at = T0 + timedelta(minutes=minute)
+    return LocationReported(
+        tracker_id=ext,
+        observed_at=at,
+        lat=lat,
+        lon=lon,
+        accuracy_m=5.0,
+        source="test",
+        fetched_at=at + timedelta(seconds=2),
+    )
+
+
+def geocoded(r: LocationReported, city: str = "Rotterdam") -> LocationGeocoded:
+    return LocationGeocoded(
+        tracker_id=r.tracker_id,
+        observed_at=r.observed_at,
+        lat=r.lat,
+        lon=r.lon,
+        city=city,
+        country_code="NL",
+        country="Netherlands",
+        address=f"{city} harbour",
+    )
+
+
+def square(lon: float, lat: float, d: float = 0.01) -> str:
+    ring = [[lon, lat], [lon + d, lat], [lon + d, lat + d], [lon, lat + d], [lon, lat]]
+    return json.dumps({"type": "Polygon", "coordinates": [ring]})
+
+
+BOW_TIE = json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]})
+
+
+# -- migrations
+
+
+def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
+    assert current_revision(db_url) is None
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision() == "0001"
+    upgrade(db_url)  # a no-op
+    assert current_revision(db_url) == "0001"
+    eng = make_engine(db_url)
+    try:
+        for name in views.VIEW_NAMES:
+            assert views.view_health(eng, name) == "ok"
+        with eng.connect() as conn:
+            for table in ("trackers", "location_history", "geofences", "geofence_events"):
+                assert conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar() == 0
+    finally:
+        eng.dispose()
+
+
+def test_migration_matches_the_models(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from schemas.db import include_object
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(
+            conn, opts={"include_object": include_object, "compare_type": True}
+        )
+        assert compare_metadata(ctx, Base.metadata) == []
+
+
+def test_concurrent_upgrades_on_a_fresh_database(db_url: str, tmp_path: Any) -> None:
+    """Several processes (say, compose services starting together) upgrade at once."""
+    code = "import sys; from schemas.db import upgrade; upgrade(sys.argv[1])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, db_url],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    try:
+        results = [(p.wait(timeout=60), p.stderr.read().decode()) for p in procs]  # type: ignore[union-attr]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for stream in (p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    assert current_revision(db_url) == "0001"
+
+
+def test_make_engine_maps_plain_postgresql_urls() -> None:
+    from schemas.db import normalize_url
+
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+    with pytest.raises(ValueError, match="unsupported database URL"):
+        normalize_url("mysql://u@h/db")
+
+
+def test_sqlite_engine_creates_parent_dir_and_pragmas(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'a' / 'b' / 'db.sqlite'}"
+    eng = make_engine(url)
+    try:
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+        assert (tmp_path / "a" / "b" / "db.sqlite").exists()
+    finally:
+        eng.dispose()
+
+
+# -- trackers and eligibility
+
+
+def test_upsert_trackers_updates_on_conflict(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A", name="first"), tracker("B")])
+    tx(store.upsert_trackers, [tracker("A", name="second", active=False), tracker("A", name="x")])
+    rows = tx(lambda s: {t.external_id: (t.name, t.active) for t in s.scalars(select(Tracker))})
+    assert rows == {"A": ("x", True), "B": ("B", True)}
+
+
+def test_eligibility_rules(tx: Tx) -> None:
+    now = T0
+    tx(
+        store.upsert_trackers,
+        [
+            tracker("never"),
+            tracker("old"),
+            tracker("older"),
+            tracker("recent"),
+            tracker("exactly-5-min"),
+            tracker("inactive", active=False),
+            tracker("not-started", run_starts_at=now + timedelta(hours=1)),
+            tracker("ended", run_ends_at=now - timedelta(seconds=1)),
+            tracker("ends-now", run_ends_at=now),
+            tracker(
+                "in-window",
+                run_starts_at=now - timedelta(days=1),
+                run_ends_at=now + timedelta(days=1),
+            ),
+        ],
+    )
+    tx(store.mark_processed, ["old"], now - timedelta(hours=1))
+    tx(store.mark_processed, ["older"], now - timedelta(hours=2))
+    tx(store.mark_processed, ["recent"], now - timedelta(minutes=4, seconds=59))
+    tx(store.mark_processed, ["exactly-5-min"], now - timedelta(minutes=5))
+    ids = tx(store.eligible_trackers, now, 300, 100)
+    # never fetched first (by id), then oldest last_processed_at
+    assert ids == ["never", "in-window", "older", "old", "exactly-5-min"]
+    assert tx(store.eligible_trackers, now, 300, 2) == ["never", "in-window"]
+    assert tx(store.eligible_trackers, now, 300, 0) == []
+    # reserving: once marked processed they wait for the interval
+    tx(store.mark_processed, ids, now)
+    assert tx(store.eligible_trackers, now + timedelta(minutes=4), 300, 100) == ["recent"]
+    later = tx(store.eligible_trackers, now + timedelta(minutes=5), 300, 100)
+    assert set(later) == {*ids, "recent"}
+
+
+def test_lock_true_gives_disjoint_sets_to_concurrent_schedulers(engine: Engine, tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker(f"T{i:03d}") for i in range(40)])
+    factory = session_factory(engine)
+    barrier = threading.Barrier(2, timeout=30)
+    picked: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def scheduler() -> None:
+        try:
+            with factory.begin() as session:
+                ids = store.eligible_trackers(session, T0, 300, 25, lock=True)
+                store.mark_processed(session, ids, T0)
+                picked.append(ids)
+                if engine.dialect.name == "postgresql":
+                    barrier.wait()  # both hold their row locks at once
+        except BaseException as exc:
+            errors.append(exc)
+
+    # on SQLite the two transactions are serialised (BEGIN IMMEDIATE)
+    threads = [threading.Thread(target=scheduler) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    a, b = picked
+    assert len(a) + len(b) == 40
+    assert not set(a) & set(b)
+    assert tx(store.eligible_trackers, T0, 300, 100) == []
+
+
+def test_stalest_age_and_counts(tx: Tx) -> None:
+    assert tx(store.stalest_active_tracker_age_s, T0) is None
+    tx(store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C", active=False)])
+    tx(store.mark_processed, ["A", "B", "C"], T0)
+    tx(store.mark_processed, ["B"], T0 - timedelta(minutes=10))
+    tx(store.mark_processed, ["C"], T0 - timedelta(hours=10))  # inactive: ignored
+    assert tx(store.stalest_active_tracker_age_s, T0 + timedelta(seconds=30)) == 630.0
+    r = report("A", 0)
+    tx(store.insert_reports, [r, report("A", 1)])
+    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (2, 0)
+    tx(store.set_addresses, [geocoded(r)], T0)
+    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (1, 1)
+    tx(store.mark_geofence_checked, [("A", r.observed_at)], T0)
+    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (1, 0)
+
+
+# -- reports
+
+
+def test_insert_reports_is_idempotent(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
+    batch = [report("A", 0), report("A", 1), report("B", 0)]
+    assert tx(store.insert_reports, batch) == batch
+    assert tx(store.insert_reports, batch) == []
+    # a batch with internal duplicates and one new report
+    again = [report("A", 1), report("A", 2), report("A", 2), report("B", 0)]
+    assert tx(store.insert_reports, again) == [report("A", 2)]
+    assert [r.observed_at for r in tx(store.reports_for, "A")] == [
+        T0,
+        T0 + timedelta(minutes=1),
+        T0 + timedelta(minutes=2),
+    ]
+
+
+def test_reports_of_unknown_trackers_are_skipped(tx: Tx, caplog: Any) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    new = tx(store.insert_reports, [report("A", 0), report("GHOST", 0)])
+    assert new == [report("A", 0)]
+    assert "unknown tracker" in caplog.text and "GHOST" in caplog.text
+    assert tx(store.reports_for, "GHOST") == []
+
+
+def test_unique_constraints_hold(engine: Engine, tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    tx(store.insert_reports, [report("A", 0)])
+    gid = tx(lambda s: store.add_geofence(s, "g", "circle", 51.9, 4.4, 100).id)
+    factory = session_factory(engine)
+    with pytest.raises(IntegrityError), factory.begin() as s:
+        s.add(
+            LocationReport(tracker_id="A", observed_at=T0, lat=0, lon=0, source="x", fetched_at=T0)
+        )
+    with pytest.raises(IntegrityError), factory.begin() as s:
+        s.add(Tracker(external_id="A", name="dup"))
+    tx(store.replace_events_at, "A", T0, {gid: "enter"})
+    with pytest.raises(IntegrityError), factory.begin() as s:
+        s.add(GeofenceEvent(tracker_id="A", geofence_id=gid, observed_at=T0, kind="exit"))
+    with pytest.raises(IntegrityError), factory.begin() as s:  # check constraint
+        s.add(
+            GeofenceEvent(
+                tracker_id="A", geofence_id=gid, observed_at=T0 + timedelta(1), kind="inside"
+            )
+        )
+    with pytest.raises(IntegrityError), factory.begin() as s:  # foreign key
+        s.add(
+            LocationReport(
+                tracker_id="NOPE", observed_at=T0, lat=0, lon=0, source="x", fetched_at=T0
+            )
+        )
+
+
+def test_set_addresses(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    r1, r2 = report("A", 0), report("A", 1)
+    tx(store.insert_reports, [r1, r2])
+    tx(store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))
+    tx(store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))  # idempotent
+    first, second = tx(store.reports_for, "A")
+    assert (first.city, first.country_code, first.country, first.address) == (
+        "Rotterdam",
+        "NL",
+        "Netherlands",
+        "Rotterdam harbour",
+    )
+    assert first.geocoded_at == T0 + timedelta(minutes=5)
+    assert second.city is None and second.geocoded_at is None
+
+
+def test_datetimes_come_back_timezone_aware_utc(tx: Tx) -> None:
+    from datetime import timezone
+
+    cest = timezone(timedelta(hours=2))
+    tx(store.upsert_trackers, [tracker("A", run_starts_at=datetime(2026, 3, 1, 10, tzinfo=cest))])
+    tx(store.insert_reports, [report("A", 0)])
+    t = tx(lambda s: s.scalars(select(Tracker)).one())
+    assert t.run_starts_at == datetime(2026, 3, 1, 8, tzinfo=UTC)
+    assert t.run_starts_at.tzinfo is UTC and t.created_at.tzinfo is UTC
+    (r,) = tx(store.reports_for, "A")
+    for value in (r.observed_at, r.fetched_at):
+        assert value.tzinfo is UTC
+    assert r.observed_at == T0
+    # comparisons against aware values of another zone are correct
+    assert tx(store.report_with_neighbours, "A", T0.astimezone(cest))[1] is not None
+    # naive values are refused, never silently mis-stored
+    with pytest.raises(Exception, match="naive datetime"):
+        tx(store.mark_processed, ["A"], datetime(2026, 3, 2, 8))
+
+
+def test_report_with_neighbours_and_incomplete(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
+    rs = [report("A", m) for m in (0, 10, 20)]
+    tx(store.insert_reports, [*rs, report("B", 5)])
+    prev, cur, nxt = tx(store.report_with_neighbours, "A", rs[1].observed_at)
+    assert (prev.observed_at, cur.observed_at, nxt.observed_at) == tuple(r.observed_at for r in rs)
+    prev, cur, nxt = tx(store.report_with_neighbours, "A", rs[0].observed_at)
+    assert prev is None and nxt.observed_at == rs[1].observed_at
+    assert tx(store.report_with_neighbours, "A", T0 + timedelta(minutes=3))[1] is None
+
+    # fetched_at is observed_at + 2 s
+    not_geocoded, not_checked = tx(
+        store.incomplete_reports, T0 + timedelta(minutes=10, seconds=2), 100
+    )
+    assert [(r.tracker_id, r.observed_at) for r in not_geocoded] == [
+        ("A", rs[0].observed_at),
+        ("B", T0 + timedelta(minutes=5)),
+        ("A", rs[1].observed_at),
+    ]
+    assert not_checked == []
+    assert len(tx(store.incomplete_reports, T0 + timedelta(hours=1), 2)[0]) == 2
+    tx(store.set_addresses, [geocoded(r) for r in rs], T0 + timedelta(minutes=30))
+    not_geocoded, not_checked = tx(store.incomplete_reports, T0 + timedelta(minutes=29), 100)
+    assert [r.tracker_id for r in not_geocoded] == ["B"]
+    assert not_checked == []  # geocoded too recently
+    not_geocoded, not_checked = tx(store.incomplete_reports, T0 + timedelta(minutes=30), 100)
+    assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs]
+    tx(store.mark_geofence_checked, [("A", rs[0].observed_at)], T0 + timedelta(minutes=31))
+    _, not_checked = tx(store.incomplete_reports, T0 + timedelta(hours=1), 100)
+    assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs[1:]]
+
+
+# -- geofences
+
+
+def test_add_geofences_and_version(tx: Tx) -> None:
+    v0 = tx(store.geofences_version)
+    circle = tx(
+        lambda s: (
+            store.add_geofence(
+                s, "factory", "circle", center_lat=51.9, center_lon=4.4, radius_m=250
+            ).id
+        )
+    )
+    v1 = tx(store.geofences_version)
+    poly = tx(
+        lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4.3, 51.8)).id
+    )
+    v2 = tx(store.geofences_version)
+    tx(store.update_geofence, circle, radius_m=300)
+    v3 = tx(store.geofences_version)
+    tx(store.update_geofence, circle, radius_m=300)  # even a no-op edit is a change
+    v4 = tx(store.geofences_version)
+    assert [g.id for g in tx(store.active_geofences)] == [circle, poly]
+    tx(store.deactivate_geofence, poly)
+    v5 = tx(store.geofences_version)
+    assert len({v0, v1, v2, v3, v4, v5}) == 6
+    assert tx(store.geofences_version) == v5  # stable without changes
+    (g,) = tx(store.active_geofences)
+    assert (g.id, g.radius_m, g.updated_at.tzinfo) == (circle, 300, UTC)
+    from processors.geofencing import GeofenceIndex
+
+    index = GeofenceIndex(tx(store.active_geofences))
+    assert index.members(51.9, 4.4) == frozenset({circle})
+
+
+def test_demo_geofences_are_valid(tx: Tx) -> None:
+    from processors.sources import SimulatedFleet
+
+    for fence in SimulatedFleet.geofences_for_demo():
+        tx(store.add_geofence, **fence)
+    assert len(tx(store.active_geofences)) == len(SimulatedFleet.geofences_for_demo())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "polygon", "geometry_geojson": BOW_TIE}, "Self-intersection"),
+        ({"kind": "square"}, "kind must be 'circle' or 'polygon'"),
+        ({"kind": "circle", "center_lat": 51.9, "center_lon": 4.4}, "needs center_lat"),
+        ({"kind": "circle", "center_lat": 51.9, "center_lon": 4.4, "radius_m": 0}, "positive"),
+        ({"kind": "circle", "center_lat": 51.9, "center_lon": 4.4, "radius_m": 5e7}, "larger"),
+        ({"kind": "circle", "center_lat": 95, "center_lon": 4.4, "radius_m": 10}, "center_lat"),
+        ({"kind": "circle", "center_lat": 9, "center_lon": 184, "radius_m": 10}, "center_lon"),
+        ({"kind": "circle", "center_lat": 9, "center_lon": "x", "radius_m": 10}, "number"),
+        ({"kind": "polygon", "geometry_geojson": "{nope"}, "not JSON"),
+        ({"kind": "polygon"}, "needs geometry_geojson"),
+        (
+            {"kind": "polygon", "geometry_geojson": '{"type": "Point", "coordinates": [1, 2]}'},
+            "not 'Point'",
+        ),
+        (
+            {"kind": "polygon", "geometry_geojson": '{"type": "Polygon", "coordinates": []}'},
+            "empty",
+        ),
+        (
+            {
+                "kind": "polygon",
+                "geometry_geojson": json.dumps(
+                    {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0]]]}
+                ),
+            },
+            "at least 4",
+        ),
+        ({"kind": "polygon", "geometry_geojson": square(190, 10)}, r"within \[-180, 180\]"),
+    ],
+)
+def test_invalid_geofences_are_refused_and_nothing_is_written(
+    tx: Tx, kwargs: dict[str, Any], message: str
+) -> None:
+    v0 = tx(store.geofences_version)
+    with pytest.raises(store.InvalidGeofence, match=message):
+        tx(store.add_geofence, "bad", **kwargs)
+    assert tx(lambda s: s.scalars(select(Geofence)).all()) == []
+    assert tx(store.geofences_version) == v0
+
+
+def test_update_geofence_validates(tx: Tx) -> None:
+    gid = tx(lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4, 51)).id)
+    v = tx(store.geofences_version)
+    with pytest.raises(store.InvalidGeofence, match="Self-intersection"):
+        tx(store.update_geofence, gid, geometry_geojson=BOW_TIE)
+    with pytest.raises(LookupError):
+        tx(store.update_geofence, gid + 100, name="x")
+    with pytest.raises(TypeError, match="unknown geofence field"):
+        tx(store.update_geofence, gid, colour="red")
+    assert tx(store.geofences_version) == v
+    g = tx(store.update_geofence, gid, kind="circle", center_lat=51, center_lon=4, radius_m=50)
+    assert (g.kind, g.geometry_geojson, g.radius_m) == ("circle", None, 50)
+
+
+def test_replace_events_at(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    g1, g2, g3 = (
+        tx(lambda s, n=n: store.add_geofence(s, f"g{n}", "circle", 10, 10 + n, 100).id)
+        for n in range(3)
+    )
+    t1 = T0 + timedelta(minutes=1)
+    tx(store.replace_events_at, "A", T0, {g1: "enter", g2: "enter"})
+    tx(store.replace_events_at, "A", t1, {g1: "exit"})
+    tx(store.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})
+    tx(store.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})  # idempotent
+    assert tx(store.events_for, "A") == [
+        ("A", T0, g2, "exit"),
+        ("A", T0, g3, "enter"),
+        ("A", t1, g1, "exit"),
+    ]
+    tx(store.replace_events_at, "A", t1, {})
+    assert tx(store.events_for) == [("A", T0, g2, "exit"), ("A", T0, g3, "enter")]
+    with pytest.raises(ValueError, match="enter"):
+        tx(store.replace_events_at, "A", t1, {g1: "inside"})
+
+
+def test_lock_tracker_runs(tx: Tx) -> None:
+    tx(store.lock_tracker, "A")  # an advisory lock on PostgreSQL, nothing on SQLite
+
+
+# -- views
+
+
+def _rows(engine: Engine, table: Any) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(table)).mappings()]
+
+
+def test_views_show_latest_location_and_occupancy(engine: Engine, tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C")])
+    inside = tx(
+        lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4.0, 51.0)).id
+    )
+    empty = tx(lambda s: store.add_geofence(s, "factory", "circle", 10, 10, 100).id)
+    gone = tx(lambda s: store.add_geofence(s, "old", "circle", 20, 20, 100).id)
+    tx(store.deactivate_geofence, gone)
+    a_last = report("A", 10, lat=52.0)
+    tx(store.insert_reports, [report("A", 0), a_last, report("B", 3)])
+    tx(store.set_addresses, [geocoded(a_last, city="Delft")], T0 + timedelta(minutes=11))
+    # A entered then left, B entered, C entered
+    tx(store.replace_events_at, "A", T0, {inside: "enter"})
+    tx(store.replace_events_at, "A", T0 + timedelta(minutes=10), {inside: "exit"})
+    tx(store.replace_events_at, "B", T0 + timedelta(minutes=3), {inside: "enter"})
+    tx(store.replace_events_at, "C", T0 + timedelta(minutes=1), {inside: "enter"})
+
+    for name in views.VIEW_NAMES:
+        views.refresh_view(engine, name)
+    latest = {r["tracker_id"]: r for r in _rows(engine, views.LATEST_LOCATION)}
+    assert set(latest) == {"A", "B"}
+    assert latest["A"]["observed_at"] == a_last.observed_at
+    assert latest["A"]["observed_at"].tzinfo is UTC
+    assert (latest["A"]["lat"], latest["A"]["city"], latest["A"]["address"]) == (
+        52.0,
+        "Delft",
+        "Delft harbour",
+    )
+    assert latest["B"]["city"] is None
+    occupancy = {r["geofence_id"]: r for r in _rows(engine, views.GEOFENCE_OCCUPANCY)}
+    assert set(occupancy) == {inside, empty}
+    assert occupancy[inside]["trackers_inside"] == 2
+    assert occupancy[inside]["last_event_at"] == T0 + timedelta(minutes=10)
+    assert occupancy[empty]["trackers_inside"] == 0
+
+    # a later report and exit show after the next refresh (twice: CONCURRENTLY path)
+    tx(store.insert_reports, [report("B", 20)])
+    tx(store.replace_events_at, "B", T0 + timedelta(minutes=20), {inside: "exit"})
+    for _ in range(2):
+        for name in views.VIEW_NAMES:
+            views.refresh_view(engine, name)
+    latest = {r["tracker_id"]: r for r in _rows(engine, views.LATEST_LOCATION)}
+    assert latest["B"]["observed_at"] == T0 + timedelta(minutes=20)
+    occupancy = {r["geofence_id"]: r for r in _rows(engine, views.GEOFENCE_OCCUPANCY)}
+    assert occupancy[inside]["trackers_inside"] == 1
+
+
+def _drop(engine: Engine, name: str) -> None:
+    with engine.begin() as conn:
+        views.drop_view(conn, name)
+
+
+@pytest.mark.parametrize("name", views.VIEW_NAMES)
+def test_view_health_missing_and_recreate(engine: Engine, tx: Tx, name: str) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    tx(store.insert_reports, [report("A", 0)])
+    assert views.view_health(engine, name) == "ok"
+    _drop(engine, name)
+    assert views.view_health(engine, name) == "missing"
+    views.recreate_view(engine, name)
+    assert views.view_health(engine, name) == "ok"
+    if name == "latest_location":
+        assert [r["tracker_id"] for r in _rows(engine, views.LATEST_LOCATION)] == ["A"]
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    ["table", "view", "columns", "no_index"],
+)
+def test_view_health_broken_and_recreate(engine: Engine, tx: Tx, wrong: str) -> None:
+    name = "latest_location"
+    pg = engine.dialect.name == "postgresql"
+    _drop(engine, name)
+    with engine.begin() as conn:
+        if wrong == "table":  # on SQLite a table is right, so give it the wrong columns
+            conn.execute(text(f"CREATE TABLE {name} (tracker_id TEXT, whatever TEXT)"))
+        elif wrong == "view":
+            conn.execute(text(f"CREATE VIEW {name} AS SELECT tracker_id FROM location_history"))
+        elif wrong == "columns":
+            kind = "MATERIALIZED VIEW" if pg else "TABLE"
+            conn.execute(
+                text(f"CREATE {kind} {name} AS SELECT tracker_id, lat FROM location_history")
+            )
+        else:
+            views.create_view(conn, name)
+            conn.execute(text("DROP INDEX uq_latest_location_tracker_id"))
+    assert views.view_health(engine, name) == "broken"
+    views.recreate_view(engine, name)
+    assert views.view_health(engine, name) == "ok"
+    views.refresh_view(engine, name)
+
+
+def test_ensure_views_and_unknown_names(engine: Engine) -> None:
+    _drop(engine, "geofence_occupancy")
+    assert views.ensure_views(engine) == {"latest_location": "ok", "geofence_occupancy": "missing"}
+    assert views.ensure_views(engine) == {"latest_location": "ok", "geofence_occupancy": "ok"}
+    for fn in (views.view_health, views.refresh_view, views.recreate_view):
+        with pytest.raises(ValueError, match="latest_location, geofence_occupancy"):
+            fn(engine, "nope")
+
+
+def test_refresh_of_an_unpopulated_materialized_view(pg_url: str) -> None:
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    factory = session_factory(engine)
+    try:
+        _drop(engine, "latest_location")
+        with engine.begin() as conn:
+            views.create_view(conn, "latest_location", populate=False)
+        assert views.view_health(engine, "latest_location") == "ok"
+        with factory.begin() as s:
+            store.upsert_trackers(s, [tracker("A")])
+            store.insert_reports(s, [report("A", 0)])
+        views.refresh_view(engine, "latest_location")  # plain: never populated
+        views.refresh_view(engine, "latest_location")  # concurrently
+        assert len(_rows(engine, views.LATEST_LOCATION)) == 1
+    finally:
+        engine.dispose()
+
+
+def test_session_type_is_usable(engine: Engine) -> None:
+    with session_factory(engine)() as s:
+        assert isinstance(s, Session)
