@@ -1,0 +1,218 @@
+"""Wiring: builds the stages, workers, scheduler and reconciler from settings.
+
+Everything a process needs is made here, once; tests pass their own source, geocoder,
+clock and registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from processors import topology
+from processors.clock import Clock, system_clock
+from processors.config import AppSettings
+from processors.database import Database
+from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, OfflineGeocoder
+from processors.reconciler import Reconciler
+from processors.resilience import CircuitBreaker, RateLimiter
+from processors.scheduler import Scheduler
+from processors.sources import (
+    HttpLocationSource,
+    LocationSource,
+    ResilientSource,
+    SimulatedFleet,
+)
+from processors.stages.fetch import FetchStage
+from processors.stages.geocode import GeocodeStage
+from processors.stages.geofence import GeofenceStage
+from processors.stages.viewrefresh import ViewRefreshStage
+from streams.connection import Client, connect
+from streams.consumer import Context
+from streams.errors import Reject
+from streams.keys import StageKeys
+from streams.lock import LeaseLock
+from streams.message import Message
+from streams.metrics import StreamMetrics
+from streams.middleware import LoggingMiddleware, Middleware
+from streams.producer import Producer
+from streams.settings import StreamSettings
+from streams.worker import Worker
+
+
+def build_source(app: AppSettings, clock: Clock) -> tuple[LocationSource, SimulatedFleet | None]:
+    """The configured location source wrapped in rate limit, breaker and retries."""
+    fleet = None
+    inner: LocationSource
+    if app.source == "http":
+        assert app.source_url is not None
+        inner = HttpLocationSource(app.source_url, None, app.source_timeout_s, app.source_api_key)
+    else:
+        fleet = SimulatedFleet(app.fleet_seed, clock)
+        inner = fleet
+    resilient = ResilientSource(
+        inner,
+        CircuitBreaker(app.breaker_failures, app.breaker_reset_s),
+        RateLimiter(app.source_rate_per_s, app.source_burst),
+        attempts=app.source_retries,
+    )
+    return resilient, fleet
+
+
+def build_geocoder(app: AppSettings) -> Geocoder:
+    inner: Geocoder
+    if app.geocoder == "nominatim":
+        assert app.geocoder_url is not None
+        inner = NominatimGeocoder(
+            app.geocoder_url,
+            None,
+            RateLimiter(app.geocoder_rate_per_s, 1),
+            CircuitBreaker(app.breaker_failures, app.breaker_reset_s),
+        )
+    else:
+        inner = OfflineGeocoder()
+    return CachedGeocoder(inner, app.geocoder_cache_size) if app.geocoder_cache_size else inner
+
+
+class Pipeline:
+    def __init__(
+        self,
+        streams: StreamSettings,
+        app: AppSettings,
+        *,
+        clock: Clock = system_clock,
+        source: LocationSource | None = None,
+        geocoder: Geocoder | None = None,
+        registry: CollectorRegistry | None = None,
+        client: Client | None = None,
+        db: Database | None = None,
+    ) -> None:
+        self.streams = streams
+        self.app = app
+        self.clock = clock
+        self.client = client or connect(streams)
+        self.codec = topology.codec(streams.max_message_bytes)
+        self.routes = topology.routes(streams.prefix)
+        self.producer = Producer(self.client, self.codec, streams.redis_url)
+        self.db = db or Database(app.database_url)
+        self.fleet: SimulatedFleet | None = None
+        if source is None:
+            source, self.fleet = build_source(app, clock)
+        self.source = source
+        self._geocoder = geocoder
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = StreamMetrics(self.registry)
+        self.middleware: list[Middleware] = [LoggingMiddleware(), self.metrics]
+        self._stages: dict[str, Any] = {}
+
+    @property
+    def geocoder(self) -> Geocoder:
+        if self._geocoder is None:
+            self._geocoder = build_geocoder(self.app)
+        return self._geocoder
+
+    def stage(self, name: str) -> Any:
+        topology.check_stage(name)
+        if name not in self._stages:
+            self._stages[name] = self._make_stage(name)
+        return self._stages[name]
+
+    def _make_stage(self, name: str) -> Any:
+        if name == topology.FETCH:
+            return FetchStage(self.db, self.source, self.routes, self.clock)
+        if name == topology.GEOCODE:
+            return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
+        if name == topology.GEOFENCE:
+            return GeofenceStage(self.db, self.routes, self.clock)
+        keys = self.routes[topology.VIEW_REFRESH].keys()
+        return ViewRefreshStage(self.db, self.client, keys, self.app.view_refresh_interval_s)
+
+    def worker(
+        self, name: str, *, consumer: str | None = None, concurrency: int | None = None
+    ) -> Worker:
+        stage = self.stage(name)
+        settings = (
+            self.streams if concurrency is None else self.streams.with_(concurrency=concurrency)
+        )
+        handler, batch_handler = _typed(
+            topology.input_type(name),
+            getattr(stage, "handle", None),
+            getattr(stage, "handle_batch", None),
+        )
+        return Worker(
+            self.client,
+            settings,
+            self.routes[name],
+            self.codec,
+            handler=handler,
+            batch_handler=batch_handler,
+            consumer=consumer,
+            middleware=self.middleware,
+        )
+
+    def scheduler(self, *, use_lock: bool = True) -> Scheduler:
+        keys = StageKeys(self.streams.prefix, topology.SCHEDULER)
+        ttl_ms = max(1_000, int(self.app.schedule_interval_s * 3 * 1000))
+        lock = (
+            LeaseLock(self.client, keys, "tick", ttl_ms, self.streams.redis_url)
+            if use_lock
+            else None
+        )
+        return Scheduler(
+            self.db,
+            self.producer,
+            self.routes[topology.FETCH],
+            lock,
+            self.clock,
+            batch_trackers=self.app.batch_trackers,
+            min_fetch_interval_s=self.app.min_fetch_interval_s,
+            max_batches_per_tick=self.app.max_batches_per_tick,
+        )
+
+    def reconciler(self) -> Reconciler:
+        return Reconciler(
+            self.db, self.producer, self.routes, self.clock, self.app.reconcile_grace_s
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self.db.dispose()
+
+
+def _wrong_type(msg: Message[Any], expected: type) -> Reject | None:
+    if isinstance(msg.payload, expected):
+        return None
+    return Reject(
+        f"{type(msg.payload).__name__} does not belong on this stream "
+        f"(it takes {expected.__name__})"
+    )
+
+
+def _typed(expected: type, handler: Any, batch_handler: Any) -> tuple[Any, Any]:
+    """Wrap a stage's handler so that a valid event of the wrong type is rejected."""
+    if handler is not None:
+
+        async def checked(msg: Message[Any], ctx: Context) -> None:
+            if (bad := _wrong_type(msg, expected)) is not None:
+                raise bad
+            await handler(msg, ctx)
+
+        return checked, None
+
+    async def checked_batch(
+        msgs: Sequence[Message[Any]], ctx: Context
+    ) -> Mapping[str, BaseException] | None:
+        failures: dict[str, BaseException] = {}
+        good = []
+        for m in msgs:
+            if (bad := _wrong_type(m, expected)) is not None:
+                failures[m.entry_id] = bad
+            else:
+                good.append(m)
+        if good:
+            failures.update(await batch_handler(good, ctx) or {})
+        return failures
+
+    return None, checked_batch

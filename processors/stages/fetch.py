@@ -1,0 +1,76 @@
+"""fetch: FetchRequested -> location source -> location_history -> LocationReported.
+
+Writes are idempotent on (tracker, observed_at); only reports new to the database are
+published. If the process dies after the insert and before publishing, the redelivered
+request finds nothing new: the reconciler publishes those reports after its grace
+period (the database shows them as not geocoded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processors.clock import Clock
+from processors.database import Database
+from processors.resilience import CircuitOpen
+from processors.sources import LocationSource, SourceRejected, SourceUnavailable
+from processors.topology import GEOCODE
+from schemas import store
+from schemas.events import FetchRequested, LocationReported
+from streams.consumer import Context
+from streams.errors import Reject, Retry
+from streams.message import Message
+from streams.producer import Route
+
+
+class FetchStage:
+    def __init__(
+        self, db: Database, source: LocationSource, routes: dict[str, Route], clock: Clock
+    ):
+        self.db = db
+        self.source = source
+        self.downstream = routes[GEOCODE]
+        self.clock = clock
+        self.reports_new = 0
+
+    async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
+        request = msg.payload
+        try:
+            fixes = await self.source.fetch(request.tracker_ids)
+        except CircuitOpen as exc:
+            raise Retry("location source circuit is open", delay_ms=_ms(exc.retry_after_s)) from exc
+        except SourceUnavailable as exc:
+            raise Retry(f"location source unavailable: {exc}") from exc
+        except SourceRejected as exc:
+            raise Reject(f"location source rejected the batch: {exc}") from exc
+        now = self.clock()
+        reports = [
+            LocationReported(
+                tracker_id=f.tracker_id,
+                observed_at=f.observed_at,
+                lat=f.lat,
+                lon=f.lon,
+                accuracy_m=f.accuracy_m,
+                source=f.source,
+                fetched_at=now,
+            )
+            for f in fixes
+        ]
+        new = await self.db.run(_store, reports, list(request.tracker_ids), now)
+        self.reports_new += len(new)
+        for report in new:
+            ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
+
+
+def _store(session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any) -> Any:
+    new = store.insert_reports(session, reports)
+    store.mark_processed(session, tracker_ids, now)
+    return new
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, int(seconds * 1000))
+
+
+def _trace(msg: Message[Any]) -> str | None:
+    return msg.envelope.trace if msg.envelope else None

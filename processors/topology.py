@@ -1,0 +1,50 @@
+"""The pipeline's shape: stage names, their routes, the events between them.
+
+::
+
+    scheduler --FetchRequested--> [fetch] --LocationReported--> [geocode]
+        --LocationGeocoded--> [geofence] --ViewsChanged--> [view-refresh]
+
+``fetch-now`` puts FetchRequested on fetch's priority lane. The scheduler's lock
+lives under the ``scheduler`` tag.
+"""
+
+from __future__ import annotations
+
+from streams.message import Codec
+from streams.producer import Route
+
+FETCH = "fetch"
+GEOCODE = "geocode"
+GEOFENCE = "geofence"
+VIEW_REFRESH = "view-refresh"
+SCHEDULER = "scheduler"
+STAGES = (FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH)
+
+
+def routes(prefix: str) -> dict[str, Route]:
+    return {stage: Route(prefix, stage) for stage in (*STAGES, SCHEDULER)}
+
+
+def codec(max_bytes: int = 512 * 1024) -> Codec:
+    from schemas.events import ALL_EVENTS
+
+    return Codec(ALL_EVENTS, max_bytes=max_bytes)
+
+
+def input_type(stage: str) -> type:
+    """The one event type a stage consumes; anything else is rejected as poison."""
+    from schemas.events import FetchRequested, LocationGeocoded, LocationReported, ViewsChanged
+
+    return {
+        FETCH: FetchRequested,
+        GEOCODE: LocationReported,
+        GEOFENCE: LocationGeocoded,
+        VIEW_REFRESH: ViewsChanged,
+    }[check_stage(stage)]
+
+
+def check_stage(name: str) -> str:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    return name
