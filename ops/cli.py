@@ -1,0 +1,71 @@
+"""The ``trackstream`` command. Each group of commands lives in its own module under
+``ops/commands``; this file only assembles them and parses the global flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ops.common import Options
+
+app = typer.Typer(
+    name="trackstream",
+    help="A resilient GPS-tracker pipeline on Redis Streams consumer groups.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL (redis://, rediss://) [env TRACKSTREAM_REDIS_URL]")
+    ] = None,
+    cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--cluster/--no-cluster", help="Redis Cluster mode [env TRACKSTREAM_REDIS_CLUSTER]"
+        ),
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="key prefix of this deployment [env TRACKSTREAM_PREFIX]")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL (sqlite:/// or postgresql://) [env TRACKSTREAM_DATABASE_URL]"
+        ),
+    ] = None,
+) -> None:
+    values = {
+        "redis_url": redis_url,
+        "redis_cluster": cluster,
+        "prefix": prefix,
+        "database_url": database_url,
+    }
+    ctx.obj = Options({k: v for k, v in values.items() if v is not None})
+
+
+def _register() -> None:
+    import importlib
+    import pkgutil
+
+    import ops.commands
+
+    for info in sorted(pkgutil.iter_modules(ops.commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"ops.commands.{info.name}")
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

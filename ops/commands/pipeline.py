@@ -1,0 +1,251 @@
+"""Running the pipeline: ``worker``, ``scheduler``, ``reconcile``, ``db upgrade``,
+``seed`` and ``fetch-now``. (``demo`` lives in :mod:`ops.commands.demo`.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ops.common import console, fail, handle_errors, options, setup_logging
+from processors import topology
+
+log = logging.getLogger("trackstream")
+
+
+def _stage_arg(value: str) -> str:
+    try:
+        return topology.check_stage(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _serve_metrics(port: int | None, registry: object) -> None:
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=registry)  # type: ignore[arg-type]
+        log.info("metrics on :%d/metrics", port)
+
+
+async def _stop_on_signal(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _every(interval_s: float, stop: asyncio.Event, step: object) -> None:
+    """Run ``step()`` every ``interval_s`` until ``stop``; a failed round is logged."""
+    while not stop.is_set():
+        try:
+            await step()  # type: ignore[operator]
+        except Exception:
+            log.exception("round failed; trying again in %.1f s", interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def worker(
+        ctx: typer.Context,
+        stage: Annotated[
+            str,
+            typer.Argument(help="fetch | geocode | geofence | view-refresh", callback=_stage_arg),
+        ],
+        concurrency: Annotated[int | None, typer.Option(min=1, help="messages at once")] = None,
+        consumer: Annotated[
+            str | None, typer.Option(help="consumer name (default: host-N)")
+        ] = None,
+        burst: Annotated[bool, typer.Option(help="exit when the stream is drained")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ) -> None:
+        """Consume one stage. Start as many as you like, on any hosts."""
+        from processors.pipeline import Pipeline
+        from streams.worker import run_until_signal
+
+        setup_logging(verbose)
+        stream_settings, app_settings = options(ctx).settings()
+
+        async def main() -> None:
+            pipeline = Pipeline(stream_settings, app_settings)
+            _serve_metrics(app_settings.metrics_port, pipeline.registry)
+            w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
+            try:
+                await run_until_signal(w, burst=burst)
+            finally:
+                await pipeline.aclose()
+
+        asyncio.run(main())
+
+    @app.command()
+    @handle_errors
+    def scheduler(
+        ctx: typer.Context,
+        once: Annotated[bool, typer.Option(help="one tick, then exit")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ) -> None:
+        """Publish fetch batches of eligible trackers, fairly, every schedule interval."""
+        from processors.pipeline import Pipeline
+
+        setup_logging(verbose)
+        stream_settings, app_settings = options(ctx).settings()
+
+        async def main() -> None:
+            pipeline = Pipeline(stream_settings, app_settings)
+            sched = pipeline.scheduler()
+            try:
+                if once:
+                    batches = await sched.tick()
+                    console.print(f"published {len(batches)} batches")
+                    return
+                stop = asyncio.Event()
+                await _stop_on_signal(stop)
+                await _every(app_settings.schedule_interval_s, stop, sched.tick)
+            finally:
+                await pipeline.aclose()
+
+        asyncio.run(main())
+
+    @app.command()
+    @handle_errors
+    def reconcile(
+        ctx: typer.Context,
+        once: Annotated[bool, typer.Option(help="one round, then exit")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ) -> None:
+        """Re-publish reports the database shows as not geocoded / not geofence-checked."""
+        from processors.pipeline import Pipeline
+
+        setup_logging(verbose)
+        stream_settings, app_settings = options(ctx).settings()
+
+        async def main() -> None:
+            pipeline = Pipeline(stream_settings, app_settings)
+            rec = pipeline.reconciler()
+
+            async def round_() -> None:
+                geocode, geofence = await rec.run_once()
+                if geocode or geofence:
+                    log.warning("re-published %d to geocode, %d to geofence", geocode, geofence)
+
+            try:
+                if once:
+                    geocode, geofence = await rec.run_once()
+                    console.print(f"re-published {geocode} to geocode, {geofence} to geofence")
+                    return
+                stop = asyncio.Event()
+                await _stop_on_signal(stop)
+                await _every(app_settings.reconcile_interval_s, stop, round_)
+            finally:
+                await pipeline.aclose()
+
+        asyncio.run(main())
+
+    db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+    app.add_typer(db_app, name="db")
+
+    @db_app.command("upgrade")
+    @handle_errors
+    def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
+        """Create or upgrade the schema (tables and views) on SQLite or PostgreSQL."""
+        from schemas.db import upgrade
+        from streams.connection import redact
+
+        _, app_settings = options(ctx).settings()
+        upgrade(app_settings.database_url, revision)
+        console.print(f"database {redact(app_settings.database_url)} is at {revision}")
+
+    @app.command()
+    @handle_errors
+    def seed(
+        ctx: typer.Context,
+        trackers: Annotated[
+            Path | None, typer.Option(exists=True, dir_okay=False, help="CSV of trackers")
+        ] = None,
+        geofences: Annotated[
+            Path | None, typer.Option(exists=True, dir_okay=False, help="GeoJSON of geofences")
+        ] = None,
+        simulated: Annotated[
+            int, typer.Option(min=0, help="add N simulated trackers and the demo geofences")
+        ] = 0,
+    ) -> None:
+        """Load trackers (CSV: external_id,name,run_starts_at,run_ends_at,active) and
+        geofences (GeoJSON: Point with radius_m, or Polygon; property name)."""
+        from ops import seeding
+        from processors.database import Database
+
+        if trackers is None and geofences is None and not simulated:
+            raise fail("give --trackers, --geofences or --simulated N", 2)
+        _, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            if trackers is not None:
+                n = db.run_sync(seeding.load_trackers_csv, trackers)
+                console.print(f"trackers: {n} loaded from {trackers}")
+            if geofences is not None:
+                n = db.run_sync(seeding.load_geofences_geojson, geofences)
+                console.print(f"geofences: {n} loaded from {geofences}")
+            if simulated:
+                t, g = db.run_sync(seeding.seed_simulated, simulated, app_settings.fleet_seed)
+                console.print(f"simulated: {t} trackers, {g} geofences")
+        except seeding.SeedError as exc:
+            raise fail(str(exc), 2) from None
+        finally:
+            db.dispose()
+
+    @app.command("fetch-now")
+    @handle_errors
+    def fetch_now(
+        ctx: typer.Context,
+        trackers: Annotated[list[str], typer.Argument(help="tracker external ids")],
+    ) -> None:
+        """Fetch these trackers urgently: the fetch stage serves its priority lane first
+        (the source's rate limit still holds)."""
+        from ops import seeding
+        from processors.database import Database
+        from schemas.events import FetchRequested
+        from streams.connection import connect
+        from streams.producer import Producer
+
+        stream_settings, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            unknown = db.run_sync(seeding.unknown_trackers, trackers)
+        finally:
+            db.dispose()
+        if unknown:
+            raise fail(f"unknown tracker(s): {', '.join(unknown)}", 2)
+
+        async def main() -> int:
+            import secrets
+            from datetime import UTC, datetime
+
+            client = connect(stream_settings)
+            try:
+                batches = [
+                    FetchRequested(
+                        batch_id=secrets.token_hex(8),
+                        tracker_ids=trackers[i : i + 64],
+                        requested_at=datetime.now(UTC),
+                        priority=True,
+                    )
+                    for i in range(0, len(trackers), 64)
+                ]
+                route = topology.routes(stream_settings.prefix)[topology.FETCH]
+                await Producer(client, topology.codec(), stream_settings.redis_url).publish(
+                    route, batches, priority=True
+                )
+                return len(batches)
+            finally:
+                await client.aclose()
+
+        n = asyncio.run(main())
+        console.print(f"queued {len(trackers)} tracker(s) in {n} priority batch(es)")

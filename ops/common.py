@@ -1,0 +1,88 @@
+"""What every command shares: settings from flags + environment, one Redis client,
+and turning known errors into a clear message and exit code (never a traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from processors.config import AppSettings, load
+from streams.connection import Client, connect, redact
+from streams.errors import ConfigError, GroupMissing, RedisUnavailable, StreamsError
+from streams.settings import StreamSettings
+
+console = Console()
+err_console = Console(stderr=True)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+@dataclass
+class Options:
+    """Global flags (``trackstream --redis-url ... COMMAND``); None = environment/default."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, **more: Any) -> tuple[StreamSettings, AppSettings]:
+        return load(**{**self.overrides, **{k: v for k, v in more.items() if v is not None}})
+
+
+def options(ctx: typer.Context) -> Options:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Options) else Options()
+
+
+def client_for(settings: StreamSettings) -> Client:
+    return connect(settings)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Known failures become one clear line and a distinct exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise fail(str(exc), EXIT_CONFIG) from None
+        except RedisUnavailable as exc:
+            raise fail(str(exc), EXIT_UNAVAILABLE) from None
+        except GroupMissing as exc:
+            raise fail(f"{exc} (has the stage run yet?)") from None
+        except StreamsError as exc:
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+def run(coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def shown_url(settings: StreamSettings) -> str:
+    return redact(settings.redis_url)

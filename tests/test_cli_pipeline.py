@@ -1,0 +1,226 @@
+"""The pipeline commands: db upgrade, seed (and its errors), fetch-now's priority lane,
+a worker process stopped with SIGTERM, configuration errors, and the demo."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from ops.cli import app
+from processors.topology import FETCH, GEOCODE
+from schemas.tables import Geofence, Tracker
+from tests.pipeline_support import Harness
+from tests.support import FAST, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACKSTREAM = str(Path(sys.executable).parent / "trackstream")
+runner = CliRunner()
+
+BOW_TIE = {
+    "type": "FeatureCollection",
+    "features": [
+        {
+            "type": "Feature",
+            "properties": {"name": "fine", "radius_m": 300},
+            "geometry": {"type": "Point", "coordinates": [4.40, 51.90]},
+        },
+        {
+            "type": "Feature",
+            "properties": {"name": "bow tie"},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]],
+            },
+        },
+    ],
+}
+
+
+def cli(*args: str, db: str | None = None, env: dict[str, str] | None = None):
+    base = ["--database-url", db] if db else []
+    return runner.invoke(app, [*base, *args], env=env, catch_exceptions=False)
+
+
+def count(db_url: str, model) -> int:
+    from processors.database import Database
+
+    db = Database(db_url)
+    try:
+        return db.run_sync(lambda s: s.scalar(select(func.count()).select_from(model)))
+    finally:
+        db.dispose()
+
+
+def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
+    assert cli("db", "upgrade", db=db_url).exit_code == 0
+    assert cli("db", "upgrade", db=db_url).exit_code == 0  # again: nothing to do
+
+    good = tmp_path / "trackers.csv"
+    good.write_text(
+        "external_id,name,run_starts_at,run_ends_at,active\n"
+        "A1,first,2026-01-01T00:00:00Z,,true\nA2,second,,,false\n"
+    )
+    result = cli("seed", "--trackers", str(good), db=db_url)
+    assert result.exit_code == 0, result.output
+    assert count(db_url, Tracker) == 2
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("external_id,run_starts_at\nB1,yesterday\n")
+    result = cli("seed", "--trackers", str(bad), db=db_url)
+    assert result.exit_code == 2
+    assert "bad.csv:2" in result.output and "ISO-8601" in result.output
+    assert count(db_url, Tracker) == 2
+
+    fences = tmp_path / "fences.geojson"
+    collection = copy.deepcopy(BOW_TIE)  # parametrized: each database gets its own copy
+    fences.write_text(json.dumps(collection))
+    result = cli("seed", "--geofences", str(fences), db=db_url)
+    assert result.exit_code == 2
+    assert "bow tie" in result.output and "Self-intersection" in result.output
+    assert count(db_url, Geofence) == 0, "nothing from a file with a bad feature is written"
+
+    collection["features"].pop()
+    fences.write_text(json.dumps(collection))
+    assert cli("seed", "--geofences", str(fences), db=db_url).exit_code == 0
+    assert count(db_url, Geofence) == 1
+
+
+async def test_fetch_now_jumps_the_queue(standalone_target, unique_prefix, tmp_path):
+    db_url = f"sqlite:///{tmp_path}/now.db"
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=256, batch_size=1)
+    try:
+        batches = await h.scheduler.tick()
+        assert len(batches) == 4
+        urgent = batches[-1].tracker_ids[-1]
+        result = await _invoke_async(
+            "--redis-url",
+            h.streams.redis_url,
+            "--prefix",
+            h.streams.prefix,
+            "--database-url",
+            db_url,
+            "fetch-now",
+            urgent,
+        )
+        assert result.exit_code == 0, result.output
+        assert "1 priority batch" in result.output
+        unknown = await _invoke_async(
+            "--redis-url",
+            h.streams.redis_url,
+            "--prefix",
+            h.streams.prefix,
+            "--database-url",
+            db_url,
+            "fetch-now",
+            "NOPE-1",
+        )
+        assert unknown.exit_code == 2 and "unknown tracker(s): NOPE-1" in unknown.output
+
+        h.clock.advance(minutes=10)
+        await h.drain([FETCH])
+        first = h.recording.returned[0]
+        assert first.tracker_id == urgent, "the priority lane is served first"
+        assert {f.tracker_id for f in h.recording.returned} >= {urgent}
+    finally:
+        await h.aclose()
+
+
+async def _invoke_async(*args: str):
+    import asyncio
+
+    return await asyncio.to_thread(runner.invoke, app, list(args), catch_exceptions=False)
+
+
+def _env(redis_url: str, prefix: str, db_url: str, **more: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKSTREAM_")}
+    values = {**FAST, "redis_url": redis_url, "prefix": prefix, "database_url": db_url, **more}
+    env.update({f"TRACKSTREAM_{k.upper()}": str(v) for k, v in values.items()})
+    return env
+
+
+async def test_worker_process_handles_then_stops_cleanly_on_sigterm(
+    standalone_target, unique_prefix, tmp_path
+):
+    db_url = f"sqlite:///{tmp_path}/w.db"
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=4)
+    try:
+        await h.scheduler.tick()
+        await h.drain([FETCH])
+        keys = h.keys(GEOCODE)
+        total = await h.client.xlen(keys.stream)
+        assert total > 0
+        log = tmp_path / "worker.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [TRACKSTREAM, "worker", GEOCODE, "--consumer", "cli-1"],
+                env=_env(h.streams.redis_url, h.streams.prefix, db_url),
+                cwd=tmp_path,
+                stderr=stderr,
+            )
+        try:
+
+            async def geocoded() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return all(r.geocoded_at for r in h.reports())
+
+            await wait_for(geocoded, 60, "the worker process to geocode every report")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert (await h.client.xpending(keys.stream, keys.group))["pending"] == 0
+        assert await h.client.xinfo_consumers(keys.stream, keys.group) == []
+        # it published downstream before acking
+        assert await h.client.xlen(h.keys("geofence").stream) == total
+    finally:
+        await h.aclose()
+
+
+def test_bad_settings_and_arguments_are_named(tmp_path):
+    result = runner.invoke(app, ["scheduler", "--once"], env={"TRACKSTREAM_BLOCK_MS": "0"})
+    assert result.exit_code == 2
+    assert "block_ms (TRACKSTREAM_BLOCK_MS)" in result.output
+
+    result = runner.invoke(app, ["worker", "nosuchstage"])
+    assert result.exit_code == 2
+    assert "unknown stage 'nosuchstage'" in result.output
+    assert "Usage:" in result.output
+
+    result = runner.invoke(app, ["worker", "fetch", "--concurrency", "0"])
+    assert result.exit_code == 2 and "--concurrency" in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_and_stops_what_it_started(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKSTREAM_")}
+    env["COLUMNS"] = "120"
+    done = subprocess.run(
+        [TRACKSTREAM, "demo", "--trackers", "60", "--duration", "8"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    pid = int(re.search(r"started redis-server on 127\.0\.0\.1:\d+ \(pid (\d+)\)", out).group(1))
+    assert "stopped redis-server" in out
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "drained" in out
+    fetched = int(re.search(r"reports fetched\s+│?\s*([\d,]+)", out).group(1).replace(",", ""))
+    assert fetched >= 60
+    assert (tmp_path / ".trackstream" / "demo.db").exists()
