@@ -1,0 +1,373 @@
+"""The dashboard: a Starlette app with a JSON API over the stages and their dead letters,
+and one self-contained page (``index.html``) that polls it.
+
+==========  ======================================  ==========================================
+method      path                                    what
+==========  ======================================  ==========================================
+GET         /                                       the page
+GET         /healthz                                liveness: always 200
+GET         /readyz                                 200 if Redis answers PING, else 503
+GET         /api/stages                             every stage: backlog, consumers, rates
+GET         /api/stages/{stage}/consumers           the stage's consumers, with heartbeat ages
+GET         /api/stages/{stage}/dlq                 dead letters (``?category=&limit=``)
+GET         /api/stages/{stage}/dlq/{id}            one dead letter, with its original fields
+POST        /api/stages/{stage}/dlq/{id}/redrive    redrive one dead letter          (token)
+POST        /api/stages/{stage}/dlq/redrive         redrive ``{"ids": [...]}``        (token)
+DELETE      /api/stages/{stage}/dlq/{id}            delete one dead letter           (token)
+==========  ======================================  ==========================================
+
+Mutating endpoints need ``Authorization: Bearer <dashboard_token>`` (compared in
+constant time; missing or wrong: 401); without a configured token they are disabled
+(403, saying how to enable them). A header token is never sent by a browser on its own,
+so there is no cross-site request forgery to guard against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as rex
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ops.dashboard.throughput import Throughput
+from ops.exporter import backlog, client_settings, pipeline_keys
+from processors.config import AppSettings
+from streams.connection import Client, connect, redact
+from streams.deadletter import CATEGORIES, DeadLetters
+from streams.errors import RedisUnavailable, StreamsError
+from streams.keys import StageKeys
+from streams.monitor import StageStatus, stage_status
+from streams.settings import StreamSettings
+
+ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+MAX_LIMIT = 500
+MAX_IDS = 1_000
+READY_TIMEOUT_S = 2.0
+TOKEN_HINT = "set TRACKSTREAM_DASHBOARD_TOKEN to enable redrive and delete"
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+class Dashboard:
+    """What the endpoints share: settings, the stage keys, one Redis client."""
+
+    def __init__(
+        self, stream_settings: StreamSettings, app_settings: AppSettings, client: Client | None
+    ) -> None:
+        self.settings = stream_settings
+        self.token = app_settings.dashboard_token or None
+        self.url = stream_settings.redis_url
+        self.keys: dict[str, list[StageKeys]] = {}
+        for keys in pipeline_keys(stream_settings.prefix):
+            self.keys.setdefault(keys.stage, []).append(keys)
+        self.throughput = Throughput()
+        self._client = client
+        self._owns_client = client is None
+
+    @property
+    def client(self) -> Client:
+        # made on first use, inside the serving event loop
+        if self._client is None:
+            self._client = connect(client_settings(self.settings))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def stage_keys(self, stage: str) -> list[StageKeys]:
+        try:
+            return self.keys[stage]
+        except KeyError:
+            known = ", ".join(self.keys)
+            raise HTTPException(404, f"unknown stage {stage!r}; stages are: {known}") from None
+
+    def dead_letters(self, keys: StageKeys) -> DeadLetters:
+        return DeadLetters(self.client, keys, self.url)
+
+    async def find(self, stage: str, dlq_id: str) -> DeadLetters | None:
+        """The shard's dead letters that hold ``dlq_id``, if any."""
+        for keys in self.stage_keys(stage):
+            dl = self.dead_letters(keys)
+            if await dl.get(dlq_id) is not None:
+                return dl
+        return None
+
+    def authorize(self, request: Request) -> None:
+        if not self.token:
+            raise HTTPException(403, f"mutating endpoints are disabled: {TOKEN_HINT}")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise HTTPException(
+                401,
+                "a valid 'Authorization: Bearer <token>' header is required",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+
+def _dashboard(request: Request) -> Dashboard:
+    dashboard: Dashboard = request.app.state.dashboard
+    return dashboard
+
+
+def _age_s(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+def _shard_view(status: StageStatus, dead_after_ms: int) -> dict[str, Any]:
+    return {
+        "shard": status.shard,
+        "length": status.length,
+        "lag": backlog(status),
+        "lag_exact": all(s.lag_exact for s in status.streams if s.group_exists),
+        "pending": status.pending,
+        "oldest_pending_age_s": _age_s(status.oldest_pending_age_ms),
+        "dead_letters": status.dead_letters,
+        "consumers": len(status.consumers),
+        "live_consumers": len(status.live_consumers(dead_after_ms)),
+    }
+
+
+def _consumer_view(status: StageStatus, dead_after_ms: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "shard": status.shard,
+            "name": c.name,
+            "pending": c.pending,
+            "idle_ms": c.idle_ms,
+            "heartbeat_age_ms": c.heartbeat_age_ms,
+            "live": c.heartbeat_age_ms is not None and c.heartbeat_age_ms < dead_after_ms,
+        }
+        for c in status.consumers
+    ]
+
+
+def _stage_view(stage: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    def total(name: str) -> int:
+        return sum(int(s[name]) for s in shards)
+
+    ages = [s["oldest_pending_age_s"] for s in shards if s["oldest_pending_age_s"] is not None]
+    return {
+        "stage": stage,
+        "shards": len(shards),
+        "length": total("length"),
+        "lag": total("lag"),
+        "lag_exact": all(s["lag_exact"] for s in shards),
+        "pending": total("pending"),
+        "oldest_pending_age_s": max(ages) if ages else None,
+        "dead_letters": total("dead_letters"),
+        "consumers": total("consumers"),
+        "live_consumers": total("live_consumers"),
+        "shard_detail": shards,
+    }
+
+
+def _entry_id(value: str) -> str:
+    if not ENTRY_ID.match(value):
+        raise HTTPException(400, f"{value!r} is not a stream entry id (like 1700000000000-0)")
+    return value
+
+
+# ------------------------------------------------------------------------ endpoints
+async def index(request: Request) -> Response:
+    page: str = request.app.state.page
+    return HTMLResponse(page, headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    d = _dashboard(request)
+    try:
+        await asyncio.wait_for(d.client.ping(), READY_TIMEOUT_S)
+    except Exception as exc:
+        reason = str(exc) or type(exc).__name__
+        return JSONResponse(
+            {"status": "unavailable", "reason": f"Redis at {redact(d.url)}: {reason}"},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok"})
+
+
+async def stages(request: Request) -> Response:
+    d = _dashboard(request)
+    everything = [k for shards in d.keys.values() for k in shards]
+    statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in everything))
+    dead_after_ms = d.settings.consumer_dead_after_ms
+    out = []
+    for stage, shard_keys in d.keys.items():
+        mine = [st for st, k in zip(statuses, everything, strict=True) if k in shard_keys]
+        view = _stage_view(stage, [_shard_view(st, dead_after_ms) for st in mine])
+        view["throughput_per_s"] = d.throughput.observe(
+            stage, view["length"] - view["lag"] - view["pending"]
+        )
+        view["consumer_detail"] = [c for st in mine for c in _consumer_view(st, dead_after_ms)]
+        out.append(view)
+    return JSONResponse(
+        {
+            "prefix": d.settings.prefix,
+            "consumer_dead_after_ms": dead_after_ms,
+            "mutations_enabled": d.token is not None,
+            "stages": out,
+        }
+    )
+
+
+async def consumers(request: Request) -> Response:
+    d = _dashboard(request)
+    stage = request.path_params["stage"]
+    shard_keys = d.stage_keys(stage)
+    statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in shard_keys))
+    dead_after_ms = d.settings.consumer_dead_after_ms
+    rows = [c for st in statuses for c in _consumer_view(st, dead_after_ms)]
+    return JSONResponse({"stage": stage, "consumers": rows})
+
+
+async def list_dead_letters(request: Request) -> Response:
+    d = _dashboard(request)
+    stage = request.path_params["stage"]
+    shard_keys = d.stage_keys(stage)
+    category = request.query_params.get("category") or None
+    if category is not None and category not in CATEGORIES:
+        raise HTTPException(400, f"category must be one of: {', '.join(CATEGORIES)}")
+    try:
+        limit = int(request.query_params.get("limit", "100"))
+    except ValueError:
+        raise HTTPException(400, "limit must be an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise HTTPException(400, f"limit must be between 1 and {MAX_LIMIT}")
+    letters: list[dict[str, Any]] = []
+    total = 0
+    for keys in shard_keys:
+        dl = d.dead_letters(keys)
+        total += await dl.count()
+        for letter in await dl.list(category=category, limit=limit):
+            letters.append({**letter.as_dict(), "shard": keys.shard})
+    letters.sort(key=lambda x: (x["failed_ms"], x["id"]))
+    return JSONResponse({"stage": stage, "total": total, "dead_letters": letters[:limit]})
+
+
+async def show_dead_letter(request: Request) -> Response:
+    d = _dashboard(request)
+    stage, dlq_id = request.path_params["stage"], _entry_id(request.path_params["id"])
+    for keys in d.stage_keys(stage):
+        letter = await d.dead_letters(keys).get(dlq_id)
+        if letter is not None:
+            return JSONResponse({**letter.as_dict(), "shard": keys.shard})
+    raise HTTPException(404, f"no dead letter {dlq_id} in {stage}")
+
+
+async def redrive_one(request: Request) -> Response:
+    d = _dashboard(request)
+    d.authorize(request)
+    stage, dlq_id = request.path_params["stage"], _entry_id(request.path_params["id"])
+    dl = await d.find(stage, dlq_id)
+    new_id = (await dl.redrive([dlq_id]))[dlq_id] if dl else None
+    if new_id is None:
+        raise HTTPException(404, f"no dead letter {dlq_id} in {stage} (or already redriven)")
+    return JSONResponse({"redriven": {dlq_id: new_id}})
+
+
+async def redrive_many(request: Request) -> Response:
+    d = _dashboard(request)
+    d.authorize(request)
+    stage = request.path_params["stage"]
+    d.stage_keys(stage)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, 'the body must be JSON: {"ids": ["<id>", ...]}') from None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise HTTPException(400, 'the body must be JSON: {"ids": ["<id>", ...]}')
+    if len(ids) > MAX_IDS:
+        raise HTTPException(400, f"at most {MAX_IDS} ids at once")
+    result: dict[str, str | None] = {}
+    for dlq_id in [_entry_id(i) for i in ids]:  # every id checked before any is redriven
+        dl = await d.find(stage, dlq_id)
+        result[dlq_id] = (await dl.redrive([dlq_id]))[dlq_id] if dl else None
+    return JSONResponse({"redriven": result})
+
+
+async def delete_dead_letter(request: Request) -> Response:
+    d = _dashboard(request)
+    d.authorize(request)
+    stage, dlq_id = request.path_params["stage"], _entry_id(request.path_params["id"])
+    dl = await d.find(stage, dlq_id)
+    if dl is None or not await dl.purge([dlq_id]):
+        raise HTTPException(404, f"no dead letter {dlq_id} in {stage}")
+    return JSONResponse({"deleted": [dlq_id]})
+
+
+# -------------------------------------------------------------------------- errors
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, 503)
+
+
+async def _streams_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, 500)
+
+
+def create_app(
+    stream_settings: StreamSettings, app_settings: AppSettings, *, client: Client | None = None
+) -> Starlette:
+    """The dashboard app. Without ``client`` it connects on first use and closes on exit."""
+    dashboard = Dashboard(stream_settings, app_settings, client)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await dashboard.aclose()
+
+    stage = "/api/stages/{stage}"
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/api/stages", stages),
+            Route(f"{stage}/consumers", consumers),
+            Route(f"{stage}/dlq", list_dead_letters),
+            Route(f"{stage}/dlq/redrive", redrive_many, methods=["POST"]),
+            Route(f"{stage}/dlq/{{id}}/redrive", redrive_one, methods=["POST"]),
+            Route(f"{stage}/dlq/{{id}}", show_dead_letter, methods=["GET"]),
+            Route(f"{stage}/dlq/{{id}}", delete_dead_letter, methods=["DELETE"]),
+        ],
+        exception_handlers={
+            HTTPException: _http_error,
+            RedisUnavailable: _unavailable,
+            rex.ConnectionError: _unavailable,
+            rex.TimeoutError: _unavailable,
+            rex.RedisClusterException: _unavailable,
+            StreamsError: _streams_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.dashboard = dashboard
+    app.state.page = resources.files("ops.dashboard").joinpath("index.html").read_text("utf-8")
+    return app

@@ -1,0 +1,103 @@
+"""Helpers for tests in a real headless browser: Debian's chromium driven by Playwright,
+and an ASGI app served by uvicorn on a free loopback port.
+
+``playwright install`` is never needed: Playwright launches ``/usr/bin/chromium``
+(``apt-get install chromium``). Without it a browser test is skipped, or fails when
+``CI=true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from streams.embedded import free_port
+from tests.support import wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_chromium() -> None:
+    """Skip the test without chromium (fail it on CI)."""
+    if CHROMIUM.exists():
+        return
+    message = f"{CHROMIUM} is missing: apt-get install chromium"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a thread with its own event loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            ws="none",
+            http="h11",
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    async def __aenter__(self) -> LiveServer:
+        self.thread.start()
+        await wait_for(
+            lambda: self.server.started or not self.thread.is_alive(), 10, "the server to start"
+        )
+        if not self.server.started:
+            raise RuntimeError(f"the server on port {self.port} did not start")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        await asyncio.to_thread(self.thread.join, 10)
+        if self.thread.is_alive():
+            raise RuntimeError("the server thread did not stop")
+
+
+@asynccontextmanager
+async def chromium_page(
+    width: int = 1360, height: int = 900, timeout_ms: float = 10_000
+) -> AsyncIterator[Any]:
+    """A fresh page in headless chromium; the browser is closed afterwards."""
+    require_chromium()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = await browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            await browser.close()
