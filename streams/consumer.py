@@ -5,6 +5,8 @@ One pass of the loop::
     start ─► ensure groups ─► re-read own pending (id 0) ─┐
         ┌─────────────────────────────────────────────────┘
         ▼
+      gate closed? ── wait (a stage whose dependency is down reads nothing, so no
+                      delivery is spent while it cannot work)
       claim tick? ── XAUTOCLAIM idle entries (following the cursor), drop dead consumers
       retries due? ── XCLAIM them back to ourselves (counts a delivery) and handle
       XREADGROUP priority+stream ">" COUNT n BLOCK ms ── handle the batch
@@ -12,8 +14,13 @@ One pass of the loop::
         │ failure: Reject/decode/validation ─► dead letter now
         │          other ─► retry with backoff; at max_deliveries ─► dead letter
         ▼
-      stop requested ─► finish in-flight work within the grace period ─► hand back
-      whatever is still pending (re-add + ack, atomically) ─► delete our consumer
+      stop requested ─► no new reads (a blocking read returns within block_ms) ─►
+      in-flight handlers get shutdown_grace_ms, then are interrupted ─► finished
+      work is published and acked; whatever is still pending is handed back (re-add
+      + ack, atomically) ─► delete our consumer
+
+In-flight Redis commands are never cancelled (a command cut off mid-reply can wedge
+the client's connection pool); only handler code is, by its timeout or the grace.
 
 Delivery counts come from Redis (XPENDING), so they survive crashes: an entry whose
 consumer keeps dying is dead-lettered once it was delivered ``max_deliveries`` times.
@@ -26,7 +33,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,6 +43,7 @@ from redis import exceptions as rex
 from streams.connection import Client, ensure_group, translate
 from streams.deadletter import DeadLetters
 from streams.errors import (
+    Defer,
     GroupMissing,
     MessageError,
     RedisUnavailable,
@@ -79,6 +87,19 @@ Handler = Callable[[Message[Any], Context], Awaitable[None]]
 BatchHandler = Callable[
     [Sequence[Message[Any]], Context], Awaitable[Mapping[str, BaseException] | None]
 ]
+# Awaited before every read or claim; returns once the stage can work. It is
+# cancelled when the consumer stops while waiting.
+Gate = Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Due:
+    """A retry scheduled by this consumer."""
+
+    at: float  # monotonic time it is due
+    msg: Message[Any]
+    delay_ms: int
+    spend: bool  # False for Defer: the redelivery keeps the delivery count
 
 
 @dataclass
@@ -113,6 +134,7 @@ class Consumer:
         batch_handler: BatchHandler | None = None,
         middleware: Sequence[Middleware] = (),
         stop: asyncio.Event | None = None,
+        gate: Gate | None = None,
     ) -> None:
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler or batch_handler")
@@ -126,13 +148,16 @@ class Consumer:
         self.batch_handler = batch_handler
         self.middleware = tuple(middleware)
         self.stop_event = stop or asyncio.Event()
+        self.gate = gate
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
         self._hand_back = client.register_script(HAND_BACK)
         self._delete_consumer = client.register_script(DELETE_IDLE_CONSUMER)
         self._url = settings.redis_url
-        self._retries: dict[tuple[str, str], tuple[float, Message[Any]]] = {}
+        self._retries: dict[tuple[str, str], _Due] = {}
         self._cursors: dict[str, str] = {}
         self._outage_since: float | None = None
+        self._deadlines: set[asyncio.Timeout] = set()  # of the handlers running now
+        self._grace_over = False
         self.handled = 0  # entries acked by this consumer (for tests and progress)
 
     # ----------------------------------------------------------------- lifecycle
@@ -143,8 +168,9 @@ class Consumer:
         """Consume until stopped; with ``burst`` return once nothing is left for us."""
         await self._with_recovery(self._start)
         next_claim = 0.0
+        grace = asyncio.create_task(self._grace_timer())
         try:
-            while not self.stop_event.is_set():
+            while await self._gate_open():
                 now = time.monotonic()
                 if now >= next_claim:
                     await self._with_recovery(self._claim_tick)
@@ -155,13 +181,52 @@ class Consumer:
                 if not got and burst and not self._retries:
                     return
         finally:
+            grace.cancel()  # waits on an event or sleeps: safe to cancel
             if self.stop_event.is_set():
                 await self._shutdown()
+
+    async def _grace_timer(self) -> None:
+        """Once stop is requested, give in-flight handlers shutdown_grace_ms, then time
+        them out (their entries stay pending and are handed back)."""
+        await self.stop_event.wait()
+        await asyncio.sleep(self.settings.shutdown_grace_ms / 1000)
+        self._grace_over = True
+        now = asyncio.get_running_loop().time()
+        for deadline in list(self._deadlines):
+            deadline.reschedule(now)
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """The handler timeout, cut short when the shutdown grace is over."""
+        async with asyncio.timeout(self.settings.handler_timeout_ms / 1000) as deadline:
+            if self._grace_over:
+                deadline.reschedule(asyncio.get_running_loop().time())
+            self._deadlines.add(deadline)
+            try:
+                yield
+            finally:
+                self._deadlines.discard(deadline)
 
     async def _start(self) -> None:
         for stream in self.keys.streams():
             await ensure_group(self.client, self._url, stream, self.keys.group)
-        await self._recover_own_pending()
+        if await self._gate_open():
+            await self._recover_own_pending()
+
+    async def _gate_open(self) -> bool:
+        """Wait for the gate; False once stop is requested."""
+        if self.gate is None or self.stop_event.is_set():
+            return not self.stop_event.is_set()
+        opened = asyncio.ensure_future(self.gate())
+        stopper = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({opened, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (opened, stopper):
+                task.cancel()
+        if opened.done() and not opened.cancelled() and opened.exception() is not None:
+            log.exception("%s/%s: gate failed", self.stage, self.name, exc_info=opened.exception())
+        return not self.stop_event.is_set()
 
     async def _with_recovery(self, step: Callable[[], Awaitable[Any]]) -> Any:
         """Run one step; ride out Redis outages and recreate a vanished group."""
@@ -197,7 +262,7 @@ class Consumer:
     async def _read_and_handle(self, burst: bool) -> bool:
         block_ms: int | None = self.settings.block_ms
         if self._retries:
-            due = min(t for t, _ in self._retries.values())
+            due = min(r.at for r in self._retries.values())
             block_ms = max(1, min(self.settings.block_ms, int((due - time.monotonic()) * 1000)))
         if burst and not self._retries:
             block_ms = None  # do not wait for new entries
@@ -205,7 +270,7 @@ class Consumer:
         read = self.client.xreadgroup(
             self.keys.group, self.name, streams, count=self.settings.batch_size, block=block_ms
         )
-        raw = await self._until_stopped(read)
+        raw = await self._translated(read)  # never cancelled: returns within block_ms
         if raw is None:
             return False
         by_stream = parse_read(raw)
@@ -217,25 +282,6 @@ class Consumer:
         if msgs:
             await self._handle(msgs)
         return bool(msgs)
-
-    async def _until_stopped(self, read: Awaitable[Any]) -> Any:
-        """Await a (blocking) read, abandoning it when stop is requested.
-
-        An abandoned read may still have delivered entries to us: shutdown hands back
-        everything we own, so nothing is stranded.
-        """
-        task = asyncio.ensure_future(self._translated(read))
-        stopper = asyncio.ensure_future(self.stop_event.wait())
-        try:
-            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        return None
 
     async def _translated(self, aw: Awaitable[Any]) -> Any:
         with translate(self._url, self.keys.stream, self.keys.group):
@@ -349,27 +395,38 @@ class Consumer:
     # ------------------------------------------------------------------- retries
     async def _run_due_retries(self) -> bool:
         now = time.monotonic()
-        due = [(k, m) for k, (t, m) in self._retries.items() if t <= now]
+        due = [r for r in self._retries.values() if r.at <= now]
         if not due:
             return False
-        for key, _ in due:
-            del self._retries[key]
-        by_stream: dict[str, list[Message[Any]]] = {}
-        for (stream, _), msg in due:
-            by_stream.setdefault(stream, []).append(msg)
-        for stream, msgs in by_stream.items():
+        # one XCLAIM per stream and new delivery count (RETRYCOUNT keeps a deferred
+        # entry's count; otherwise XCLAIM adds one)
+        groups: dict[tuple[str, int | None], list[_Due]] = {}
+        for r in due:
+            del self._retries[(r.msg.stream, r.msg.entry_id)]
+            groups.setdefault((r.msg.stream, None if r.spend else r.msg.deliveries), []).append(r)
+        for (stream, keep), rs in groups.items():
             # min idle: nobody else must have claimed it since (that resets idle)
-            min_idle = max(0, min(self._retry_delay_ms(m) for m in msgs) // 2)
+            min_idle = max(0, min(r.delay_ms for r in rs) // 2)
             raw = await self._translated(
                 self.client.xclaim(
-                    stream, self.keys.group, self.name, min_idle, [m.entry_id for m in msgs]
+                    stream,
+                    self.keys.group,
+                    self.name,
+                    min_idle,
+                    [r.msg.entry_id for r in rs],
+                    retrycount=keep,
                 )
             )
             claimed = dict(parse_entries(raw))
             fresh: list[Message[Any]] = [
-                Message(stream, m.entry_id, claimed[m.entry_id], m.deliveries + 1)
-                for m in msgs
-                if m.entry_id in claimed
+                Message(
+                    stream,
+                    r.msg.entry_id,
+                    claimed[r.msg.entry_id],
+                    r.msg.deliveries if keep is not None else r.msg.deliveries + 1,
+                )
+                for r in rs
+                if r.msg.entry_id in claimed
             ]
             if fresh:
                 await self._handle(fresh)
@@ -418,12 +475,11 @@ class Consumer:
         await self._settle(outcome)
 
     async def _invoke(self, msgs: list[Message[Any]], outcome: _Outcome) -> None:
-        timeout_s = self.settings.handler_timeout_ms / 1000
         if self.batch_handler is not None:
             outcome.outbox = Outbox(self.codec)
             ctx = Context(self.stage, self.name, outcome.outbox)
             try:
-                async with asyncio.timeout(timeout_s):
+                async with self._deadline():
                     failures = await self.batch_handler(msgs, ctx) or {}
             except Exception as exc:
                 outcome.failed += [(m, exc) for m in msgs]
@@ -445,7 +501,7 @@ class Consumer:
             ctx = Context(self.stage, self.name, box)
 
             async def base(m: Message[Any]) -> None:
-                async with asyncio.timeout(timeout_s):
+                async with self._deadline():
                     await handler(m, ctx)
 
             call: MessageCall = base
@@ -482,8 +538,19 @@ class Consumer:
                 outcome.ok = []
             else:
                 await self._ack(outcome.ok)
+        interrupted = 0
         for msg, exc in outcome.failed:
+            if self._grace_over and isinstance(exc, TimeoutError):
+                interrupted += 1  # cut short by shutdown: left pending, handed back
+                continue
             await self._fail(msg, exc)
+        if interrupted:
+            log.warning(
+                "%s/%s: shutdown grace over, %d handlers interrupted",
+                self.stage,
+                self.name,
+                interrupted,
+            )
 
     async def _ack(self, msgs: Sequence[Message[Any]]) -> None:
         by_stream: dict[str, list[str]] = {}
@@ -508,12 +575,14 @@ class Consumer:
         if isinstance(exc, Reject | MessageError):
             await self._dead_letter(msg, category, error)
             return
-        if msg.attempts >= self.settings.max_deliveries:
+        spend = not isinstance(exc, Defer)
+        if spend and msg.attempts >= self.settings.max_deliveries:
             final = "timeout" if category == "timeout" else "max-deliveries"
             await self._dead_letter(msg, final, f"{error} (after {msg.attempts} deliveries)")
             return
         delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Retry) else None)
-        self._retries[(msg.stream, msg.entry_id)] = (time.monotonic() + delay_ms / 1000, msg)
+        due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms, spend)
+        self._retries[(msg.stream, msg.entry_id)] = due
         self._notify("on_retry", self.stage, msg, delay_ms)
 
     async def _dead_letter(self, msg: Message[Any], category: str, error: str) -> None:

@@ -12,6 +12,8 @@
     │   └── MessageTooLarge         encoded payload over ``max_message_bytes`` (raised on publish)
     └── HandlerSignal               raised by handlers to steer what happens next
         ├── Retry(delay_ms)         transient: redeliver after ``delay_ms`` (counts a delivery)
+        │   └── Defer(delay_ms)     could not even try (a dependency's circuit is open):
+        │                           redeliver after ``delay_ms``, no delivery counted
         └── Reject(reason)          permanent: dead-letter now              (category "handler")
 
 Any other exception from a handler is transient: retried with backoff until
@@ -70,6 +72,12 @@ class Retry(HandlerSignal):
     def __init__(self, reason: str = "retry requested", delay_ms: int | None = None) -> None:
         super().__init__(reason)
         self.delay_ms = delay_ms
+
+
+class Defer(Retry):
+    """The handler did not get to try (its dependency is known to be down), so this
+    says nothing about the message: it is redelivered without counting a delivery.
+    Pair it with a worker gate that holds reads while the dependency is down."""
 
 
 class Reject(HandlerSignal):

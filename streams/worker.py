@@ -18,10 +18,11 @@ import os
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Sequence
 
 from streams.connection import Client, translate
-from streams.consumer import BatchHandler, Consumer, Handler
+from streams.consumer import BatchHandler, Consumer, Gate, Handler
 from streams.errors import StreamsError
 from streams.keys import StageKeys, check_name
 from streams.message import Codec
@@ -30,6 +31,17 @@ from streams.producer import Route
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.worker")
+
+
+# this process's workers by token: a lease with our pid but none of these tokens was
+# left by a predecessor (in a container, every restart may get the same pid)
+_workers_here: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
+
+
+def _holder_gone(pid: int, token: str) -> bool:
+    if pid == os.getpid():
+        return token not in _workers_here
+    return not _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,6 +67,7 @@ class Worker:
         consumer: str | None = None,
         shards: Sequence[int] | None = None,
         middleware: Sequence[Middleware] = (),
+        gate: Gate | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -65,10 +78,12 @@ class Worker:
         self.requested_name = check_name("consumer", consumer) if consumer else None
         self.shards = list(shards) if shards is not None else list(range(route.shards))
         self.middleware = tuple(middleware)
+        self.gate = gate
         self.stop_event = asyncio.Event()
         self.name: str | None = None
         self.consumers: list[Consumer] = []
         self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        _workers_here[self._token] = self
         self._lease_keys = StageKeys(route.prefix, route.stage, 0, route.shards)
 
     @property
@@ -91,17 +106,18 @@ class Worker:
                 batch_handler=self.batch_handler,
                 middleware=self.middleware,
                 stop=self.stop_event,
+                gate=self.gate,
             )
             for s in self.shards
         ]
         await self._heartbeat_once()
-        beat = asyncio.create_task(self._heartbeats())
+        done = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeats(done))
         try:
             await asyncio.gather(*(c.run(burst=burst) for c in self.consumers))
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            done.set()  # not cancel(): a beat in flight finishes its command
+            await beat
             if self.stop_event.is_set():
                 await self._release_name()
 
@@ -128,7 +144,7 @@ class Worker:
             text = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
             h_host, _, rest = text.partition(":")
             pid = int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else 0
-            if h_host == me and pid and not _pid_alive(pid):
+            if h_host == me and pid and _holder_gone(pid, text):
                 with translate(url):
                     # take over only if it is still that dead holder's lease
                     if (
@@ -153,10 +169,13 @@ class Worker:
                 pipe.hset(c.keys.heartbeats, self.name, now_ms)
             await pipe.execute()
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self, done: asyncio.Event) -> None:
         interval_s = self.settings.heartbeat_interval_ms / 1000
         while True:
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), interval_s)
+            if done.is_set():
+                return
             try:
                 await self._heartbeat_once()
             except StreamsError as exc:

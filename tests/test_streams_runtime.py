@@ -233,6 +233,10 @@ async def test_replay_by_copy_and_by_rewind_from_id_and_time(env):
 
 
 async def test_graceful_shutdown_leaves_nothing_pending_for_the_stopped_consumer(env):
+    """Stop mid-batch: in-flight handlers get shutdown_grace_ms, then are interrupted;
+    what finished is acked, the rest handed back (attempt raised), nothing lost."""
+    import time
+
     settings, client, codec, route = env
     settings = settings.with_(batch_size=50, concurrency=1, shutdown_grace_ms=100)
     await publish(client, codec, route, range(200))
@@ -241,25 +245,72 @@ async def test_graceful_shutdown_leaves_nothing_pending_for_the_stopped_consumer
 
     async def slow(msg, ctx):
         started.set()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         seen[msg.payload.n] += 1
 
     worker = Worker(client, settings, route, codec, handler=slow, consumer="slowpoke")
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(started.wait(), 10)
-    worker.stop()  # mid-batch: grace of 100 ms cannot finish 50 x 50 ms
+    stop_at = time.monotonic()
+    worker.stop()  # the batch needs 50 x 0.2 s = 10 s; the grace is 0.1 s
     await asyncio.wait_for(task, 10)
+    assert time.monotonic() - stop_at < 5, "the grace period bounds the shutdown"
+    finished = set(seen)
+    assert len(finished) < 50
     keys = route.keys()
     assert await pending_of(client, keys, "slowpoke") == 0
     names = [c["name"] for c in await client.xinfo_consumers(keys.stream, keys.group)]
     assert b"slowpoke" not in names
 
+    attempts = {}
+
     async def fast(msg, ctx):
         seen[msg.payload.n] += 1
+        attempts[msg.payload.n] = msg.envelope.attempt
 
     await Worker(client, settings, route, codec, handler=fast).run(burst=True)
     assert sorted(seen) == list(range(200))  # nothing lost
+    assert all(seen[n] == 1 for n in finished), "finished work was acked, not redone"
+    handed_back = {n for n, a in attempts.items() if a >= 1}
+    assert handed_back == set(range(50)) - finished
     assert await pending_of(client, keys) == 0
+
+
+async def test_a_closed_gate_reads_nothing_and_spends_no_delivery(env):
+    """A stage whose dependency is down holds at its gate: entries stay undelivered
+    (no delivery counted) until it opens; stopping while it is closed is prompt."""
+    settings, client, codec, route = env
+    keys = route.keys()
+    await publish(client, codec, route, range(20))
+    is_open = asyncio.Event()
+    waiting = asyncio.Event()
+
+    async def gate():
+        waiting.set()
+        await is_open.wait()
+
+    deliveries = {}
+
+    async def handle(msg, ctx):
+        deliveries[msg.payload.n] = msg.deliveries
+
+    worker = Worker(client, settings, route, codec, handler=handle, gate=gate)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(waiting.wait(), 10)
+    info = await client.xinfo_groups(keys.stream)
+    assert info[0]["pending"] == 0 and info[0]["lag"] == 20, "nothing read while closed"
+    is_open.set()
+    await wait_for(lambda: len(deliveries) == 20, what="entries after the gate opened")
+    assert set(deliveries.values()) == {1}
+    is_open.clear()
+    waiting.clear()
+    await asyncio.wait_for(waiting.wait(), 10)  # back at the gate after its last read
+    await publish(client, codec, route, [99])
+    worker.stop()
+    await asyncio.wait_for(task, 5)
+    assert 99 not in deliveries
+    assert (await client.xinfo_groups(keys.stream))[0]["lag"] == 1
+    assert await client.xinfo_consumers(keys.stream, keys.group) == []
 
 
 async def test_group_deleted_under_a_running_consumer_is_recreated(env):
@@ -376,3 +427,54 @@ def _slot(key: str) -> int:
 async def _node_of(client, slot: int) -> str:
     node = client.nodes_manager.get_node_from_slot(slot)
     return node.name
+
+
+async def test_a_restarted_worker_takes_its_old_name_back(env):
+    """Names are ``{host}-{n}``: a lease held by a live process, or by another worker of
+    this process, keeps its name; one left by a dead process on this host, or by a
+    predecessor with our own pid (a container restart), is taken over."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    settings, client, codec, route = env
+    keys = route.keys()
+    host = socket.gethostname()
+    prefix = host.lower().split(".")[0][:30]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    try:
+        ttl = settings.consumer_dead_after_ms * 10
+        await client.set(keys.lease(f"{prefix}-0"), f"{host}:{sleeper.pid}:1", px=ttl)
+        await client.set(keys.lease(f"{prefix}-1"), f"{host}:{dead.pid}:1", px=ttl)
+        await client.set(keys.lease(f"{prefix}-2"), f"{host}:{os.getpid()}:1", px=ttl)
+        workers = [Worker(client, settings, route, codec, handler=_noop) for _ in range(3)]
+        for w in workers:  # burst on an empty stream: takes a name, returns, keeps it
+            await w.run(burst=True)
+        assert [w.name for w in workers] == [f"{prefix}-1", f"{prefix}-2", f"{prefix}-3"]
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
+async def test_defer_redelivers_without_counting_a_delivery(env):
+    """Defer (a dependency's circuit is open) never dead-letters: the entry comes back
+    with its delivery count unchanged, however often it is deferred."""
+    from streams.errors import Defer
+
+    settings, client, codec, route = env
+    settings = settings.with_(max_deliveries=2)
+    await publish(client, codec, route, [1])
+    seen = []
+
+    async def handle(msg, ctx):
+        seen.append(msg.deliveries)
+        if len(seen) <= 5:
+            raise Defer("circuit open", delay_ms=5)
+
+    await Worker(client, settings, route, codec, handler=handle).run(burst=True)
+    assert seen == [1] * 6
+    assert await DeadLetters(client, route.keys()).count() == 0
+    assert await pending_of(client, route.keys()) == 0
