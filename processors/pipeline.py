@@ -150,6 +150,7 @@ class Pipeline:
             batch_handler=batch_handler,
             consumer=consumer,
             middleware=self.middleware,
+            gate=getattr(stage, "ready", None),
         )
 
     def scheduler(self, *, use_lock: bool = True) -> Scheduler:

@@ -124,6 +124,16 @@ class CircuitBreaker:
         """
         return _Guard(self, success_on)
 
+    def blocked_for_s(self, poll_s: float = 0.1) -> float:
+        """How long before a call would be admitted: 0 when closed or a half-open trial
+        slot is free, the rest of the open period, or ``poll_s`` while trials run."""
+        state = self.state
+        if state is BreakerState.OPEN:
+            return max(self._open_remaining_s(), 0.001)
+        if state is BreakerState.HALF_OPEN and self._trials_started >= self.half_open_max_calls:
+            return poll_s
+        return 0.0
+
     def admit(self) -> int:
         """Admit one call or raise CircuitOpen; returns a token for :meth:`record`."""
         state = self.state

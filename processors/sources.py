@@ -484,6 +484,10 @@ class ResilientSource:
             rng=self._rng,
         )
 
+    def blocked_for_s(self) -> float:
+        """Seconds until the breaker would let a call through (0: now)."""
+        return self.breaker.blocked_for_s()
+
     async def _attempt(self, tracker_ids: Sequence[str]) -> list[Fix]:
         # A rejection means the source answered: it must not trip the breaker.
         async with self.breaker.guard(success_on=(SourceRejected,)):

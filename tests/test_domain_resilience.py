@@ -117,6 +117,32 @@ async def test_half_open_reopens_on_failure_for_a_full_timeout() -> None:
     assert changes[-2:] == [("open", "half_open"), ("half_open", "open")]
 
 
+async def test_blocked_for_says_when_a_call_would_be_admitted() -> None:
+    t = FakeTime()
+    breaker, _ = make_breaker(t)
+    assert breaker.blocked_for_s() == 0
+    await fail(breaker, 3)
+    assert breaker.blocked_for_s() == pytest.approx(10.0)
+    t.now += 7.5
+    assert breaker.blocked_for_s() == pytest.approx(2.5)
+    t.now += 2.5
+    assert breaker.blocked_for_s() == 0, "half open: a trial slot is free"
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def trial() -> str:
+        started.set()
+        await release.wait()
+        return "ok"
+
+    task = asyncio.create_task(breaker.call(trial))
+    await started.wait()
+    assert breaker.blocked_for_s(poll_s=0.25) == 0.25, "the only trial is in flight"
+    release.set()
+    assert await task == "ok"
+    assert breaker.blocked_for_s() == 0 and breaker.state == "closed"
+
+
 async def test_half_open_admits_only_max_calls_trials() -> None:
     t = FakeTime()
     breaker, _ = make_breaker(t, half_open_max_calls=2)

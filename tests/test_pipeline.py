@@ -5,6 +5,7 @@ Redis work and broken views are all handled."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import timedelta
 
@@ -17,9 +18,11 @@ from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
 from schemas import store, views
 from schemas.events import LocationGeocoded
 from streams.deadletter import DeadLetters
+from streams.monitor import stage_status
 from streams.producer import Producer
 from streams.replay import replay_copy
 from tests.pipeline_support import Harness
+from tests.support import wait_for
 
 CYCLE_MIN = 60  # simulated minutes between scheduling rounds (12 reports per tracker)
 
@@ -133,6 +136,62 @@ async def test_shuffled_and_repeated_delivery_gives_the_same_events(
             await producer.publish(h.pipeline.routes[GEOFENCE], geocoded[i : i + 37])
             await h.drain([GEOFENCE])
         assert h.events() == in_order
+    finally:
+        await h.aclose()
+
+
+async def test_source_outage_opens_the_breaker_loses_nothing_and_resumes(
+    standalone_target, unique_prefix, tmp_path
+):
+    """The location API goes down: the breaker opens, the fetch worker holds at its
+    gate and defers what hit the open circuit; however many half-open trials fail,
+    nothing is dead-lettered. When the API is back every request is fetched."""
+    h = Harness(
+        standalone_target,
+        unique_prefix,
+        f"sqlite:///{tmp_path}/outage.db",
+        trackers=12,
+        batch_trackers=2,
+        breaker_failures=2,
+    )
+    states: list[str] = []
+    h.breaker.add_listener(lambda old, new: states.append(str(new)))
+    try:
+        await h.cycle(minutes=30)
+        h.fleet.outage(True)
+        requests = await h.scheduler.tick()
+        assert len(requests) == 6
+        keys = h.keys(FETCH)
+        worker = h.pipeline.worker(FETCH, consumer="through-the-outage")
+        task = asyncio.create_task(worker.run())
+        try:
+            # opened, then at least two half-open trials failed and reopened it
+            await wait_for(lambda: states.count("open") >= 3, 30, "failed half-open trials")
+            assert await DeadLetters(h.client, keys).count() == 0
+            rows = await h.client.xpending_range(keys.stream, keys.group, "-", "+", 100)
+            assert all(r["times_delivered"] <= 2 for r in rows), rows
+            before = len(h.recording.returned)
+            h.fleet.outage(False)
+
+            async def fetched_all() -> bool:
+                st = await stage_status(h.client, keys)
+                return st.lag == 0 and st.pending == 0
+
+            await wait_for(fetched_all, 30, "every request fetched after the outage")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 15)
+        assert states[-1] == "closed"
+        assert len(h.recording.returned) > before
+        fetched = {f.tracker_id for f in h.recording.returned[before:]}
+        assert fetched == {t for r in requests for t in r.tracker_ids}
+        await h.drain()
+        stored = {(r.tracker_id, r.observed_at) for r in h.reports()}
+        assert stored == {(f.tracker_id, f.observed_at) for f in h.recording.returned}
+        assert all(r.geocoded_at and r.geofence_checked_at for r in h.reports())
+        assert h.events() == h.expected_events()
+        for stage in topology.STAGES:
+            assert await DeadLetters(h.client, h.keys(stage)).count() == 0, stage
     finally:
         await h.aclose()
 
