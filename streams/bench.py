@@ -159,15 +159,26 @@ async def run_runtime(settings: StreamSettings, prefix: str, n: int) -> Result:
 
 
 def run_bench(
-    redis_url: str, n: int = 20_000, batch: int = 100, progress: Any = print
+    redis_url: str,
+    n: int = 20_000,
+    batch: int = 100,
+    progress: Any = print,
+    rounds: int = 3,
 ) -> list[Result]:
+    """Each loop ``rounds`` times, interleaved (so drift in machine load hits all three
+    alike); per loop the median round is returned, in the order raw, raw-pipelined,
+    runtime."""
     settings = StreamSettings.build(redis_url=redis_url, batch_size=batch, block_ms=5)
     stamp = time.time_ns() % 10**9
-    results = []
-    progress(f"raw loop: {n} messages x {len(STAGES)} stages ...")
-    results.append(run_raw(settings, f"bench-raw-{stamp}", n, batch, pipelined=False))
-    progress(f"raw pipelined loop: {n} messages x {len(STAGES)} stages ...")
-    results.append(run_raw(settings, f"bench-rawp-{stamp}", n, batch, pipelined=True))
-    progress(f"runtime: {n} messages x {len(STAGES)} stages ...")
-    results.append(asyncio.run(run_runtime(settings, f"bench-rt-{stamp}", n)))
-    return results
+    runs: dict[str, list[Result]] = {"raw": [], "raw-pipelined": [], "runtime": []}
+    for r in range(rounds):
+        tag = f"{stamp}-{r}"
+        progress(f"round {r + 1}/{rounds}: raw loop, {n} messages x {len(STAGES)} stages ...")
+        runs["raw"].append(run_raw(settings, f"bench-raw-{tag}", n, batch, pipelined=False))
+        progress(f"round {r + 1}/{rounds}: raw pipelined loop ...")
+        runs["raw-pipelined"].append(
+            run_raw(settings, f"bench-rawp-{tag}", n, batch, pipelined=True)
+        )
+        progress(f"round {r + 1}/{rounds}: runtime ...")
+        runs["runtime"].append(asyncio.run(run_runtime(settings, f"bench-rt-{tag}", n)))
+    return [sorted(rs, key=lambda x: x.rate)[len(rs) // 2] for rs in runs.values()]

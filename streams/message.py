@@ -17,6 +17,7 @@ A reader accepts versions up to its own ``VERSION``; a model may define
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -125,7 +126,7 @@ class Codec:
         fields: Fields = {
             b"type": payload.TYPE.encode(),  # type: ignore[attr-defined]
             b"v": b"%d" % payload.VERSION,  # type: ignore[attr-defined]
-            b"msg_id": (msg_id or secrets.token_hex(8)).encode(),
+            b"msg_id": msg_id.encode() if msg_id else new_msg_id(),
             b"produced": b"%d" % (time.time_ns() // 1_000_000),
             b"attempt": b"%d" % attempt,
             b"data": data,
@@ -135,6 +136,26 @@ class Codec:
         return fields
 
     def decode(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
+        try:  # the common case without per-field checks; errors take the careful path
+            type_name = fields[b"type"].decode()
+            model = self._models[type_name]
+            version = int(fields[b"v"])
+            if version == model.VERSION:  # type: ignore[attr-defined]
+                trace = fields.get(b"trace")
+                return Envelope(
+                    type=type_name,
+                    version=version,
+                    msg_id=fields[b"msg_id"].decode(),
+                    produced_ms=int(fields.get(b"produced", 0)),
+                    attempt=int(fields.get(b"attempt", 0)),
+                    trace=trace.decode(errors="replace") if trace else None,
+                    payload=model.model_validate_json(fields[b"data"]),
+                )
+        except (KeyError, ValueError, UnicodeDecodeError):
+            pass  # ValidationError is a ValueError too: reported precisely below
+        return self._decode_carefully(fields)
+
+    def _decode_carefully(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
         type_name = _text(fields, b"type")
         model = self._models.get(type_name)
         if model is None:
@@ -173,6 +194,15 @@ class Codec:
             trace=trace.decode(errors="replace") if trace else None,
             payload=payload,
         )
+
+
+_ID_PREFIX = secrets.token_hex(6).encode()
+_ID_COUNTER = itertools.count()
+
+
+def new_msg_id() -> bytes:
+    """A message id unique across processes: 48 random bits per process + a counter."""
+    return b"%s%x" % (_ID_PREFIX, next(_ID_COUNTER))
 
 
 def _short(exc: ValidationError) -> str:

@@ -9,6 +9,7 @@ retention is :mod:`streams.retention`'s job, which never drops unprocessed entri
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,23 @@ class Route:
     shards: int = 1
 
     def keys(self, partition_key: str = "") -> StageKeys:
-        return StageKeys(
+        return _stage_keys(
             self.prefix, self.stage, shard_for(partition_key, self.shards), self.shards
         )
 
     def all_keys(self) -> list[StageKeys]:
         return [StageKeys(self.prefix, self.stage, i, self.shards) for i in range(self.shards)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_keys(prefix: str, stage: str, shard: int, shards: int) -> StageKeys:
+    return StageKeys(prefix, stage, shard, shards)  # validated once per shard, not per entry
+
+
+@functools.lru_cache(maxsize=4096)
+def _stream_key(prefix: str, stage: str, shard: int, shards: int, priority: bool) -> str:
+    keys = _stage_keys(prefix, stage, shard, shards)
+    return keys.priority if priority else keys.stream
 
 
 @dataclass
@@ -54,8 +66,8 @@ class Outbox:
         priority: bool = False,
         trace: str | None = None,
     ) -> None:
-        keys = route.keys(partition_key)
-        stream = keys.priority if priority else keys.stream
+        shard = shard_for(partition_key, route.shards)
+        stream = _stream_key(route.prefix, route.stage, shard, route.shards, priority)
         self.entries.append((stream, self.codec.encode(payload, trace=trace)))
 
     def add_raw(self, stream: str, fields: Fields) -> None:
