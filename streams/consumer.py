@@ -569,19 +569,25 @@ class Consumer:
         self._notify("on_acked", self.stage, len(msgs))
 
     async def _fail(self, msg: Message[Any], exc: BaseException) -> None:
+        if isinstance(exc, Defer):  # not a failure: the handler did not get to try
+            delay_ms = self._retry_delay_ms(msg, exc.delay_ms)
+            self._retries[(msg.stream, msg.entry_id)] = _Due(
+                time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=False
+            )
+            self._notify("on_deferred", self.stage, msg, delay_ms, str(exc))
+            return
         category = _category(exc)
         self._notify("on_failed", self.stage, msg, exc, category)
         error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, Reject | MessageError):
             await self._dead_letter(msg, category, error)
             return
-        spend = not isinstance(exc, Defer)
-        if spend and msg.attempts >= self.settings.max_deliveries:
+        if msg.attempts >= self.settings.max_deliveries:
             final = "timeout" if category == "timeout" else "max-deliveries"
             await self._dead_letter(msg, final, f"{error} (after {msg.attempts} deliveries)")
             return
         delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Retry) else None)
-        due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms, spend)
+        due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=True)
         self._retries[(msg.stream, msg.entry_id)] = due
         self._notify("on_retry", self.stage, msg, delay_ms)
 

@@ -6,6 +6,7 @@ name                                           type       labels
 trackstream_messages_processed_total           counter    stage
 trackstream_messages_failed_total              counter    stage, category
 trackstream_messages_retried_total             counter    stage
+trackstream_messages_deferred_total            counter    stage   (Defer: no delivery spent)
 trackstream_messages_dead_lettered_total       counter    stage, category
 trackstream_messages_claimed_total             counter    stage
 trackstream_group_recreated_total              counter    stage
@@ -44,6 +45,9 @@ class StreamMetrics(Middleware):
             "trackstream_messages_dead_lettered",
             "Entries moved to the dead-letter stream",
             ("stage", "category"),
+        )
+        self.deferred = counter(
+            "trackstream_messages_deferred", "Entries deferred without spending a delivery"
         )
         self.claimed = counter("trackstream_messages_claimed", "Idle entries claimed")
         self.recreated = counter("trackstream_group_recreated", "Consumer groups recreated")
@@ -91,6 +95,9 @@ class StreamMetrics(Middleware):
 
     def on_retry(self, stage: str, msg: Message[Any], delay_ms: int) -> None:
         self.retried.labels(stage).inc()
+
+    def on_deferred(self, stage: str, msg: Message[Any], delay_ms: int, reason: str) -> None:
+        self.deferred.labels(stage).inc()
 
     def on_dead_letter(self, stage: str, msg: Message[Any], category: str, error: str) -> None:
         self.dead_lettered.labels(stage, category).inc()

@@ -37,6 +37,8 @@ class Middleware:
 
     def on_retry(self, stage: str, msg: Message[Any], delay_ms: int) -> None: ...
 
+    def on_deferred(self, stage: str, msg: Message[Any], delay_ms: int, reason: str) -> None: ...
+
     def on_dead_letter(self, stage: str, msg: Message[Any], category: str, error: str) -> None: ...
 
     def on_claimed(self, stage: str, count: int) -> None: ...
@@ -58,6 +60,9 @@ class LoggingMiddleware(Middleware):
             msg.deliveries,
             exc,
         )
+
+    def on_deferred(self, stage: str, msg: Message[Any], delay_ms: int, reason: str) -> None:
+        log.debug("%s: entry %s deferred %d ms: %s", stage, msg.entry_id, delay_ms, reason)
 
     def on_dead_letter(self, stage: str, msg: Message[Any], category: str, error: str) -> None:
         log.error("%s: entry %s dead-lettered (%s): %s", stage, msg.entry_id, category, error)

@@ -77,6 +77,7 @@ class Harness:
         trackers: int = 20,
         start: datetime = START,
         breaker_failures: int = 1000,
+        view_refresh_interval_s: float = 0,
         **stream_overrides: Any,
     ) -> None:
         self.clock = ManualClock(start)
@@ -87,7 +88,7 @@ class Harness:
             prefix=prefix,
             database_url=db_url,
             **{**FAST, **stream_overrides},
-            view_refresh_interval_s=0,
+            view_refresh_interval_s=view_refresh_interval_s,
             reconcile_grace_s=60,
         )
         self.fleet = SimulatedFleet(7, self.clock)

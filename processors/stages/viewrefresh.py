@@ -3,8 +3,8 @@
 
 A notice is satisfied once a refresh of its views *started* after the notice was
 produced (the refresh saw every change committed before it). A notice that arrives
-within the interval of the last refresh is retried when the interval ends; by then a
-refresh covers it, so it is acked. The last refresh time of each view is kept in Redis
+within the interval of the last refresh is deferred (no delivery spent) until the
+interval ends; by then a refresh covers it, so it is acked. The last refresh time of each view is kept in Redis
 (stage state), so several view-refresh workers share the interval.
 """
 
@@ -19,7 +19,7 @@ from schemas import views
 from schemas.events import ViewsChanged
 from streams.connection import Client
 from streams.consumer import Context
-from streams.errors import Retry
+from streams.errors import Defer
 from streams.keys import StageKeys
 from streams.message import Message
 
@@ -67,7 +67,8 @@ class ViewRefreshStage:
         for m in msgs:
             pending = [waits[v] for v in m.payload.views if v in waits]
             if pending:
-                failures[m.entry_id] = Retry("coalescing view refresh", delay_ms=max(pending) + 5)
+                # waiting for the interval is not a failure: no delivery is spent
+                failures[m.entry_id] = Defer("coalescing view refresh", delay_ms=max(pending) + 5)
         return failures
 
 
