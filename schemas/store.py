@@ -640,6 +640,14 @@ def deactivate_geofence(session: Session, geofence_id: int) -> Geofence:
     return update_geofence(session, geofence_id, active=False)
 
 
+def list_geofences(session: Session, include_inactive: bool = False) -> list[Geofence]:
+    """Geofences by id: the active ones, or all."""
+    stmt = select(Geofence).order_by(Geofence.id)
+    if not include_inactive:
+        stmt = stmt.where(Geofence.active.is_(True))
+    return list(session.scalars(stmt))
+
+
 def active_geofences(session: Session) -> list[Geofence]:
     """The active geofences, by id."""
     return list(

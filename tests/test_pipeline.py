@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import timedelta
+from itertools import pairwise
 
 import orjson
 import pytest
@@ -273,6 +274,114 @@ async def test_view_refresh_recreates_a_dropped_view(standalone_target, unique_p
             lambda s: s.execute(text("SELECT count(*) FROM latest_location")).scalar()
         )
         assert rows == 4
+    finally:
+        await h.aclose()
+
+
+async def test_view_refresh_runs_at_most_once_per_interval(
+    standalone_target, unique_prefix, tmp_path
+):
+    """Three waves of notices, each published as soon as the previous wave is acked:
+    every wave is covered by exactly one refresh per view, refreshes of a view are at
+    least the interval apart, and waiting spends no delivery."""
+    import time
+
+    from schemas.events import ViewsChanged
+    from schemas.views import VIEW_NAMES
+
+    interval_s = 0.5
+    h = Harness(
+        standalone_target,
+        unique_prefix,
+        f"sqlite:///{tmp_path}/views.db",
+        trackers=4,
+        view_refresh_interval_s=interval_s,
+    )
+    try:
+        stage = h.pipeline.stage(VIEW_REFRESH)
+        refreshed: dict[str, list[float]] = {v: [] for v in VIEW_NAMES}
+        real_refresh = stage.refresh
+
+        async def timed_refresh(view: str) -> None:
+            refreshed[view].append(time.monotonic())
+            await real_refresh(view)
+
+        stage.refresh = timed_refresh
+        worker = h.workers[VIEW_REFRESH]
+        task = asyncio.create_task(worker.run())
+        producer = Producer(h.client, h.pipeline.codec)
+        notice = ViewsChanged(views=list(VIEW_NAMES), changed_at=h.clock())
+        try:
+            for wave in range(1, 4):
+                await producer.publish(h.pipeline.routes[VIEW_REFRESH], [notice] * 5)
+                await wait_for(lambda w=wave: worker.handled == 5 * w, 20, f"wave {wave} acked")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 15)
+        for view, times in refreshed.items():
+            assert len(times) == 3, (view, times)
+            gaps = [b - a for a, b in pairwise(times)]
+            assert min(gaps) >= interval_s * 0.95, (view, gaps)
+        deferred = h.registry.get_sample_value(
+            "trackstream_messages_deferred_total", {"stage": VIEW_REFRESH}
+        )
+        assert deferred and deferred >= 10, "waves 2 and 3 waited for the interval"
+        assert await DeadLetters(h.client, h.keys(VIEW_REFRESH)).count() == 0
+    finally:
+        await h.aclose()
+
+
+async def test_geofence_changes_apply_without_a_restart(
+    standalone_target, unique_prefix, tmp_path
+):
+    """While the same geofence stage keeps running: a fence added with ``seed`` (a copy
+    of a busy one) gets exactly the copied fence's new events, and a fence deactivated
+    with ``geofence deactivate`` gets none from then on."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    db_url = f"sqlite:///{tmp_path}/fences.db"
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=30)
+    try:
+        await run_cycles(h, 3)
+        by_fence: dict[int, int] = {}
+        for _, _, gid, _ in h.events():
+            by_fence[gid] = by_fence.get(gid, 0) + 1
+        busiest, second = sorted(by_fence, key=lambda g: -by_fence[g])[:2]
+        fences = {g.id: g for g in h.db.run_sync(store.active_geofences)}
+        model = fences[busiest]
+        if model.kind == "circle":
+            props = {"name": "copy", "radius_m": model.radius_m}
+            geometry = {"type": "Point", "coordinates": [model.center_lon, model.center_lat]}
+        else:
+            props, geometry = {"name": "copy"}, json.loads(model.geometry_geojson)
+        copy = tmp_path / "copy.geojson"
+        feature = {"type": "Feature", "properties": props, "geometry": geometry}
+        copy.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+        runner = CliRunner()
+        base = ["--database-url", db_url]
+        added = runner.invoke(app, [*base, "seed", "--geofences", str(copy)])
+        assert added.exit_code == 0, added.output
+        gone = runner.invoke(app, [*base, "geofence", "deactivate", str(second)])
+        assert gone.exit_code == 0 and f"deactivated geofence {second}" in gone.output
+        listed = runner.invoke(app, [*base, "geofence", "list", "--json"])
+        active = {g["id"]: g["name"] for g in json.loads(listed.output)}
+        assert second not in active and "copy" in active.values()
+        copy_id = next(i for i, n in active.items() if n == "copy")
+        changed_at = max(r.observed_at for r in h.reports())
+
+        stage = h.pipeline.stage(GEOFENCE)
+        await run_cycles(h, 6)
+        assert h.pipeline.stage(GEOFENCE) is stage, "the same stage, never restarted"
+        after = [e for e in h.events() if e[1] > changed_at]
+        of_model = {(t, at, kind) for t, at, gid, kind in after if gid == busiest}
+        of_copy = {(t, at, kind) for t, at, gid, kind in after if gid == copy_id}
+        assert of_model, "trackers kept entering and leaving the busiest fence"
+        assert of_copy == of_model
+        assert not [e for e in after if e[2] == second]
     finally:
         await h.aclose()
 

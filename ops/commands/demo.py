@@ -37,7 +37,14 @@ def register(app: typer.Typer) -> None:
         Starts a throwaway redis-server and uses .trackstream/demo.db (SQLite) unless
         --redis-url / --database-url are given. Stops everything it started.
         """
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        from rich.logging import RichHandler
+
+        # through the console, so log lines print above the live tables, not into them
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(name)s: %(message)s",
+            handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        )
         overrides = dict(options(ctx).overrides)
         embedded = None
         if "redis_url" not in overrides:

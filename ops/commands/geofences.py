@@ -1,0 +1,113 @@
+"""``trackstream geofence``: list geofences, deactivate and reactivate them.
+
+Every change goes through :mod:`schemas.store`, which bumps the geofences' version;
+the geofence stage sees it at its next batch, without a restart. (Edit the table by
+hand and nothing bumps it: the stage would keep its old index until the next write.)
+Events already recorded are not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ops.common import console, fail, handle_errors, options
+
+
+def _describe(g: Any) -> str:
+    if g.kind == "circle":
+        return f"circle r={g.radius_m:,.0f} m at {g.center_lat:.5f},{g.center_lon:.5f}"
+    geometry = json.loads(g.geometry_geojson or "{}")
+    rings = geometry.get("coordinates") or []
+    if geometry.get("type") == "MultiPolygon":
+        return f"multipolygon of {len(rings)}"
+    return f"polygon, {max(len(rings[0]) - 1, 0) if rings else 0} vertices"
+
+
+def _row(g: Any) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "name": g.name,
+        "kind": g.kind,
+        "active": g.active,
+        "shape": _describe(g),
+        "updated_at": g.updated_at.isoformat(timespec="seconds"),
+    }
+
+
+def _set_active(ctx: typer.Context, ids: list[int], active: bool) -> None:
+    from processors.database import Database
+    from schemas import store
+
+    _, app_settings = options(ctx).settings()
+    db = Database(app_settings.database_url)
+
+    def change(session: Any) -> list[str]:
+        return [store.update_geofence(session, i, active=active).name for i in ids]
+
+    try:
+        names = db.run_sync(change)  # one transaction: all or none
+    except LookupError as exc:
+        hint = "see 'trackstream geofence list --all'"
+        raise fail(f"{exc.args[0]}; nothing changed ({hint})", 2) from None
+    finally:
+        db.dispose()
+    verb = "activated" if active else "deactivated"
+    for i, name in zip(ids, names, strict=True):
+        console.print(f"{verb} geofence {i} ({name})")
+
+
+def register(app: typer.Typer) -> None:
+    geo = typer.Typer(help="Geofences: list, deactivate, activate.", no_args_is_help=True)
+    app.add_typer(geo, name="geofence")
+
+    @geo.command("list")
+    @handle_errors
+    def list_geofences(
+        ctx: typer.Context,
+        all_: Annotated[bool, typer.Option("--all", help="inactive geofences too")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout")] = False,
+    ) -> None:
+        """The geofences the geofence stage checks (with --all: inactive ones too)."""
+        from processors.database import Database
+        from schemas import store
+
+        _, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            rows = db.run_sync(lambda s: [_row(g) for g in store.list_geofences(s, all_)])
+        finally:
+            db.dispose()
+        if as_json:
+            sys.stdout.write(json.dumps(rows) + "\n")
+            return
+        table = Table(title=f"{len(rows)} geofences" + ("" if all_ else " (active)"))
+        for col in ("id", "name", "active", "shape", "updated"):
+            table.add_column(col, justify="right" if col == "id" else "left")
+        for r in rows:
+            table.add_row(
+                str(r["id"]), r["name"], "yes" if r["active"] else "no", r["shape"], r["updated_at"]
+            )
+        console.print(table)
+
+    @geo.command("deactivate")
+    @handle_errors
+    def deactivate(
+        ctx: typer.Context,
+        ids: Annotated[list[int], typer.Argument(help="geofence ids")],
+    ) -> None:
+        """Stop checking these geofences (they stay, with their events)."""
+        _set_active(ctx, ids, False)
+
+    @geo.command("activate")
+    @handle_errors
+    def activate(
+        ctx: typer.Context,
+        ids: Annotated[list[int], typer.Argument(help="geofence ids")],
+    ) -> None:
+        """Check these geofences again."""
+        _set_active(ctx, ids, True)
