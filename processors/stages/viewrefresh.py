@@ -4,8 +4,9 @@
 A notice is satisfied once a refresh of its views *started* after the notice was
 produced (the refresh saw every change committed before it). A notice that arrives
 within the interval of the last refresh is deferred (no delivery spent) until the
-interval ends; by then a refresh covers it, so it is acked. The last refresh time of each view is kept in Redis
-(stage state), so several view-refresh workers share the interval.
+interval ends; by then a refresh covers it, so it is acked. The last refresh time of
+each view is kept in Redis (stage state), so several view-refresh workers share the
+interval.
 """
 
 from __future__ import annotations
