@@ -26,7 +26,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from processors.geofencing import haversine_m
-from processors.resilience import CircuitBreaker, RateLimiter
+from processors.resilience import CircuitBreaker, Limiter
 
 Point = tuple[float, float]  # (lat, lon)
 
@@ -161,7 +161,7 @@ class NominatimGeocoder:
         self,
         base_url: str,
         client: httpx.AsyncClient | None = None,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: Limiter | None = None,
         breaker: CircuitBreaker | None = None,
         *,
         timeout_s: float = 10.0,

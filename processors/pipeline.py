@@ -17,7 +17,7 @@ from processors.config import AppSettings
 from processors.database import Database
 from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, OfflineGeocoder
 from processors.reconciler import Reconciler
-from processors.resilience import CircuitBreaker, RateLimiter
+from processors.resilience import CircuitBreaker, Limiter
 from processors.scheduler import Scheduler
 from processors.sources import (
     HttpLocationSource,
@@ -38,11 +38,14 @@ from streams.message import Message
 from streams.metrics import StreamMetrics
 from streams.middleware import LoggingMiddleware, Middleware
 from streams.producer import Producer
+from streams.ratelimit import SharedRateLimiter
 from streams.settings import StreamSettings
 from streams.worker import Worker
 
 
-def build_source(app: AppSettings, clock: Clock) -> tuple[LocationSource, SimulatedFleet | None]:
+def build_source(
+    app: AppSettings, clock: Clock, limiter: Limiter
+) -> tuple[LocationSource, SimulatedFleet | None]:
     """The configured location source wrapped in rate limit, breaker and retries."""
     fleet = None
     inner: LocationSource
@@ -55,20 +58,20 @@ def build_source(app: AppSettings, clock: Clock) -> tuple[LocationSource, Simula
     resilient = ResilientSource(
         inner,
         CircuitBreaker(app.breaker_failures, app.breaker_reset_s),
-        RateLimiter(app.source_rate_per_s, app.source_burst),
+        limiter,
         attempts=app.source_retries,
     )
     return resilient, fleet
 
 
-def build_geocoder(app: AppSettings) -> Geocoder:
+def build_geocoder(app: AppSettings, limiter: Limiter) -> Geocoder:
     inner: Geocoder
     if app.geocoder == "nominatim":
         assert app.geocoder_url is not None
         inner = NominatimGeocoder(
             app.geocoder_url,
             None,
-            RateLimiter(app.geocoder_rate_per_s, 1),
+            limiter,
             CircuitBreaker(app.breaker_failures, app.breaker_reset_s),
         )
     else:
@@ -99,7 +102,16 @@ class Pipeline:
         self.db = db or Database(app.database_url)
         self.fleet: SimulatedFleet | None = None
         if source is None:
-            source, self.fleet = build_source(app, clock)
+            # a request waits at most a third of its handler timeout for a slot, then
+            # is deferred: many fetch workers queue in the stream, not in handlers
+            limiter = self._shared_limiter(
+                topology.FETCH,
+                "source",
+                app.source_rate_per_s,
+                app.source_burst,
+                max_wait_s=streams.handler_timeout_ms / 3000,
+            )
+            source, self.fleet = build_source(app, clock, limiter)
         self.source = source
         self._geocoder = geocoder
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -110,8 +122,26 @@ class Pipeline:
     @property
     def geocoder(self) -> Geocoder:
         if self._geocoder is None:
-            self._geocoder = build_geocoder(self.app)
+            limiter = self._shared_limiter(
+                topology.GEOCODE, "geocoder", self.app.geocoder_rate_per_s, 1
+            )
+            self._geocoder = build_geocoder(self.app, limiter)
         return self._geocoder
+
+    def _shared_limiter(
+        self,
+        stage: str,
+        name: str,
+        rate_per_s: float,
+        burst: int,
+        max_wait_s: float | None = None,
+    ) -> Limiter:
+        """A rate limit that holds for all workers together (kept in Redis), so adding
+        fetch or geocode workers never calls the external API more often."""
+        key = StageKeys(self.streams.prefix, stage).ratelimit(name)
+        return SharedRateLimiter(
+            self.client, key, rate_per_s, burst, self.streams.redis_url, max_wait_s=max_wait_s
+        )
 
     def stage(self, name: str) -> Any:
         topology.check_stage(name)

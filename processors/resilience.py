@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,13 @@ async def retry_async(
             log.debug("retry %d/%d in %.3f s after %r", attempt + 1, attempts - 1, delay_s, exc)
             await sleep(delay_s)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Limiter(Protocol):
+    """What sources and geocoders need of a rate limit: :class:`RateLimiter` (this
+    process) or :class:`streams.ratelimit.SharedRateLimiter` (all processes)."""
+
+    async def acquire(self) -> float: ...
 
 
 class RateLimiter:

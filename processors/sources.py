@@ -34,7 +34,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from processors.clock import Clock, system_clock
 from processors.geofencing import destination_point, haversine_m
-from processors.resilience import CircuitBreaker, RateLimiter, Rng, Sleep, retry_async
+from processors.resilience import CircuitBreaker, CircuitOpen, Limiter, Rng, Sleep, retry_async
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ class ResilientSource:
         self,
         inner: LocationSource,
         breaker: CircuitBreaker,
-        rate_limiter: RateLimiter,
+        rate_limiter: Limiter,
         *,
         attempts: int = 3,
         base_delay_s: float = 0.5,
@@ -489,7 +489,10 @@ class ResilientSource:
         return self.breaker.blocked_for_s()
 
     async def _attempt(self, tracker_ids: Sequence[str]) -> list[Fix]:
-        # A rejection means the source answered: it must not trip the breaker.
+        if (wait_s := self.breaker.blocked_for_s()) > 0:  # spend no rate-limit slot on it
+            raise CircuitOpen(wait_s, self.breaker.name)
+        # waiting for a slot (or being told to come back later) is not the source failing
+        await self.rate_limiter.acquire()
+        # a rejection means the source answered: it must not trip the breaker
         async with self.breaker.guard(success_on=(SourceRejected,)):
-            await self.rate_limiter.acquire()
             return await self.inner.fetch(tracker_ids)

@@ -6,6 +6,7 @@
     ├── ConfigError                 a setting is invalid (names the setting)
     ├── RedisUnavailable            connection refused/reset/timed out (URL shown without password)
     ├── GroupMissing                NOGROUP: the consumer group or stream vanished
+    ├── RateLimited(retry_after_s)  a shared rate limit has no slot soon enough
     ├── MessageError                an entry that can never be handled -> dead letter at once
     │   ├── DecodeError             not an envelope, bad JSON, unknown type     (category "decode")
     │   ├── PayloadInvalid          the payload fails validation            (category "validation")
@@ -46,6 +47,12 @@ class GroupMissing(StreamsError):
         super().__init__(f"consumer group {group!r} on {stream!r} does not exist")
         self.stream = stream
         self.group = group
+
+
+class RateLimited(StreamsError):
+    def __init__(self, key: str, retry_after_s: float) -> None:
+        super().__init__(f"rate limit {key!r}: next slot in {retry_after_s:.2f} s")
+        self.retry_after_s = retry_after_s
 
 
 class MessageError(StreamsError):

@@ -18,6 +18,7 @@ key                                     type    what
 ``{p}:{stage}:lock:{name}``             string  a named lock of the stage (``SET NX PX``)
 ``{p}:{stage}:fence:{name}``            string  fencing counter that goes with ``lock:{name}``
 ``{p}:{stage}:state:{name}``            string  small state a stage shares across its workers
+``{p}:{stage}:ratelimit:{name}``        string  a rate limit shared by all workers (GCRA, µs)
 ======================================  ======  ==============================================
 
 With ``shards > 1`` the tag is ``{stage.0}`` ... ``{stage.N-1}``; the consumer group
@@ -100,6 +101,9 @@ class StageKeys:
 
     def state(self, name: str) -> str:
         return self._key(f"state:{name}")
+
+    def ratelimit(self, name: str) -> str:
+        return self._key(f"ratelimit:{name}")
 
     def streams(self) -> tuple[str, str]:
         """Input streams in the order they are served."""

@@ -386,6 +386,63 @@ async def test_geofence_changes_apply_without_a_restart(
         await h.aclose()
 
 
+async def test_more_fetch_workers_never_call_the_source_more_often(
+    standalone_target, unique_prefix, tmp_path
+):
+    """Two fetch workers in two pipelines (as on two hosts) share the source's rate
+    limit through Redis: together they call the location API at most source_rate_per_s
+    times a second (each on its own would allow that much again)."""
+    import time
+
+    from processors.config import load
+    from processors.pipeline import Pipeline
+    from tests.support import FAST
+
+    rate = 5.0
+    db_url = f"sqlite:///{tmp_path}/rate.db"
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=24, batch_trackers=2)
+    pipelines = []
+    calls: list[float] = []
+    try:
+        streams, app = load(
+            redis_url=h.streams.redis_url,
+            prefix=h.streams.prefix,
+            database_url=db_url,
+            source_rate_per_s=rate,
+            source_burst=1,
+            **{**FAST, "batch_size": 2},  # small reads: both workers get requests
+        )
+        for _ in range(2):
+            p = Pipeline(streams, app, clock=h.clock, geocoder=h.pipeline.geocoder)
+            real_fetch = p.fleet.fetch
+
+            async def counted(ids, real_fetch=real_fetch):
+                calls.append(time.monotonic())
+                return await real_fetch(ids)
+
+            p.fleet.fetch = counted
+            pipelines.append(p)
+        assert len(await h.scheduler.tick()) == 12
+        workers = [p.worker(FETCH, consumer=f"host-{i}") for i, p in enumerate(pipelines)]
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        try:
+            await wait_for(lambda: sum(w.handled for w in workers) == 12, 30, "12 fetches")
+        finally:
+            for w in workers:
+                w.stop()
+            await asyncio.gather(*tasks)
+        assert all(w.handled for w in workers), "both workers fetched"
+        calls.sort()
+        assert len(calls) == 12
+        # any 6 consecutive calls span at least 5 intervals (10 % slack for timers)
+        spans = [calls[i + 5] - calls[i] for i in range(len(calls) - 5)]
+        assert min(spans) >= 5 / rate * 0.9, spans
+    finally:
+        for p in pipelines:
+            await p.aclose()
+        await h.aclose()
+
+
 def _utc(value):
     from datetime import UTC, datetime
 

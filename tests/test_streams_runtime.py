@@ -478,3 +478,26 @@ async def test_defer_redelivers_without_counting_a_delivery(env):
     assert seen == [1] * 6
     assert await DeadLetters(client, route.keys()).count() == 0
     assert await pending_of(client, route.keys()) == 0
+
+
+async def test_a_shared_rate_limit_holds_across_clients(redis_target, unique_prefix):
+    """Two clients (two processes) share one GCRA key: together they get the burst at
+    once, then one slot per interval, in the order they asked."""
+    from streams.keys import StageKeys
+    from streams.ratelimit import SharedRateLimiter
+
+    settings = fast_settings(redis_target, unique_prefix)
+    clients = [connect(settings), connect(settings)]
+    try:
+        key = StageKeys(unique_prefix, "fetch").ratelimit("api")
+        limiters = [SharedRateLimiter(c, key, rate_per_s=2, burst=3) for c in clients]
+        waits = [await limiters[i % 2].reserve() for i in range(8)]
+        assert waits[:3] == [0, 0, 0]
+        for i in range(3, 8):  # slot i starts (i - 2) x 0.5 s from now
+            assert abs(waits[i] - (i - 2) * 0.5) < 0.2, waits
+        assert 0 < await clients[0].pttl(key) <= 8 * 500 + 1000, "expires once idle"
+        with pytest.raises(ValueError):
+            SharedRateLimiter(clients[0], key, rate_per_s=0)
+    finally:
+        for c in clients:
+            await c.aclose()

@@ -25,7 +25,7 @@ from processors.topology import GEOCODE
 from schemas import store
 from schemas.events import FetchRequested, LocationReported
 from streams.consumer import Context
-from streams.errors import Defer, Reject, Retry
+from streams.errors import Defer, RateLimited, Reject, Retry
 from streams.message import Message
 from streams.producer import Route
 
@@ -70,6 +70,8 @@ class FetchStage:
                 # request's fault, so it keeps its deliveries for real failures
                 raise Defer(f"location source down: {exc}", delay_ms=_ms(wait_s)) from exc
             raise Retry(f"location source unavailable: {exc}") from exc
+        except RateLimited as exc:  # no slot within the wait the limiter allows
+            raise Defer(f"location API rate limit: {exc}", delay_ms=_ms(exc.retry_after_s)) from exc
         except SourceRejected as exc:
             raise Reject(f"location source rejected the batch: {exc}") from exc
         now = self.clock()
