@@ -106,7 +106,8 @@ class RedisServer:
             if self.proc.poll() is not None:
                 break
             with contextlib.suppress(OSError):
-                if _redis_cmd(self.port, "PING", timeout=0.5).startswith(b"+PONG"):
+                # NOAUTH: up, and asking for a password (an ACL test's server)
+                if _redis_cmd(self.port, "PING", timeout=0.5).startswith((b"+PONG", b"-NOAUTH")):
                     return self
             time.sleep(0.02)
         tail = log.read_text(errors="replace")[-1000:] if log.exists() else ""
