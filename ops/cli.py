@@ -49,15 +49,22 @@ def main_options(
     ctx.obj = Options({k: v for k, v in values.items() if v is not None})
 
 
+# the operator's commands head ``--help`` in this order; the other modules follow by name
+_FIRST = ("status", "replay", "consumers", "trim", "dlq")
+
+
 def _register() -> None:
+    """Register every module of ``ops/commands`` but the private ones (``_name``: what
+    several command modules share)."""
     import importlib
     import pkgutil
 
     import ops.commands
 
-    for info in sorted(pkgutil.iter_modules(ops.commands.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"ops.commands.{info.name}")
-        module.register(app)
+    names = [i.name for i in pkgutil.iter_modules(ops.commands.__path__)]
+    for name in sorted(names, key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n)):
+        if not name.startswith("_"):
+            importlib.import_module(f"ops.commands.{name}").register(app)
 
 
 _register()

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ops.cli import app
-from ops.commands.admin import Sample, Thresholds, _view
+from ops.commands.status import Sample, Thresholds, _view
 from ops.timeparse import MAX_SEQ, parse_position
 from streams.connection import Client, connect
 from streams.errors import Reject

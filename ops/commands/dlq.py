@@ -1,0 +1,258 @@
+"""``dlq list|show|redrive|purge``: a stage's dead letters, to inspect, to put back on
+their stream or to delete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ops.commands._dlq_select import (
+    AllOption,
+    CategoryOption,
+    IdsArg,
+    SinceOption,
+    entry_ids,
+    group_by_shard,
+    letters_by_id,
+    parse_since,
+    select_letters,
+    select_targets,
+)
+from ops.commands._operator import (
+    JsonOption,
+    StageArg,
+    YesOption,
+    confirm,
+    echo_json,
+    run,
+    shard_label,
+    stage_shards,
+)
+from ops.common import console, err_console, fail, handle_errors, options
+from streams.connection import Client
+from streams.deadletter import DeadLetter, DeadLetters
+from streams.keys import StageKeys
+
+
+def _when(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _one_line(text: str, width: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _letter_dict(keys: StageKeys, letter: DeadLetter) -> dict[str, Any]:
+    return {"stage": keys.stage, "shard": keys.shard, **letter.as_dict()}
+
+
+def _describe(all_: bool, category: str | None, since: str | None) -> str:
+    parts = []
+    if category:
+        parts.append(f"category {category}")
+    if since:
+        parts.append(f"since {since}")
+    return f" ({', '.join(parts)})" if all_ and parts else ""
+
+
+def register(app: typer.Typer) -> None:
+    dlq_app = typer.Typer(help="Dead letters: list, show, redrive, purge.", no_args_is_help=True)
+    app.add_typer(dlq_app, name="dlq")
+
+    @dlq_app.command("list")
+    @handle_errors
+    def dlq_list(
+        ctx: typer.Context,
+        stage: StageArg,
+        category: CategoryOption = None,
+        since: SinceOption = None,
+        limit: Annotated[int, typer.Option(min=1, help="at most this many")] = 50,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Dead letters of a stage, oldest first."""
+        settings, _ = options(ctx).settings()
+        since_ms = parse_since(since)
+        shards = stage_shards(settings, stage)
+
+        async def body(client: Client) -> tuple[list[tuple[StageKeys, DeadLetter]], int]:
+            letters = await select_letters(
+                client,
+                shards,
+                settings.redis_url,
+                category=category,
+                since_ms=since_ms,
+                limit=limit,
+            )
+            total = sum([await DeadLetters(client, k, settings.redis_url).count() for k in shards])
+            return letters, total
+
+        letters, total = run(settings, body)
+        if as_json:
+            echo_json([_letter_dict(k, letter) for k, letter in letters])
+            return
+        table = Table(
+            title=f"dead letters of {stage}: {len(letters)} shown, {total} in all",
+            title_justify="left",
+        )
+        for col in ("id", "failed at", "category", "type", "origin id", "attempts", "error"):
+            table.add_column(
+                col,
+                justify="right" if col == "attempts" else "left",
+                no_wrap=col in ("id", "category", "origin id"),
+            )
+        for keys, letter in letters:
+            table.add_row(
+                letter.id if keys.shards == 1 else f"{shard_label(keys)}/{letter.id}",
+                _when(letter.failed_ms),
+                letter.category,
+                Text(letter.type),
+                letter.origin_id,
+                str(letter.attempts),
+                Text(_one_line(letter.error)),
+            )
+        console.print(table)
+
+    @dlq_app.command("show")
+    @handle_errors
+    def dlq_show(
+        ctx: typer.Context,
+        stage: StageArg,
+        dlq_id: Annotated[str, typer.Argument(metavar="ID", help="dead-letter id")],
+        as_json: JsonOption = False,
+    ) -> None:
+        """One dead letter in full: where it came from, why it failed, its fields."""
+        settings, _ = options(ctx).settings()
+        (wanted,) = entry_ids([dlq_id], "'ID'")
+        shards = stage_shards(settings, stage)
+
+        async def body(client: Client) -> list[tuple[StageKeys, DeadLetter]]:
+            found, _ = await letters_by_id(client, shards, settings.redis_url, [wanted])
+            return found
+
+        found = run(settings, body)
+        if not found:
+            raise fail(f"no dead letter {wanted} in stage {stage}")
+        keys, letter = found[0]
+        if as_json:
+            echo_json(_letter_dict(keys, letter))
+            return
+        rows = [
+            ("id", letter.id),
+            ("stage", shard_label(keys)),
+            ("origin", f"{letter.origin} {letter.origin_id}"),
+            ("group / consumer", f"{letter.group} / {letter.consumer}"),
+            ("category", letter.category),
+            ("attempts", str(letter.attempts)),
+            ("failed at", _when(letter.failed_ms)),
+            ("type", letter.type),
+        ]
+        for name, value in rows:
+            console.print(Text(f"{name + ':':<18}{value}"))
+        console.print(Text("error:", style="bold"))
+        console.print(Text(letter.error or "-"))
+        console.print(Text("fields:", style="bold"))
+        for k, v in letter.fields.items():
+            key, value = k.decode(errors="replace"), v.decode(errors="replace")
+            if key == "data":
+                with contextlib.suppress(ValueError):
+                    value = json.dumps(json.loads(value), indent=2, ensure_ascii=False)
+            console.print(Text(f"  {key}: {value}"))
+
+    @dlq_app.command("redrive")
+    @handle_errors
+    def dlq_redrive(
+        ctx: typer.Context,
+        stage: StageArg,
+        ids: IdsArg = None,
+        all_: AllOption = False,
+        category: CategoryOption = None,
+        since: SinceOption = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        yes: YesOption = False,
+    ) -> None:
+        """Put dead letters back on their stream (each at most once) once the cause is fixed."""
+        settings, _ = options(ctx).settings()
+        selected, missing = select_targets(settings, stage, ids, all_, category, since, limit)
+        for dlq_id in missing:
+            err_console.print(f"no dead letter {dlq_id} in stage {stage}")
+        if not selected:
+            if missing:
+                raise typer.Exit(1)
+            console.print(f"no dead letters to redrive in stage {stage}")
+            return
+        confirm(
+            f"Redrive {len(selected)} dead letter(s) of stage {stage}"
+            f"{_describe(all_, category, since)} back to their stream?",
+            yes,
+        )
+        url = settings.redis_url
+
+        async def body(client: Client) -> dict[str, str | None]:
+            out: dict[str, str | None] = {}
+            for keys, dlq_ids in group_by_shard(selected).items():
+                out.update(await DeadLetters(client, keys, url).redrive(dlq_ids))
+            return out
+
+        result = run(settings, body)
+        done = {k: v for k, v in result.items() if v}
+        skipped = [k for k, v in result.items() if not v]
+        console.print(f"redriven {len(done)} dead letter(s) of stage {stage}")
+        for dlq_id, new_id in done.items():
+            console.print(f"  {dlq_id} -> {new_id}", highlight=False)
+        if skipped:
+            err_console.print(
+                f"skipped {len(skipped)} (gone or already redriven): {', '.join(skipped)}"
+            )
+        if skipped or missing:
+            raise typer.Exit(1)
+
+    @dlq_app.command("purge")
+    @handle_errors
+    def dlq_purge(
+        ctx: typer.Context,
+        stage: StageArg,
+        ids: IdsArg = None,
+        all_: AllOption = False,
+        category: CategoryOption = None,
+        since: SinceOption = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        yes: YesOption = False,
+    ) -> None:
+        """Delete dead letters for good."""
+        settings, _ = options(ctx).settings()
+        selected, missing = select_targets(settings, stage, ids, all_, category, since, limit)
+        for dlq_id in missing:
+            err_console.print(f"no dead letter {dlq_id} in stage {stage}")
+        if not selected:
+            if missing:
+                raise typer.Exit(1)
+            console.print(f"no dead letters to purge in stage {stage}")
+            return
+        confirm(
+            f"Permanently delete {len(selected)} dead letter(s) of stage {stage}"
+            f"{_describe(all_, category, since)}?",
+            yes,
+        )
+        url = settings.redis_url
+
+        async def body(client: Client) -> int:
+            n = 0
+            for keys, dlq_ids in group_by_shard(selected).items():
+                dlq = DeadLetters(client, keys, url)
+                for i in range(0, len(dlq_ids), 1000):
+                    n += await dlq.purge(dlq_ids[i : i + 1000])
+            return n
+
+        n = run(settings, body)
+        console.print(f"purged {n} dead letter(s) of stage {stage}")
+        if missing:
+            raise typer.Exit(1)

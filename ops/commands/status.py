@@ -1,0 +1,343 @@
+"""``status``: every stage's lag, pending entries, consumers, dead letters and
+throughput; with thresholds, a health check (exit 1 on a breach)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from redis import exceptions as rex
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ops.commands._operator import (
+    JsonOption,
+    age_text,
+    as_str,
+    echo_json,
+    is_alive,
+    run,
+    shard_label,
+    stage_exists,
+    stage_shards,
+)
+from ops.common import console, err_console, handle_errors, options
+from processors import topology
+from streams.connection import Client, redact
+from streams.keys import StageKeys
+from streams.monitor import StageStatus, stage_status
+from streams.settings import StreamSettings
+
+
+@dataclass
+class Sample:
+    """One reading of a stage shard: its status and the group's acked-entries counter."""
+
+    keys: StageKeys
+    status: StageStatus
+    acked: int | None
+    at: float
+
+
+@dataclass
+class Thresholds:
+    max_lag: int | None
+    max_pending_age_s: float | None
+    require_consumers: bool
+    dead_after_ms: int
+
+
+@dataclass
+class StageView:
+    sample: Sample
+    throughput: float | None
+    breaches: list[str] = field(default_factory=list)
+
+
+def _backlog(status: StageStatus) -> int:
+    """Not yet delivered; a stream without the group counts whole (the group, when a
+    worker creates it, starts at 0 and reads everything)."""
+    return sum((s.lag or 0) if s.group_exists else s.length for s in status.streams)
+
+
+async def _acked(client: Client, keys: StageKeys) -> int | None:
+    """Entries the group has read and no longer has pending, over the stage's streams
+    (``entries-read`` of XINFO GROUPS); None when Redis does not know it."""
+    total, seen = 0, False
+    for stream in keys.streams():
+        try:
+            groups = await client.xinfo_groups(stream)
+        except rex.ResponseError:  # no such key
+            continue
+        for g in groups:
+            if as_str(g["name"]) != keys.group:
+                continue
+            read = g.get("entries-read")
+            if read is None:
+                return None
+            total += int(read) - int(g["pending"])
+            seen = True
+    return total if seen else None
+
+
+async def _sample(client: Client, keys: StageKeys, url: str) -> Sample:
+    status = await stage_status(client, keys, url)
+    try:
+        acked = await _acked(client, keys)
+    except rex.ResponseError:
+        acked = None
+    return Sample(keys, status, acked, time.monotonic())
+
+
+async def _sample_all(client: Client, all_keys: list[StageKeys], url: str) -> list[Sample]:
+    return list(await asyncio.gather(*(_sample(client, k, url) for k in all_keys)))
+
+
+def _view(sample: Sample, previous: Sample | None, limits: Thresholds) -> StageView:
+    throughput = None
+    if previous is not None and previous.acked is not None and sample.acked is not None:
+        dt = sample.at - previous.at
+        delta = sample.acked - previous.acked
+        if dt > 0 and delta >= 0:
+            throughput = delta / dt
+    view = StageView(sample, throughput)
+    status = sample.status
+    label = shard_label(sample.keys)
+    lag = _backlog(status)
+    if limits.max_lag is not None and lag > limits.max_lag:
+        view.breaches.append(f"{label}: lag {lag} > {limits.max_lag}")
+    age = status.oldest_pending_age_ms
+    max_age = limits.max_pending_age_s
+    if max_age is not None and age is not None and age / 1000 > max_age:
+        view.breaches.append(f"{label}: oldest pending entry is {age_text(age)} old > {max_age:g}s")
+    if limits.require_consumers and not status.live_consumers(limits.dead_after_ms):
+        view.breaches.append(f"{label}: no live consumer")
+    return view
+
+
+def _view_dict(view: StageView, limits: Thresholds) -> dict[str, Any]:
+    status = view.sample.status
+    stream_exists, group_exists = stage_exists(status)
+    return {
+        "stage": status.stage,
+        "shard": status.shard,
+        "group": status.group,
+        "stream_exists": stream_exists,
+        "group_exists": group_exists,
+        "length": status.length,
+        "lag": _backlog(status),
+        "lag_exact": all(s.lag_exact for s in status.streams if s.group_exists),
+        "pending": status.pending,
+        "oldest_pending_age_ms": status.oldest_pending_age_ms,
+        "dead_letters": status.dead_letters,
+        "throughput_per_s": None if view.throughput is None else round(view.throughput, 3),
+        "consumers": [
+            {**asdict(c), "alive": is_alive(c, limits.dead_after_ms)} for c in status.consumers
+        ],
+        "live_consumers": len(status.live_consumers(limits.dead_after_ms)),
+        "streams": [asdict(s) for s in status.streams],
+        "breaches": view.breaches,
+        "healthy": not view.breaches,
+    }
+
+
+def _report(views: list[StageView], limits: Thresholds, settings: StreamSettings) -> dict[str, Any]:
+    breaches = [b for v in views for b in v.breaches]
+    return {
+        "time": datetime.now(UTC).isoformat(),
+        "redis": redact(settings.redis_url),
+        "cluster": settings.redis_cluster,
+        "prefix": settings.prefix,
+        "thresholds": {
+            "max_lag": limits.max_lag,
+            "max_pending_age_s": limits.max_pending_age_s,
+            "require_consumers": limits.require_consumers,
+            "consumer_dead_after_ms": limits.dead_after_ms,
+        },
+        "healthy": not breaches,
+        "breaches": breaches,
+        "stages": [_view_dict(v, limits) for v in views],
+    }
+
+
+def _status_tables(
+    views: list[StageView],
+    limits: Thresholds,
+    settings: StreamSettings,
+    *,
+    show_breaches: bool = False,
+) -> Group:
+    stages = Table(
+        title=f"trackstream {settings.prefix} @ {redact(settings.redis_url)}"
+        + (" (cluster)" if settings.redis_cluster else ""),
+        title_justify="left",
+    )
+    for col in ("stage", "state", "length", "lag", "pending", "oldest", "live/all", "dlq"):
+        stages.add_column(
+            col, justify="left" if col in ("stage", "state") else "right", no_wrap=True
+        )
+    stages.add_column("acked/s", justify="right", no_wrap=True)
+    consumers = Table(title="consumers", title_justify="left")
+    for col in ("stage", "consumer", "idle", "pending", "heartbeat", "alive"):
+        consumers.add_column(col, justify="left" if col in ("stage", "consumer") else "right")
+    for view in views:
+        status = view.sample.status
+        label = shard_label(view.sample.keys)
+        stream_exists, group_exists = stage_exists(status)
+        if not stream_exists:
+            state = Text("no stream", style="dim")
+        elif not group_exists:
+            state = Text("no group", style="yellow")
+        elif view.breaches:
+            state = Text("BREACH", style="bold red")
+        else:
+            state = Text("ok", style="green")
+        if view.breaches and not stream_exists:
+            state = Text("BREACH", style="bold red")
+        exact = all(s.lag_exact for s in status.streams if s.group_exists)
+        live = len(status.live_consumers(limits.dead_after_ms))
+        stages.add_row(
+            label,
+            state,
+            str(status.length),
+            f"{_backlog(status)}{'' if exact else '+'}",
+            str(status.pending),
+            age_text(status.oldest_pending_age_ms),
+            f"{live}/{len(status.consumers)}",
+            Text(str(status.dead_letters), style="red" if status.dead_letters else ""),
+            "-" if view.throughput is None else f"{view.throughput:.1f}",
+        )
+        for c in status.consumers:
+            alive = is_alive(c, limits.dead_after_ms)
+            consumers.add_row(
+                label,
+                Text(c.name),
+                age_text(c.idle_ms),
+                str(c.pending),
+                age_text(c.heartbeat_age_ms),
+                Text("yes", style="green") if alive else Text("no", style="red"),
+            )
+    parts: list[Any] = [stages]
+    if consumers.row_count:
+        parts.append(consumers)
+    if show_breaches:
+        parts.extend(Text(f"breach: {b}", style="bold red") for v in views for b in v.breaches)
+    return Group(*parts)
+
+
+def _print_breaches(report: dict[str, Any]) -> None:
+    for b in report["breaches"]:
+        err_console.print(Text(f"breach: {b}", style="bold red"))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def status(
+        ctx: typer.Context,
+        watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until Ctrl-C")] = False,
+        as_json: JsonOption = False,
+        interval: Annotated[
+            float | None,
+            typer.Option(
+                min=0.05,
+                help="seconds between samples: the --watch refresh (default 2), or, without "
+                "--watch, a window to measure throughput over (default: no throughput)",
+            ),
+        ] = None,
+        count: Annotated[
+            int | None, typer.Option(min=1, help="with --watch: stop after N refreshes")
+        ] = None,
+        max_lag: Annotated[
+            int | None, typer.Option(min=0, help="breach when a stage has more undelivered")
+        ] = None,
+        max_pending_age_s: Annotated[
+            float | None,
+            typer.Option(min=0, help="breach when an entry has been pending longer (seconds)"),
+        ] = None,
+        require_consumers: Annotated[
+            bool,
+            typer.Option(
+                "--require-consumers/--no-require-consumers",
+                help="breach when a stage has no live consumer (fresh heartbeat)",
+            ),
+        ] = True,
+    ) -> None:
+        """Every stage: lag, pending, oldest pending age, consumers, dead letters, throughput.
+
+        Exits 1 (printing the reasons) when a stage breaches a threshold, so it doubles as
+        a health check.
+        """
+        settings, _ = options(ctx).settings()
+        limits = Thresholds(
+            max_lag, max_pending_age_s, require_consumers, settings.consumer_dead_after_ms
+        )
+        all_keys = [k for stage in topology.STAGES for k in stage_shards(settings, stage)]
+        url = settings.redis_url
+        last: dict[str, Any] = {}
+
+        def views_of(samples: list[Sample], previous: list[Sample] | None) -> list[StageView]:
+            before = previous or [None] * len(samples)  # type: ignore[list-item]
+            return [_view(s, p, limits) for s, p in zip(samples, before, strict=True)]
+
+        async def once(client: Client) -> None:
+            previous = None
+            if interval:
+                previous = await _sample_all(client, all_keys, url)
+                await asyncio.sleep(interval)
+            views = views_of(await _sample_all(client, all_keys, url), previous)
+            last["report"] = _report(views, limits, settings)
+            if as_json:
+                echo_json(last["report"])
+            else:
+                console.print(_status_tables(views, limits, settings))
+
+        async def watching(client: Client) -> None:
+            every = interval or 2.0
+            previous: list[Sample] | None = None
+            n = 0
+            live = None if as_json else Live(console=console, auto_refresh=False)
+            try:
+                if live is not None:
+                    live.start()
+                while count is None or n < count:
+                    samples = await _sample_all(client, all_keys, url)
+                    views = views_of(samples, previous)
+                    previous = samples
+                    last["report"] = _report(views, limits, settings)
+                    n += 1
+                    if live is not None:
+                        footer = Text(
+                            f"{datetime.now(UTC):%H:%M:%S}Z, every {every:g}s; Ctrl-C to stop",
+                            style="dim",
+                        )
+                        live.update(
+                            Group(
+                                _status_tables(views, limits, settings, show_breaches=True),
+                                footer,
+                            ),
+                            refresh=True,
+                        )
+                    else:
+                        echo_json(last["report"])
+                    if count is None or n < count:
+                        await asyncio.sleep(every)
+            finally:
+                if live is not None:
+                    live.stop()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            run(settings, watching if watch else once)
+        report = last.get("report")
+        if report is None:
+            raise typer.Exit(130)
+        if not report["healthy"]:
+            _print_breaches(report)
+            raise typer.Exit(1)
