@@ -47,6 +47,7 @@ class AppSettings(BaseSettings):
     reconcile_interval_s: float = Field(60.0, gt=0)
 
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
     dashboard_token: str | None = None
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from ops.cli import app
 from processors.topology import FETCH, GEOCODE
 from schemas.tables import Geofence, Tracker
 from tests.pipeline_support import Harness
+from tests.servers import free_port
 from tests.support import FAST, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,10 +162,12 @@ async def test_worker_process_handles_then_stops_cleanly_on_sigterm(
         total = await h.client.xlen(keys.stream)
         assert total > 0
         log = tmp_path / "worker.log"
+        metrics_port = free_port()
+        env = _env(h.streams.redis_url, h.streams.prefix, db_url, metrics_port=metrics_port)
         with log.open("w") as stderr:
             proc = subprocess.Popen(
                 [TRACKSTREAM, "worker", GEOCODE, "--consumer", "cli-1"],
-                env=_env(h.streams.redis_url, h.streams.prefix, db_url),
+                env=env,
                 cwd=tmp_path,
                 stderr=stderr,
             )
@@ -174,6 +178,15 @@ async def test_worker_process_handles_then_stops_cleanly_on_sigterm(
                 return all(r.geocoded_at for r in h.reports())
 
             await wait_for(geocoded, 60, "the worker process to geocode every report")
+
+            def processed() -> float:
+                url = f"http://127.0.0.1:{metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    text = reply.read().decode()
+                line = 'trackstream_messages_processed_total{stage="geocode"} '
+                return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+            await wait_for(lambda: processed() == total, 20, "its metrics to count every entry")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
         finally:

@@ -267,6 +267,8 @@ def test_one_scalable_service_per_stage(
         env = env_of(service)
         assert env.get(f"{ENV_PREFIX}METRICS_PORT"), f"{name} serves no metrics"
         assert int(env[f"{ENV_PREFIX}METRICS_PORT"] or 0) in container_ports(service)
+        # the default, 127.0.0.1, is unreachable from the Prometheus container
+        assert env.get(f"{ENV_PREFIX}METRICS_HOST") == "0.0.0.0", f"{name}: metrics unreachable"
     assert set(STAGES) <= set(services)
 
 

@@ -24,12 +24,12 @@ def _stage_arg(value: str) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
-def _serve_metrics(port: int | None, registry: object) -> None:
+def _serve_metrics(port: int | None, host: str, registry: object) -> None:
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port, registry=registry)  # type: ignore[arg-type]
-        log.info("metrics on :%d/metrics", port)
+        start_http_server(port, addr=host, registry=registry)  # type: ignore[arg-type]
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 async def _stop_on_signal(stop: asyncio.Event) -> None:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
         async def main() -> None:
             pipeline = Pipeline(stream_settings, app_settings)
-            _serve_metrics(app_settings.metrics_port, pipeline.registry)
+            _serve_metrics(app_settings.metrics_port, app_settings.metrics_host, pipeline.registry)
             w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
             try:
                 await run_until_signal(w, burst=burst)
