@@ -212,7 +212,8 @@ def test_status_json_numbers_and_health_exit_codes(redis_target, unique_prefix):
 
 def test_replay_dry_run_copy_by_id_and_time_and_rewind(redis_target, unique_prefix):
     first = publish(redis_target, unique_prefix, range(5))
-    time.sleep(0.01)
+    while time.time_ns() // 1_000_000 <= entry_ms(first[-1]):  # the next ms: distinct ids
+        time.sleep(0.001)
     second = publish(redis_target, unique_prefix, range(5, 10))
     ids = first + second
     assert entry_ms(first[-1]) < entry_ms(second[0])
@@ -358,7 +359,14 @@ def test_consumers_lists_and_removes_only_dead_ones(redis_target, unique_prefix)
         await client.xgroup_createconsumer(k.stream, k.group, "alive")
 
     redis(redis_target, unique_prefix, more)
-    time.sleep(0.3)
+
+    async def idle_ms(client: Client) -> list[int]:
+        return [int(c["idle"]) for c in await client.xinfo_consumers(k.stream, k.group)]
+
+    deadline = time.monotonic() + 10
+    while min(redis(redis_target, unique_prefix, idle_ms)) <= 250:  # idle past dead_after
+        assert time.monotonic() < deadline, "consumers never went idle"
+        time.sleep(0.02)
     now_ms = time.time_ns() // 1_000_000
     redis(redis_target, unique_prefix, lambda c: c.hset(k.heartbeats, "alive", now_ms))
 
