@@ -501,3 +501,26 @@ async def test_a_shared_rate_limit_holds_across_clients(redis_target, unique_pre
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_status_counts_the_lag_itself_when_redis_reports_it_unknown(env):
+    """After an XDEL past the group's position Redis reports lag as null; the status
+    counts the undelivered entries instead (and says the figure is exact)."""
+    from streams.monitor import stream_status
+
+    settings, client, codec, route = env
+    keys = route.keys()
+    ids = await publish(client, codec, route, range(6))
+    await Consumer(client, settings, keys, codec, name="w", handler=_noop)._start()
+    await client.xreadgroup(keys.group, "w", {keys.stream: ">"}, count=2)
+    await client.xdel(keys.stream, ids[3])
+    assert (await client.xinfo_groups(keys.stream))[0]["lag"] is None
+    st = await stage_status(client, keys)
+    assert (st.lag, st.pending) == (3, 2)
+    main = await stream_status(client, keys.stream, keys.group, now_ms=0)
+    assert main.lag == 3 and main.lag_exact
+    await publish(client, codec, route, range(1_100))  # counted in chunks of 500
+    full = await stream_status(client, keys.stream, keys.group, now_ms=0)
+    assert full.lag == 1_103 and full.lag_exact
+    capped = await stream_status(client, keys.stream, keys.group, now_ms=0, lag_count_cap=500)
+    assert capped.lag == 500 and not capped.lag_exact, "a capped count is a lower bound"
