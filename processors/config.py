@@ -45,6 +45,7 @@ class AppSettings(BaseSettings):
     view_refresh_interval_s: float = Field(10.0, ge=0)
     reconcile_grace_s: int = Field(300, ge=1)
     reconcile_interval_s: float = Field(60.0, gt=0)
+    reconcile_max_republish: int = Field(3, ge=1)
 
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach

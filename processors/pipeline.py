@@ -204,7 +204,12 @@ class Pipeline:
 
     def reconciler(self) -> Reconciler:
         return Reconciler(
-            self.db, self.producer, self.routes, self.clock, self.app.reconcile_grace_s
+            self.db,
+            self.producer,
+            self.routes,
+            self.clock,
+            self.app.reconcile_grace_s,
+            max_republish=self.app.reconcile_max_republish,
         )
 
     async def aclose(self) -> None:

@@ -3,10 +3,21 @@
 A report stored but not geocoded, or geocoded but not geofence-checked, after
 ``grace_s`` means a message was lost (Redis lost data, or a process died between a
 commit and a publish). Re-publishing is safe because every stage is idempotent.
+
+Two guards keep it from making things worse:
+
+- a stage that is more than ``grace_s`` behind (its oldest unfinished entry is older
+  than that) is left alone: its reports are queued, not lost, and re-sending them
+  would only grow the backlog;
+- a report is re-sent at most ``max_republish`` times, ``grace_s`` apart. One whose
+  message keeps being dead-lettered (poison) therefore stops coming back; it stays
+  incomplete in the database and its dead letters say why.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +26,19 @@ from processors.database import Database
 from processors.topology import GEOCODE, GEOFENCE
 from schemas import store
 from schemas.events import LocationGeocoded, LocationReported
+from streams.monitor import unfinished_age_ms
 from streams.producer import Producer, Route
+
+log = logging.getLogger("trackstream.reconciler")
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one reconciliation round did."""
+
+    geocode: int  # reports re-sent to geocode
+    geofence: int  # reports re-sent to geofence
+    skipped: tuple[str, ...] = ()  # stages left alone because they are behind
 
 
 class Reconciler:
@@ -27,6 +50,7 @@ class Reconciler:
         clock: Clock,
         grace_s: int = 300,
         limit: int = 10_000,
+        max_republish: int = 3,
     ) -> None:
         self.db = db
         self.producer = producer
@@ -34,20 +58,49 @@ class Reconciler:
         self.clock = clock
         self.grace_s = grace_s
         self.limit = limit
+        self.max_republish = max_republish
 
-    async def run_once(self) -> tuple[int, int]:
-        """Returns (reports re-sent to geocode, reports re-sent to geofence)."""
-        older_than = self.clock() - timedelta(seconds=self.grace_s)
+    async def _behind(self, stage: str) -> bool:
+        keys = self.routes[stage].keys()
+        age_ms = await unfinished_age_ms(self.producer.client, keys, self.producer.url)
+        if age_ms > self.grace_s * 1000:
+            log.warning(
+                "%s is %.0f s behind (more than reconcile_grace_s): not re-sending its work",
+                stage,
+                age_ms / 1000,
+            )
+            return True
+        return False
+
+    async def run_once(self) -> Round:
+        now = self.clock()
+        older_than = now - timedelta(seconds=self.grace_s)
         not_geocoded, not_checked = await self.db.run(
-            store.incomplete_reports, older_than, self.limit
+            store.incomplete_reports, older_than, self.limit, self.max_republish
         )
+        skipped = tuple([s for s in (GEOCODE, GEOFENCE) if await self._behind(s)])
+        if GEOCODE in skipped:
+            not_geocoded = []
+        if GEOFENCE in skipped:
+            not_checked = []
         box = self.producer.outbox()
         for r in not_geocoded:
             box.add(self.routes[GEOCODE], _reported(r), partition_key=r.tracker_id)
         for r in not_checked:
             box.add(self.routes[GEOFENCE], _geocoded(r), partition_key=r.tracker_id)
         await box.flush(self.producer.client, self.producer.url)
-        return len(not_geocoded), len(not_checked)
+        sent = [r.id for r in (*not_geocoded, *not_checked)]
+        if sent:
+            await self.db.run(store.mark_republished, sent, now)
+            abandoned = await self.db.run(store.count_abandoned, self.max_republish)
+            if abandoned:
+                log.error(
+                    "%d reports are still unfinished after %d re-sends; their dead letters "
+                    "say why (trackstream dlq list geocode / geofence)",
+                    abandoned,
+                    self.max_republish,
+                )
+        return Round(len(not_geocoded), len(not_checked), skipped)
 
 
 def _reported(r: Any) -> LocationReported:

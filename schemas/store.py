@@ -35,6 +35,7 @@ __all__ = [
     "InvalidGeofence",
     "active_geofences",
     "add_geofence",
+    "count_abandoned",
     "count_not_checked",
     "count_not_geocoded",
     "deactivate_geofence",
@@ -43,9 +44,11 @@ __all__ = [
     "geofences_version",
     "incomplete_reports",
     "insert_reports",
+    "list_geofences",
     "lock_tracker",
     "mark_geofence_checked",
     "mark_processed",
+    "mark_republished",
     "replace_events_at",
     "report_with_neighbours",
     "reports_for",
@@ -326,16 +329,32 @@ def report_with_neighbours(
 
 
 def incomplete_reports(
-    session: Session, older_than: datetime, limit: int
+    session: Session, older_than: datetime, limit: int, max_republish: int | None = None
 ) -> tuple[list[LocationReport], list[LocationReport]]:
     """Reports the pipeline has not finished, after a grace period:
     ``(not_geocoded, not_checked)`` - fetched at or before ``older_than`` and never
     geocoded; geocoded at or before ``older_than`` and never geofence-checked. Oldest
-    first, at most ``limit`` of each."""
+    first, at most ``limit`` of each.
+
+    With ``max_republish``: only reports re-published fewer times than that, and not
+    since ``older_than`` (see :func:`mark_republished`)."""
+    due: list[Any] = []
+    if max_republish is not None:
+        due = [
+            LocationReport.republish_count < max_republish,
+            or_(
+                LocationReport.republished_at.is_(None),
+                LocationReport.republished_at <= older_than,
+            ),
+        ]
     not_geocoded = list(
         session.scalars(
             select(LocationReport)
-            .where(LocationReport.geocoded_at.is_(None), LocationReport.fetched_at <= older_than)
+            .where(
+                LocationReport.geocoded_at.is_(None),
+                LocationReport.fetched_at <= older_than,
+                *due,
+            )
             .order_by(LocationReport.fetched_at, LocationReport.id)
             .limit(limit)
         )
@@ -347,12 +366,36 @@ def incomplete_reports(
                 LocationReport.geofence_checked_at.is_(None),
                 LocationReport.geocoded_at.is_not(None),
                 LocationReport.geocoded_at <= older_than,
+                *due,
             )
             .order_by(LocationReport.geocoded_at, LocationReport.id)
             .limit(limit)
         )
     )
     return not_geocoded, not_checked
+
+
+def mark_republished(session: Session, report_ids: Sequence[int], at: datetime) -> None:
+    """Records that the reconciler re-published these reports (by row id) at ``at``."""
+    for chunk in _chunks(sorted(set(report_ids)), 5000):
+        session.execute(
+            update(_reports)
+            .where(_reports.c.id.in_(list(chunk)))
+            .values(republished_at=at, republish_count=_reports.c.republish_count + 1)
+        )
+
+
+def count_abandoned(session: Session, max_republish: int) -> int:
+    """Unfinished reports the reconciler has re-published ``max_republish`` times."""
+    unfinished = or_(_reports.c.geocoded_at.is_(None), _reports.c.geofence_checked_at.is_(None))
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(_reports)
+            .where(unfinished, _reports.c.republish_count >= max_republish)
+        )
+        or 0
+    )
 
 
 def count_not_geocoded(session: Session) -> int:

@@ -138,6 +138,9 @@ class LocationReport(Base):
     address: Mapped[str | None] = mapped_column(Text)
     geocoded_at: Mapped[datetime | None]
     geofence_checked_at: Mapped[datetime | None]
+    # the reconciler's bookkeeping: last re-publish, and how many so far
+    republished_at: Mapped[datetime | None]
+    republish_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "observed_at"),

@@ -161,3 +161,21 @@ async def stage_status(client: Client, keys: StageKeys, url: str = "") -> StageS
         for name, (pending, idle) in sorted(merged.items())
     ]
     return StageStatus(keys.stage, keys.shard, keys.group, streams, consumers, dlq)
+
+
+async def unfinished_age_ms(client: Client, keys: StageKeys, url: str = "") -> int:
+    """How far behind a stage is: the age of the oldest entry its group has not finished
+    (pending, or not yet delivered) over its streams; 0 when it has caught up."""
+    now_ms = time.time_ns() // 1_000_000
+    oldest = now_ms
+    with translate(url, keys.stream, keys.group):
+        for stream in keys.streams():
+            st = await stream_status(client, stream, keys.group, now_ms=now_ms)
+            if st.oldest_pending_id is not None:
+                oldest = min(oldest, entry_ms(st.oldest_pending_id))
+            if st.lag and st.last_delivered_id is not None:
+                after = "(" + st.last_delivered_id
+                first = parse_entries(await client.xrange(stream, min=after, max="+", count=1))
+                if first:
+                    oldest = min(oldest, entry_ms(first[0][0]))
+    return now_ms - oldest

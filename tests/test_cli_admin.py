@@ -367,8 +367,10 @@ def test_consumers_lists_and_removes_only_dead_ones(redis_target, unique_prefix)
     while min(redis(redis_target, unique_prefix, idle_ms)) <= 250:  # idle past dead_after
         assert time.monotonic() < deadline, "consumers never went idle"
         time.sleep(0.02)
-    now_ms = time.time_ns() // 1_000_000
-    redis(redis_target, unique_prefix, lambda c: c.hset(k.heartbeats, "alive", now_ms))
+    # a heartbeat stamped a minute ahead stays fresh however slow the CLI calls below
+    # are (consumer_dead_after_ms is 200 here, so a real "now" would go stale mid-test)
+    beat_ms = time.time_ns() // 1_000_000 + 60_000
+    redis(redis_target, unique_prefix, lambda c: c.hset(k.heartbeats, "alive", beat_ms))
 
     result = cli(redis_target, unique_prefix, "consumers", STAGE, "--json", **env)
     assert result.exit_code == 0, result.output

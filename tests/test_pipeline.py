@@ -241,11 +241,11 @@ async def test_reconciler_republishes_work_that_redis_lost(harness):
     await h.drain()
     assert all(r.geocoded_at is None for r in h.reports())
 
-    sent, _ = await h.pipeline.reconciler().run_once()
-    assert sent == 0, "within the grace period nothing is re-sent"
+    done = await h.pipeline.reconciler().run_once()
+    assert done.geocode == 0, "within the grace period nothing is re-sent"
     h.clock.advance(seconds=h.app.reconcile_grace_s + 1)
-    sent, _ = await h.pipeline.reconciler().run_once()
-    assert sent == stored
+    done = await h.pipeline.reconciler().run_once()
+    assert done.geocode == stored and not done.skipped
     await h.drain()
     assert all(r.geocoded_at and r.geofence_checked_at for r in h.reports())
     assert h.events() == h.expected_events()
@@ -253,6 +253,65 @@ async def test_reconciler_republishes_work_that_redis_lost(harness):
         store.incomplete_reports, h.clock() + timedelta(days=1), 1000
     )
     assert not not_geocoded and not not_checked
+
+
+async def test_reconciler_leaves_a_stage_that_is_behind_alone(harness):
+    """Reports queued behind a backlog are not lost: while geocode's oldest unfinished
+    entry is older than the grace period, nothing is re-sent to it."""
+    h = harness
+    await h.scheduler.tick()
+    await h.drain([FETCH])
+    keys = h.keys(GEOCODE)
+    await h.client.delete(keys.stream)  # the messages are gone ...
+    await h.client.xadd(keys.stream, {"junk": "1"}, id="1-1")  # ... and this is ancient
+    await h.client.xgroup_create(keys.stream, keys.group, id="0")
+    h.clock.advance(seconds=h.app.reconcile_grace_s + 1)
+    done = await h.pipeline.reconciler().run_once()
+    assert (done.geocode, done.skipped) == (0, (GEOCODE,))
+    await h.drain()  # the junk is dead-lettered: geocode has caught up
+    done = await h.pipeline.reconciler().run_once()
+    assert done.geocode == len(h.reports()) and not done.skipped
+    await h.drain()
+    assert all(r.geocoded_at and r.geofence_checked_at for r in h.reports())
+
+
+async def test_reconciler_gives_up_on_poison_after_max_republish(
+    standalone_target, unique_prefix, tmp_path
+):
+    """A report whose geocoding always fails is dead-lettered, re-sent by the reconciler
+    reconcile_max_republish (3) times a grace period apart, then left to the operator."""
+    h = Harness(
+        standalone_target, unique_prefix, f"sqlite:///{tmp_path}/poison.db", trackers=3,
+        batch_size=1, max_deliveries=2,
+    )  # fmt: skip
+    try:
+        await h.scheduler.tick()
+        await h.drain([FETCH])
+        poison = h.reports()[0]
+        stage = h.pipeline.stage(GEOCODE)
+        real = stage.geocoder
+
+        class Poisoned:
+            async def reverse(self, points):
+                if (poison.lat, poison.lon) in points:
+                    raise ValueError("this point breaks the geocoder")
+                return await real.reverse(points)
+
+        stage.geocoder = Poisoned()
+        await h.drain()
+        letters = DeadLetters(h.client, h.keys(GEOCODE))
+        assert await letters.count() == 1
+        sent = []
+        for _ in range(5):
+            h.clock.advance(seconds=h.app.reconcile_grace_s + 1)
+            sent.append((await h.pipeline.reconciler().run_once()).geocode)
+            await h.drain()
+        assert sent == [1, 1, 1, 0, 0]
+        assert await letters.count() == 4
+        assert h.db.run_sync(store.count_abandoned, 3) == 1
+        assert sum(1 for r in h.reports() if r.geocoded_at is None) == 1
+    finally:
+        await h.aclose()
 
 
 async def test_view_refresh_recreates_a_dropped_view(standalone_target, unique_prefix, db_url):

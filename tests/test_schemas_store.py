@@ -97,9 +97,9 @@ BOW_TIE = json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0]
 def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0001"
+    assert current_revision(db_url) == head_revision() == "0002"
     upgrade(db_url)  # a no-op
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == "0002"
     eng = make_engine(db_url)
     try:
         for name in views.VIEW_NAMES:
@@ -147,7 +147,35 @@ def test_concurrent_upgrades_on_a_fresh_database(db_url: str, tmp_path: Any) -> 
                 if stream is not None:
                     stream.close()
     assert [rc for rc, _ in results] == [0, 0, 0], results
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == "0002"
+
+
+def test_upgrade_from_0001_keeps_the_data(db_url: str) -> None:
+    """A deployment at the first schema upgrades in place: its reports stay and get the
+    reconciler's bookkeeping columns (never re-published)."""
+    upgrade(db_url, "0001")
+    eng = make_engine(db_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                text("INSERT INTO trackers (external_id, name, active) VALUES ('A', 'a', true)")
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO location_history (tracker_id, observed_at, lat, lon, source,"
+                    " fetched_at) VALUES ('A', :t, 1.0, 2.0, 'test', :t)"
+                ),
+                {"t": T0},
+            )
+        upgrade(db_url)
+        assert current_revision(db_url) == "0002"
+        with eng.connect() as conn:
+            row = conn.execute(
+                text("SELECT tracker_id, republish_count, republished_at FROM location_history")
+            ).one()
+        assert tuple(row) == ("A", 0, None)
+    finally:
+        eng.dispose()
 
 
 def test_make_engine_maps_plain_postgresql_urls() -> None:
@@ -388,6 +416,26 @@ def test_report_with_neighbours_and_incomplete(tx: Tx) -> None:
     tx(store.mark_geofence_checked, [("A", rs[0].observed_at)], T0 + timedelta(minutes=31))
     _, not_checked = tx(store.incomplete_reports, T0 + timedelta(hours=1), 100)
     assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs[1:]]
+
+
+
+def test_republish_bookkeeping_spaces_and_caps_the_resends(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    tx(store.insert_reports, [report("A", 0), report("A", 10)])
+    at = T0 + timedelta(hours=1)
+
+    def due(older_than: datetime) -> list[int]:
+        return [r.id for r in tx(store.incomplete_reports, older_than, 100, 2)[0]]
+
+    ids = due(at)
+    assert len(ids) == 2
+    tx(store.mark_republished, ids[:1], at)
+    assert due(at) == ids, "re-published at `at`: due again once `at` is past the grace"
+    assert due(at - timedelta(seconds=1)) == ids[1:], "not before"
+    tx(store.mark_republished, ids[:1], at + timedelta(hours=1))
+    assert due(at + timedelta(hours=5)) == ids[1:], "re-published twice: given up on"
+    assert tx(store.count_abandoned, 2) == 1
+    assert len(tx(store.incomplete_reports, at, 100)[0]) == 2, "no cap: everything unfinished"
 
 
 # -- geofences

@@ -132,14 +132,23 @@ def register(app: typer.Typer) -> None:
             rec = pipeline.reconciler()
 
             async def round_() -> None:
-                geocode, geofence = await rec.run_once()
-                if geocode or geofence:
-                    log.warning("re-published %d to geocode, %d to geofence", geocode, geofence)
+                done = await rec.run_once()
+                if done.geocode or done.geofence:
+                    log.warning(
+                        "re-published %d to geocode, %d to geofence", done.geocode, done.geofence
+                    )
 
             try:
                 if once:
-                    geocode, geofence = await rec.run_once()
-                    console.print(f"re-published {geocode} to geocode, {geofence} to geofence")
+                    done = await rec.run_once()
+                    console.print(
+                        f"re-published {done.geocode} to geocode, {done.geofence} to geofence"
+                        + (
+                            f"; left alone (behind): {', '.join(done.skipped)}"
+                            if done.skipped
+                            else ""
+                        )
+                    )
                     return
                 stop = asyncio.Event()
                 await _stop_on_signal(stop)
