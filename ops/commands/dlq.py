@@ -38,6 +38,7 @@ from ops.common import console, err_console, fail, handle_errors, options
 from streams.connection import Client
 from streams.deadletter import DeadLetter, DeadLetters
 from streams.keys import StageKeys
+from streams.settings import StreamSettings
 
 
 def _when(ms: int) -> str:
@@ -62,6 +63,28 @@ def _describe(all_: bool, category: str | None, since: str | None) -> str:
     if since:
         parts.append(f"since {since}")
     return f" ({', '.join(parts)})" if all_ and parts else ""
+
+
+def _chosen(
+    settings: StreamSettings,
+    stage: str,
+    verb: str,
+    ids: list[str] | None,
+    all_: bool,
+    category: str | None,
+    since: str | None,
+    limit: int | None,
+) -> tuple[list[tuple[StageKeys, DeadLetter]], list[str]]:
+    """The dead letters a redrive or purge means, and the ids not found; exits (1 if
+    some ids were not found, else 0) when that leaves nothing to do."""
+    selected, missing = select_targets(settings, stage, ids, all_, category, since, limit)
+    for dlq_id in missing:
+        err_console.print(f"no dead letter {dlq_id} in stage {stage}")
+    if not selected:
+        if not missing:
+            console.print(f"no dead letters to {verb} in stage {stage}")
+        raise typer.Exit(1 if missing else 0)
+    return selected, missing
 
 
 def register(app: typer.Typer) -> None:
@@ -181,14 +204,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Put dead letters back on their stream (each at most once) once the cause is fixed."""
         settings, _ = options(ctx).settings()
-        selected, missing = select_targets(settings, stage, ids, all_, category, since, limit)
-        for dlq_id in missing:
-            err_console.print(f"no dead letter {dlq_id} in stage {stage}")
-        if not selected:
-            if missing:
-                raise typer.Exit(1)
-            console.print(f"no dead letters to redrive in stage {stage}")
-            return
+        selected, missing = _chosen(settings, stage, "redrive", ids, all_, category, since, limit)
         confirm(
             f"Redrive {len(selected)} dead letter(s) of stage {stage}"
             f"{_describe(all_, category, since)} back to their stream?",
@@ -229,14 +245,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Delete dead letters for good."""
         settings, _ = options(ctx).settings()
-        selected, missing = select_targets(settings, stage, ids, all_, category, since, limit)
-        for dlq_id in missing:
-            err_console.print(f"no dead letter {dlq_id} in stage {stage}")
-        if not selected:
-            if missing:
-                raise typer.Exit(1)
-            console.print(f"no dead letters to purge in stage {stage}")
-            return
+        selected, missing = _chosen(settings, stage, "purge", ids, all_, category, since, limit)
         confirm(
             f"Permanently delete {len(selected)} dead letter(s) of stage {stage}"
             f"{_describe(all_, category, since)}?",
