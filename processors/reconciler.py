@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from processors.clock import Clock
 from processors.database import Database
@@ -75,19 +74,24 @@ class Reconciler:
     async def run_once(self) -> Round:
         now = self.clock()
         older_than = now - timedelta(seconds=self.grace_s)
+        skipped = tuple([s for s in (GEOCODE, GEOFENCE) if await self._behind(s)])
+        if len(skipped) == 2:
+            return Round(0, 0, skipped)
         not_geocoded, not_checked = await self.db.run(
             store.incomplete_reports, older_than, self.limit, self.max_republish
         )
-        skipped = tuple([s for s in (GEOCODE, GEOFENCE) if await self._behind(s)])
         if GEOCODE in skipped:
             not_geocoded = []
         if GEOFENCE in skipped:
             not_checked = []
         box = self.producer.outbox()
+        # the events are read off the stored rows: every field they carry is a column
         for r in not_geocoded:
-            box.add(self.routes[GEOCODE], _reported(r), partition_key=r.tracker_id)
+            reported = LocationReported.model_validate(r, from_attributes=True)
+            box.add(self.routes[GEOCODE], reported, partition_key=r.tracker_id)
         for r in not_checked:
-            box.add(self.routes[GEOFENCE], _geocoded(r), partition_key=r.tracker_id)
+            geocoded = LocationGeocoded.model_validate(r, from_attributes=True)
+            box.add(self.routes[GEOFENCE], geocoded, partition_key=r.tracker_id)
         await box.flush(self.producer.client, self.producer.url)
         sent = [r.id for r in (*not_geocoded, *not_checked)]
         if sent:
@@ -101,32 +105,3 @@ class Reconciler:
                     self.max_republish,
                 )
         return Round(len(not_geocoded), len(not_checked), skipped)
-
-
-def _reported(r: Any) -> LocationReported:
-    if isinstance(r, LocationReported):
-        return r
-    return LocationReported(
-        tracker_id=r.tracker_id,
-        observed_at=r.observed_at,
-        lat=r.lat,
-        lon=r.lon,
-        accuracy_m=r.accuracy_m,
-        source=r.source,
-        fetched_at=r.fetched_at,
-    )
-
-
-def _geocoded(r: Any) -> LocationGeocoded:
-    if isinstance(r, LocationGeocoded):
-        return r
-    return LocationGeocoded(
-        tracker_id=r.tracker_id,
-        observed_at=r.observed_at,
-        lat=r.lat,
-        lon=r.lon,
-        city=r.city,
-        country_code=r.country_code,
-        country=r.country,
-        address=r.address,
-    )

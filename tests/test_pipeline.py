@@ -119,19 +119,7 @@ async def test_shuffled_and_repeated_delivery_gives_the_same_events(
         reports = h.reports()
         deliveries = reports + random.Random(seed).sample(reports, len(reports) // 3)
         random.Random(seed).shuffle(deliveries)
-        geocoded = [
-            LocationGeocoded(
-                tracker_id=r.tracker_id,
-                observed_at=r.observed_at,
-                lat=r.lat,
-                lon=r.lon,
-                city=r.city,
-                country_code=r.country_code,
-                country=r.country,
-                address=r.address,
-            )
-            for r in deliveries
-        ]
+        geocoded = [LocationGeocoded.model_validate(r, from_attributes=True) for r in deliveries]
         producer = Producer(h.client, h.pipeline.codec)
         for i in range(0, len(geocoded), 37):  # several batches, interleaved trackers
             await producer.publish(h.pipeline.routes[GEOFENCE], geocoded[i : i + 37])
