@@ -9,12 +9,12 @@ Events already recorded are not recomputed.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from ops.commands._operator import JsonOption, echo_json
 from ops.common import console, fail, handle_errors, options
 
 
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
     def list_geofences(
         ctx: typer.Context,
         all_: Annotated[bool, typer.Option("--all", help="inactive geofences too")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout")] = False,
+        as_json: JsonOption = False,
     ) -> None:
         """The geofences the geofence stage checks (with --all: inactive ones too)."""
         from processors.database import Database
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         finally:
             db.dispose()
         if as_json:
-            sys.stdout.write(json.dumps(rows) + "\n")
+            echo_json(rows)
             return
         table = Table(title=f"{len(rows)} geofences" + ("" if all_ else " (active)"))
         for col in ("id", "name", "active", "shape", "updated"):
