@@ -1,9 +1,14 @@
 """Dead letters: moving poison entries aside, and listing, inspecting, redriving, purging them.
 
-A dead letter keeps the original entry's fields verbatim, plus metadata fields that
-start with ``dlq:`` (origin stream and id, group, consumer, category, error, attempts,
-failed-at). Categories: ``decode``, ``validation``, ``handler``, ``max-deliveries``,
-``timeout``.
+A dead letter holds the original entry's fields verbatim, plus the runtime's own
+fields (origin stream and id, group, consumer, category, error, attempts, failed-at),
+named ``dlq:origin``, ``dlq:category``... An original field whose name itself starts
+with ``dlq:`` is stored as ``dlq:`` + its name (``dlq:x`` -> ``dlq:dlq:x``), so the
+two never mix and every original field comes back as it was (list, show, redrive).
+In ``redis-cli`` a dead letter reads as the original entry plus ``dlq:*`` fields.
+Dead letters written before the escaping (whose ``dlq:*`` originals were dropped)
+read the same way. Categories: ``decode``, ``validation``, ``handler``,
+``max-deliveries``, ``timeout``.
 """
 
 from __future__ import annotations
@@ -60,9 +65,35 @@ class DeadLetter:
         }
 
 
-def _from_entry(entry_id: str, fields: Fields) -> DeadLetter:
+def _escape(name: bytes) -> bytes:
+    return META + name if name.startswith(META) else name
+
+
+def split_fields(stored: Fields) -> tuple[dict[str, bytes], Fields]:
+    """A dead letter's fields -> (runtime's own by name, the original fields verbatim)."""
+    meta: dict[str, bytes] = {}
+    original: Fields = {}
+    for k, v in stored.items():
+        if not k.startswith(META):
+            original[k] = v
+        elif k.startswith(META + META):
+            original[k[len(META) :]] = v
+        else:
+            meta[k[len(META) :].decode(errors="replace")] = v
+    return meta, original
+
+
+def _from_entry(entry_id: str, stored: Fields) -> DeadLetter:
+    own, fields = split_fields(stored)
+
     def meta(name: str, default: str = "") -> str:
-        return fields.get(META + name.encode(), default.encode()).decode(errors="replace")
+        return own.get(name, default.encode()).decode(errors="replace")
+
+    def number(name: str) -> int:
+        try:
+            return int(meta(name, "0") or 0)
+        except ValueError:
+            return 0
 
     return DeadLetter(
         id=entry_id,
@@ -72,9 +103,9 @@ def _from_entry(entry_id: str, fields: Fields) -> DeadLetter:
         consumer=meta("consumer"),
         category=meta("category", "unknown"),
         error=meta("error"),
-        attempts=int(meta("attempts", "0") or 0),
-        failed_ms=int(meta("failed", "0") or 0),
-        fields={k: v for k, v in fields.items() if not k.startswith(META)},
+        attempts=number("attempts"),
+        failed_ms=number("failed"),
+        fields=fields,
     )
 
 
@@ -94,8 +125,7 @@ def dead_letter_args(
         raise ValueError(f"unknown dead-letter category {category!r}")
     args: list[bytes | str | int] = [keys.group, consumer, entry_id]
     for k, v in fields.items():
-        if not k.startswith(META):
-            args += [k, v]
+        args += [_escape(k), v]
     meta = {
         "origin": stream,
         "origin_id": entry_id,
