@@ -51,6 +51,9 @@ class StreamMetrics(Middleware):
         )
         self.claimed = counter("trackstream_messages_claimed", "Idle entries claimed")
         self.recreated = counter("trackstream_group_recreated", "Consumer groups recreated")
+        self.heartbeat_failures = counter(
+            "trackstream_heartbeat_failures", "Heartbeats of a worker that failed"
+        )
         self.duration = Histogram(
             "trackstream_handle_duration_seconds",
             "Time to handle one batch",
@@ -107,6 +110,9 @@ class StreamMetrics(Middleware):
 
     def on_group_recreated(self, stage: str, stream: str) -> None:
         self.recreated.labels(stage).inc()
+
+    def on_heartbeat_failed(self, stage: str, consumer: str, exc: BaseException) -> None:
+        self.heartbeat_failures.labels(stage).inc()
 
     def on_backlog(self, stage: str, pending: int, lag: int | None) -> None:
         self.pending.labels(stage).set(pending)

@@ -47,6 +47,8 @@ class Middleware:
 
     def on_backlog(self, stage: str, pending: int, lag: int | None) -> None: ...
 
+    def on_heartbeat_failed(self, stage: str, consumer: str, exc: BaseException) -> None: ...
+
 
 class LoggingMiddleware(Middleware):
     """Structured-enough logs for failures, dead letters and recoveries."""

@@ -33,11 +33,11 @@ class StreamSettings(BaseSettings):
     retry_max_ms: int = Field(30_000, ge=0)
 
     claim_idle_ms: int = Field(60_000, ge=1)
-    claim_interval_ms: int = Field(5_000, ge=10)
+    claim_interval_ms: int = Field(2_000, ge=10)
     claim_count: int = Field(100, ge=1, le=10_000)
 
-    heartbeat_interval_ms: int = Field(5_000, ge=10)
-    consumer_dead_after_ms: int = Field(120_000, ge=100)
+    heartbeat_interval_ms: int = Field(2_000, ge=10)
+    consumer_dead_after_ms: int = Field(10_000, ge=100)
     shutdown_grace_ms: int = Field(10_000, ge=0)
     max_message_bytes: int = Field(512 * 1024, ge=64)
 

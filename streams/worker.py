@@ -6,6 +6,16 @@ is gone. A worker restarted on the same host therefore takes its old name back a
 re-reads its own pending entries at once; one on another host gets a new name, and
 the old name's entries are claimed after ``claim_idle_ms``.
 
+Heartbeats: every ``heartbeat_interval_ms`` the worker renews its name's lease and
+writes its time into each shard's heartbeats hash; peers take a consumer as dead
+after ``consumer_dead_after_ms`` without one (see :mod:`streams.consumer`). A beat
+that fails, for whatever reason, is logged with the worker's name, counted
+(``on_heartbeat_failed``) and tried again sooner; the loop never ends before the
+worker does. A worker whose beats have failed for half of ``consumer_dead_after_ms``
+knows its peers will soon take it for dead: it reads and claims nothing new (its
+gate stays closed) until a beat gets through, instead of consuming what they are
+about to claim.
+
 Signal handlers are installed by :func:`run_until_signal`, never by constructors.
 """
 
@@ -79,6 +89,10 @@ class Worker:
         self.shards = list(shards) if shards is not None else list(range(route.shards))
         self.middleware = tuple(middleware)
         self.gate = gate
+        self.heartbeat_failures = 0
+        self._beat_ok_at = time.monotonic()
+        self._beat_fresh = asyncio.Event()
+        self._beat_fresh.set()
         self.stop_event = asyncio.Event()
         self.name: str | None = None
         self.consumers: list[Consumer] = []
@@ -106,11 +120,12 @@ class Worker:
                 batch_handler=self.batch_handler,
                 middleware=self.middleware,
                 stop=self.stop_event,
-                gate=self.gate,
+                gate=self._gate,
             )
             for s in self.shards
         ]
         await self._heartbeat_once()
+        self._beat_ok_at = time.monotonic()
         done = asyncio.Event()
         beat = asyncio.create_task(self._heartbeats(done))
         try:
@@ -169,17 +184,65 @@ class Worker:
                 pipe.hset(c.keys.heartbeats, self.name, now_ms)
             await pipe.execute()
 
+    @property
+    def beat_stale(self) -> bool:
+        """No beat got through for half of consumer_dead_after_ms: peers may soon take
+        this worker for dead."""
+        age_s = time.monotonic() - self._beat_ok_at
+        return age_s * 1000 > self.settings.consumer_dead_after_ms / 2
+
+    async def _gate(self) -> None:
+        """The consumers' gate: a fresh heartbeat, then the stage's own gate."""
+        if self.beat_stale:
+            self._beat_fresh.clear()
+            await self._beat_fresh.wait()
+        if self.gate is not None:
+            await self.gate()
+
     async def _heartbeats(self, done: asyncio.Event) -> None:
         interval_s = self.settings.heartbeat_interval_ms / 1000
+        wait_s = interval_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), interval_s)
+                await asyncio.wait_for(done.wait(), wait_s)
             if done.is_set():
                 return
             try:
                 await self._heartbeat_once()
-            except StreamsError as exc:
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # whatever it is, the next beat is tried
+                self._beat_failed(exc)
+                wait_s = min(interval_s, 0.5)
+                continue
+            wait_s = interval_s
+            if not self._beat_fresh.is_set():
+                log.warning("%s/%s: heartbeat back; reading again", self.route.stage, self.name)
+            self._beat_ok_at = time.monotonic()
+            self._beat_fresh.set()
+
+    def _beat_failed(self, exc: Exception) -> None:
+        self.heartbeat_failures += 1
+        age_s = time.monotonic() - self._beat_ok_at
+        stale = self.beat_stale
+        log.log(
+            logging.ERROR if stale else logging.WARNING,
+            "%s/%s: heartbeat failed (%d so far, last one through %.1f s ago)%s: %s: %s",
+            self.route.stage,
+            self.name,
+            self.heartbeat_failures,
+            age_s,
+            "; peers will soon take this worker for dead, so it reads nothing new until "
+            "a beat gets through"
+            if stale
+            else "",
+            type(exc).__name__,
+            exc,
+            exc_info=not isinstance(exc, StreamsError),
+        )
+        for mw in self.middleware:
+            try:
+                mw.on_heartbeat_failed(self.route.stage, self.name or "", exc)
+            except Exception:  # observers must never break the heartbeat
+                log.exception("middleware %s.on_heartbeat_failed failed", type(mw).__name__)
 
     async def _release_name(self) -> None:
         if self.name is None:
