@@ -72,6 +72,7 @@ from streams.errors import (
 from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import BatchCall, MessageCall, Middleware
+from streams.monitor import stream_status
 from streams.parse import Entry, parse_entries, parse_read
 from streams.producer import Outbox, Route
 from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK
@@ -536,12 +537,10 @@ class Consumer:
     async def _report_backlog(self) -> None:
         if not self.middleware:
             return
-        summary = await self._translated(self.client.xpending(self.keys.stream, self.keys.group))
-        lag: int | None = None
-        for g in await self._translated(self.client.xinfo_groups(self.keys.stream)):
-            if _s(g["name"]) == self.keys.group:
-                lag = g.get("lag")
-        self._notify("on_backlog", self.stage, int(summary["pending"]), lag)
+        now_ms = time.time_ns() // 1_000_000
+        with translate(self._url, self.keys.stream, self.keys.group):
+            st = await stream_status(self.client, self.keys.stream, self.keys.group, now_ms=now_ms)
+        self._notify("on_backlog", self.stage, st.pending, st.lag if st.group_exists else None)
 
     # ------------------------------------------------------------------- retries
     async def _run_due_retries(self) -> bool:

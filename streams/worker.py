@@ -191,6 +191,11 @@ class Worker:
         age_s = time.monotonic() - self._beat_ok_at
         return age_s * 1000 > self.settings.consumer_dead_after_ms / 2
 
+    @property
+    def paused(self) -> bool:
+        """Its consumers wait at their gate for a beat to get through."""
+        return not self._beat_fresh.is_set()
+
     async def _gate(self) -> None:
         """The consumers' gate: a fresh heartbeat, then the stage's own gate."""
         if self.beat_stale:
