@@ -272,6 +272,31 @@ def test_replay_dry_run_copy_by_id_and_time_and_rewind(redis_target, unique_pref
     assert redis(redis_target, unique_prefix, group_position) == expected
 
 
+def test_replay_to_a_bare_millisecond_takes_all_of_it_and_skips_dead_letters(
+    redis_target, unique_prefix
+):
+    async def add(client: Client) -> None:
+        for i in range(30):  # 30 entries in one millisecond, then one in the next
+            await client.xadd(keys(unique_prefix).stream, CODEC.encode(Ping(n=i)), id=f"5000-{i}")
+        await client.xadd(keys(unique_prefix).stream, CODEC.encode(Ping(n=99)), id="5001-0")
+
+    redis(redis_target, unique_prefix, add)
+    args = ("replay", STAGE, "--from", "5000", "--to", "5000")
+    result = cli(redis_target, unique_prefix, *args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "dry run: 30 entries" in flat(result.stdout)
+
+    dead_letter(redis_target, unique_prefix, [], poison={3, 7})  # the stage runs once
+    result = cli(redis_target, unique_prefix, *args, "--dry-run")
+    assert "dry run: 28 entries" in flat(result.stdout)
+    assert "2 dead-lettered entries in the range are skipped" in flat(result.stdout)
+    result = cli(redis_target, unique_prefix, *args, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "replayed 28 entries" in flat(result.stdout)
+    copied = stream_numbers(redis_target, unique_prefix)[31:]
+    assert copied == [n for n in range(30) if n not in (3, 7)]
+
+
 def test_replay_rejects_bad_positions(redis_target, unique_prefix):
     for args, name in [
         (["--from", "12x"], "--from"),
@@ -413,6 +438,8 @@ def test_positions_accept_ids_times_dates_and_durations():
     now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     ms = int(now.timestamp() * 1000)
     assert parse_position("17") == "17-0" and parse_position("17-3") == "17-3"
+    assert parse_position("17", end=True) == f"17-{MAX_SEQ}"
+    assert parse_position("17-3", end=True) == "17-3"
     assert parse_position("-") == "-" and parse_position("+", end=True) == "+"
     assert parse_position("2024-05-01T12:00:00Z") == f"{ms}-0"
     assert parse_position("2024-05-01T14:00+02:00", end=True) == f"{ms}-{MAX_SEQ}"
