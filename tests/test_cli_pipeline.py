@@ -97,6 +97,38 @@ def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
     assert count(db_url, Geofence) == 1
 
 
+def test_database_errors_are_one_line_with_a_documented_exit_code(pg_server):
+    dead = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/x"
+    result = cli("db", "upgrade", db=dead)
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "is unavailable" in text and "Connection refused" in text
+    assert "Traceback" not in text and text.count("error:") == 1
+    assert "secret" not in text and "postgres:***@127.0.0.1" in text
+
+    missing = pg_server.url_for("no_such_database")
+    result = cli("db", "upgrade", db=missing)
+    assert result.exit_code == 2, result.output
+    assert "database_url" in result.output and "does not exist" in " ".join(result.output.split())
+
+    result = cli("db", "upgrade", db="mysql://u@h/d")
+    assert result.exit_code == 2, result.output
+    assert "setting database_url (TRACKSTREAM_DATABASE_URL)" in result.output
+
+
+def test_db_upgrade_says_what_it_did_and_version_is_shown(tmp_path):
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    first = cli("db", "upgrade", db=url)
+    assert first.exit_code == 0, first.output
+    assert "upgraded from an empty database to" in " ".join(first.output.split())
+    again = cli("db", "upgrade", db=url)
+    assert "already at" in " ".join(again.output.split())
+    version = cli("--version")
+    assert version.exit_code == 0 and re.fullmatch(
+        r"trackstream \d+\.\d+\.\d+\S*\n", version.output
+    )
+
+
 async def test_fetch_now_jumps_the_queue(standalone_target, unique_prefix, tmp_path):
     db_url = f"sqlite:///{tmp_path}/now.db"
     h = Harness(standalone_target, unique_prefix, db_url, trackers=256, batch_size=1)

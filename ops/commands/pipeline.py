@@ -165,12 +165,20 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
         """Create or upgrade the schema (tables and views) on SQLite or PostgreSQL."""
-        from schemas.db import upgrade
+        from schemas.db import current_revision, upgrade
         from streams.connection import redact
 
         _, app_settings = options(ctx).settings()
-        upgrade(app_settings.database_url, revision)
-        console.print(f"database {redact(app_settings.database_url)} is at {revision}")
+        url = app_settings.database_url
+        before = current_revision(url)
+        upgrade(url, revision)
+        after = current_revision(url)
+        if before == after:
+            console.print(f"database {redact(url)} is already at {after}: nothing to do")
+        else:
+            console.print(
+                f"database {redact(url)} upgraded from {before or 'an empty database'} to {after}"
+            )
 
     @app.command()
     @handle_errors

@@ -129,9 +129,7 @@ def register(app: typer.Typer) -> None:
         results = run(settings, done)
         for keys, r in results:
             if mode is ReplayMode.copy:
-                skipped_here = (
-                    f" ({r.skipped} dead-lettered entries skipped)" if r.skipped else ""
-                )
+                skipped_here = f" ({r.skipped} dead-lettered entries skipped)" if r.skipped else ""
                 console.print(
                     f"replayed {r.count} entries of {keys.stream} in {span}{skipped_here}",
                     highlight=False,
