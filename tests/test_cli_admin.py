@@ -337,11 +337,14 @@ def test_dlq_list_show_redrive_once_and_purge_confirmation(redis_target, unique_
     missing = cli(redis_target, unique_prefix, "dlq", "show", STAGE, "1-1")
     assert missing.exit_code == 1 and "no dead letter 1-1" in flat(missing.stderr)
     assert cli(redis_target, unique_prefix, "dlq", "show", STAGE, "x-1").exit_code == 2
+    huge = cli(redis_target, unique_prefix, "dlq", "show", STAGE, "99999999999999999999-1")
+    assert huge.exit_code == 2 and "at most 18446744073709551615" in flat(huge.output)
 
     # redrive needs ids or --all; declining changes nothing
     assert cli(redis_target, unique_prefix, "dlq", "redrive", STAGE).exit_code == 2
     no = cli(redis_target, unique_prefix, "dlq", "redrive", STAGE, letter["id"], input="n\n")
     assert no.exit_code == 1 and stream_numbers(redis_target, unique_prefix) == [1, 2, 3]
+    assert "declined: nothing done" in no.output and "error" not in no.output
 
     result = cli(redis_target, unique_prefix, "dlq", "redrive", STAGE, letter["id"], "--yes")
     assert result.exit_code == 0, result.output

@@ -221,6 +221,8 @@ async def test_worker_process_handles_then_stops_cleanly_on_sigterm(
             await wait_for(lambda: processed() == total, 20, "its metrics to count every entry")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
+            started = f"geocode: consumer cli-1 started (pid {proc.pid}), reading"
+            assert started in log.read_text(), "a worker says that it started"
         finally:
             if proc.poll() is None:
                 proc.kill()

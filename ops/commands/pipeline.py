@@ -26,9 +26,9 @@ def _stage_arg(value: str) -> str:
 
 def _serve_metrics(port: int | None, host: str, registry: object) -> None:
     if port:
-        from prometheus_client import start_http_server
+        from ops.metrics_http import serve_metrics
 
-        start_http_server(port, addr=host, registry=registry)  # type: ignore[arg-type]
+        serve_metrics(registry, host, port)  # type: ignore[arg-type]
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 
