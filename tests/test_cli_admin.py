@@ -454,6 +454,22 @@ def test_positions_accept_ids_times_dates_and_durations():
             parse_position(bad)
 
 
+def test_acked_count_is_known_when_the_priority_lane_never_had_an_entry(
+    redis_target, unique_prefix
+):
+    from ops.commands.status import _acked
+
+    publish(redis_target, unique_prefix, range(5))
+    read_some(redis_target, unique_prefix, "c1", count=5, ack=3)
+
+    async def go(client: Client) -> int | None:
+        k = keys(unique_prefix)
+        await client.xgroup_create(k.priority, k.group, id="0", mkstream=True)
+        return await _acked(client, k)
+
+    assert redis(redis_target, unique_prefix, go) == 3
+
+
 def test_throughput_is_the_acked_rate_between_two_samples():
     status = StageStatus(STAGE, 0, STAGE, [])
     limits = Thresholds(None, None, False, 1_000)

@@ -80,6 +80,8 @@ async def _acked(client: Client, keys: StageKeys) -> int | None:
             if as_str(g["name"]) != keys.group:
                 continue
             read = g.get("entries-read")
+            if read is None and as_str(g.get("last-delivered-id", "")) == "0-0":
+                read = 0  # Redis 7.0 reports null for a group that never read anything
             if read is None:
                 return None
             total += int(read) - int(g["pending"])
