@@ -76,6 +76,19 @@ def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
     assert result.exit_code == 0, result.output
     assert count(db_url, Tracker) == 2
 
+    for text, expected in [
+        ("external_id\nC1\nC2\nC1\n", "external_id 'C1' is already on line 2"),
+        (
+            "external_id,run_starts_at,run_ends_at\nC3,2026-02-01T00:00:00Z,2026-01-01T00:00:00Z\n",
+            "would never be fetched",
+        ),
+    ]:
+        wrong = tmp_path / "wrong.csv"
+        wrong.write_text(text)
+        result = cli("seed", "--trackers", str(wrong), db=db_url)
+        assert result.exit_code == 2 and expected in " ".join(result.output.split())
+        assert count(db_url, Tracker) == 2
+
     bad = tmp_path / "bad.csv"
     bad.write_text("external_id,run_starts_at\nB1,yesterday\n")
     result = cli("seed", "--trackers", str(bad), db=db_url)

@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
         ] = 0,
     ) -> None:
         """Load trackers (CSV: external_id,name,run_starts_at,run_ends_at,active) and
-        geofences (GeoJSON: Point with radius_m, or Polygon; property name)."""
+        geofences (GeoJSON: Point with radius_m, Polygon or MultiPolygon; property name)."""
         from ops import seeding
         from processors.database import Database
 
