@@ -205,6 +205,26 @@ def test_status_json_numbers_and_health_exit_codes(redis_target, unique_prefix):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["healthy"] for line in lines)
+    # --watch into a pipe: every frame is printed, 80 columns show every header whole
+    args = ("status", "--watch", "--count", "3", "--interval", "0.05", "--no-require-consumers")
+    result = cli(redis_target, unique_prefix, *args, COLUMNS="80")
+    assert result.exit_code == 0, result.output
+    headers = [line.split() for line in result.stdout.splitlines() if "acked/s" in line]
+    assert (
+        headers
+        == [["stage", "state", "length", "lag", "pending", "oldest", "live", "dlq", "acked/s"]] * 3
+    )
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_dlq_list_is_readable_at_80_columns(redis_target, unique_prefix):
+    dead_letter(redis_target, unique_prefix, [1, 2], poison={1, 2})
+    result = cli(redis_target, unique_prefix, "dlq", "list", STAGE, COLUMNS="80")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in "".join(lines[:4])
+    assert flat(result.stdout).count("tracker 1 is [not] known") == 1
+    assert "ping · failed" in result.stdout
 
 
 # ---------------------------------------------------------------------------- replay
