@@ -126,6 +126,13 @@ class Worker:
         ]
         await self._heartbeat_once()
         self._beat_ok_at = time.monotonic()
+        log.info(
+            "%s: consumer %s started (pid %d), reading %s",
+            self.route.stage,
+            self.name,
+            os.getpid(),
+            ", ".join(c.keys.stream for c in self.consumers),
+        )
         done = asyncio.Event()
         beat = asyncio.create_task(self._heartbeats(done))
         try:
