@@ -59,7 +59,7 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from streams.connection import Client, ensure_group, translate
+from streams.connection import Client, ensure_group, redact, translate
 from streams.deadletter import DeadLetters
 from streams.errors import (
     Defer,
@@ -131,12 +131,17 @@ class _Outcome:
     letters: list[tuple[Message[Any], str, str]] = field(default_factory=list)
 
 
+# Redis (or the slot's master) cannot take the command now; says nothing about the entry
 _UNREACHABLE = (
     RedisUnavailable,
     rex.ConnectionError,
     rex.TimeoutError,
     rex.ClusterDownError,
     rex.TryAgainError,
+    rex.MasterDownError,
+    rex.ReadOnlyError,
+    rex.OutOfMemoryError,
+    rex.RedisClusterException,
 )
 
 
@@ -756,7 +761,14 @@ class Consumer:
         """Finish the work kept through an outage, oldest first; True once all is done."""
         while self._held:
             outcome = self._held[0]
-            await self._finish(outcome)
+            try:
+                await self._finish(outcome)
+            except RedisUnavailable:
+                raise
+            except Exception as exc:  # READONLY, OOM...: still an outage to wait out
+                if redis_down(exc):
+                    raise RedisUnavailable(redact(self._url), exc) from exc
+                raise
             self._held.pop(0)
             log.warning("%s/%s: finished work kept through the outage", self.stage, self.name)
         return True

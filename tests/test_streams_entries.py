@@ -34,18 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------- helpers
-def spawn(url: str, prefix: str, consumer: str, log: Path, **options: Any) -> subprocess.Popen:
+def spawn(target: Any, prefix: str, consumer: str, log: Path, **options: Any) -> subprocess.Popen:
+    """Start tests/entry_worker.py against ``target`` (standalone or cluster)."""
+    options["settings"] = {"redis_cluster": target.cluster, **options.get("settings", {})}
+    args = [target.url, prefix, consumer, json.dumps(options)]
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.entry_worker",
-                url,
-                prefix,
-                consumer,
-                json.dumps(options),
-            ],
+            [sys.executable, "-m", "tests.entry_worker", *args],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -173,7 +168,7 @@ def test_dead_letter_fields_keep_dlq_named_originals_apart():
 
 @pytest.mark.timeout(90)
 async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
-    standalone_target, unique_prefix, tmp_path
+    redis_target, unique_prefix, tmp_path
 ):
     """A worker process with max_message_bytes=1024 reads 100 valid entries around an
     overflowing timestamp, a negative attempt, version 0, an oversized entry and an
@@ -181,7 +176,7 @@ async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
     delivery with its category, the 100 are handled once, the process lives on, and
     the redriven dlq:* entry comes back with its fields intact."""
     prefix = unique_prefix
-    client = connect(fast_settings(standalone_target, prefix))
+    client = connect(fast_settings(redis_target, prefix))
     route = Route(prefix, "work")
     keys = route.keys()
     dlq = DeadLetters(client, keys)
@@ -210,7 +205,7 @@ async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
     await publish(client, route, range(50, 100))
 
     proc = spawn(
-        standalone_target.url,
+        redis_target,
         prefix,
         "solo",
         tmp_path / "worker.log",
@@ -302,12 +297,12 @@ async def test_an_exception_from_the_codec_or_a_middleware_fails_only_its_entrie
 
 # --------------------------------------------------- outages spend no delivery
 async def test_work_done_while_redis_is_unreachable_is_kept_not_failed(
-    standalone_target, unique_prefix, monkeypatch
+    redis_target, unique_prefix, monkeypatch
 ):
     """Publish, ack and the handler's own Redis calls fail a few times each: with
     max_deliveries=1 nothing is dead-lettered, no handler runs twice, and the kept
     output is re-published with the same message ids."""
-    settings = fast_settings(standalone_target, unique_prefix, max_deliveries=1)
+    settings = fast_settings(redis_target, unique_prefix, max_deliveries=1)
     client = connect(settings)
     route = Route(unique_prefix, "work")
     out = Route(unique_prefix, "out")
@@ -378,7 +373,7 @@ async def test_a_60_s_outage_mid_flight_spends_nothing(redis_factory, unique_pre
     keys = route.keys()
     await publish(client, route, range(total))
     proc = spawn(
-        server.url,
+        target,
         unique_prefix,
         "steady",
         tmp_path / "worker.log",
@@ -507,17 +502,15 @@ async def test_a_failing_heartbeat_is_logged_counted_and_beats_go_on(
 # ------------------------------------------------------- dead consumers, fast
 @pytest.mark.timeout(120)
 async def test_a_sigkilled_workers_entries_are_handled_within_15_s_with_defaults(
-    standalone_target, unique_prefix, tmp_path
+    redis_target, unique_prefix, tmp_path
 ):
     """Default settings: a worker process holding 40 pending entries is SIGKILLed; a
     live worker process (started before, idle) handles them all within 15 s."""
     total = 40
-    client = connect(fast_settings(standalone_target, unique_prefix))
+    client = connect(fast_settings(redis_target, unique_prefix))
     route = Route(unique_prefix, "work")
     keys = route.keys()
-    doomed = spawn(
-        standalone_target.url, unique_prefix, "doomed", tmp_path / "a.log", sleep_ms=60_000
-    )
+    doomed = spawn(redis_target, unique_prefix, "doomed", tmp_path / "a.log", sleep_ms=60_000)
     rescuer = None
     try:
         await wait_for(lambda: _beats(client, keys, "doomed"), 30, "the doomed worker up")
@@ -531,7 +524,7 @@ async def test_a_sigkilled_workers_entries_are_handled_within_15_s_with_defaults
             return len(rows) == total
 
         await wait_for(all_held, 30, "the doomed worker holding every entry")
-        rescuer = spawn(standalone_target.url, unique_prefix, "rescuer", tmp_path / "b.log")
+        rescuer = spawn(redis_target, unique_prefix, "rescuer", tmp_path / "b.log")
         await wait_for(lambda: _beats(client, keys, "rescuer"), 30, "the rescuer up")
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.wait(10)
@@ -544,7 +537,9 @@ async def test_a_sigkilled_workers_entries_are_handled_within_15_s_with_defaults
 
         await wait_for(rescued, 30, "the rescuer handling the dead worker's entries")
         took_s = time.monotonic() - killed_at
-        print(f"\nSIGKILLed worker's {total} entries handled again after {took_s:.1f} s")
+        print(
+            f"\n{redis_target.name}: SIGKILLed worker's entries handled again after {took_s:.1f} s"
+        )
         assert took_s < 15, f"took {took_s:.1f} s"
         got = await echoes(client, unique_prefix)
         assert not [e for _, e in got if e.consumer == "doomed"]
@@ -579,9 +574,9 @@ def test_lag_rule_trusts_redis_only_where_the_position_agrees():
 
 
 async def test_status_lag_follows_the_groups_position_when_redis_contradicts_it(
-    standalone_target, unique_prefix
+    redis_target, unique_prefix
 ):
-    settings = fast_settings(standalone_target, unique_prefix)
+    settings = fast_settings(redis_target, unique_prefix)
     client = connect(settings)
     route = Route(unique_prefix, "work")
     keys = route.keys()
@@ -610,10 +605,10 @@ async def test_status_lag_follows_the_groups_position_when_redis_contradicts_it(
         await client.aclose()
 
 
-async def test_status_survives_an_ack_between_its_commands(standalone_target, unique_prefix):
+async def test_status_survives_an_ack_between_its_commands(redis_target, unique_prefix):
     """The last pending entry acked between XINFO GROUPS and XPENDING: no error, and
     pending and the oldest pending entry agree."""
-    settings = fast_settings(standalone_target, unique_prefix)
+    settings = fast_settings(redis_target, unique_prefix)
     client = connect(settings)
     route = Route(unique_prefix, "work")
     keys = route.keys()
