@@ -357,6 +357,52 @@ async def test_work_done_while_redis_is_unreachable_is_kept_not_failed(
         await client.aclose()
 
 
+async def test_entries_delivered_on_a_lost_reply_are_taken_back_after_the_outage(
+    redis_target, unique_prefix, monkeypatch, caplog
+):
+    """During an outage Redis ran a read whose reply never arrived: those entries are
+    pending for the worker, which never saw them. Once Redis is back it takes them
+    back at once with their delivery count unchanged, long before claim_idle_ms."""
+    settings = fast_settings(redis_target, unique_prefix, claim_idle_ms=60_000)
+    client = connect(settings)
+    route = Route(unique_prefix, "work")
+    keys = route.keys()
+    seen: dict[int, int] = {}
+
+    async def handle(msg, ctx):
+        seen[msg.payload.n] = msg.deliveries
+
+    real_read = client.xreadgroup
+    outage = {"on": False}
+
+    async def read(*args, **kwargs):
+        if outage["on"]:
+            raise rex.ConnectionError("Connection reset by peer")
+        return await real_read(*args, **kwargs)
+
+    monkeypatch.setattr(client, "xreadgroup", read)
+    worker = Worker(client, settings, route, codec(), handler=handle, consumer="w")
+    task = asyncio.create_task(worker.run())
+    try:
+        await publish(client, route, range(10))
+        await wait_for(lambda: len(seen) == 10, 10, "the first entries")
+        outage["on"] = True
+        await wait_for(lambda: "retrying with backoff" in caplog.text, 10, "the outage noticed")
+        await publish(client, route, range(10, 15))
+        lost = await real_read(keys.group, "w", {keys.stream: ">"}, count=5)  # reply "lost"
+        assert sum(len(entries) for _, entries in lost) == 5
+        outage["on"] = False
+        back = time.monotonic()
+        await wait_for(lambda: len(seen) == 15, 10, "the lost deliveries taken back")
+        assert time.monotonic() - back < 10 < settings.claim_idle_ms / 1000
+        assert {seen[n] for n in range(10, 15)} == {1}, "no delivery counted twice"
+        assert "taking back 5 entries" in caplog.text
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
+
+
 @pytest.mark.timeout(180)
 async def test_a_60_s_outage_mid_flight_spends_nothing(redis_factory, unique_prefix, tmp_path):
     """Redis is frozen (SIGSTOP) for 60 s while a worker process has a batch in its
