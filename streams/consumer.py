@@ -544,7 +544,9 @@ class Consumer:
             return
         now_ms = time.time_ns() // 1_000_000
         with translate(self._url, self.keys.stream, self.keys.group):
-            st = await stream_status(self.client, self.keys.stream, self.keys.group, now_ms=now_ms)
+            st = await stream_status(  # a lower bound past 1,000: cheap every tick
+                self.client, self.keys.stream, self.keys.group, now_ms=now_ms, lag_count_cap=1_000
+            )
         self._notify("on_backlog", self.stage, st.pending, st.lag if st.group_exists else None)
 
     # ------------------------------------------------------------------- retries
@@ -794,7 +796,10 @@ class Consumer:
         if isinstance(exc, Defer) or redis_down(exc):
             # not a failure of the entry: the handler did not get to try, or could not
             # reach Redis. Redelivered later with its delivery count unchanged.
-            delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Defer) else None)
+            if isinstance(exc, Defer):
+                delay_ms = self._retry_delay_ms(msg, exc.delay_ms)
+            else:  # not sooner than a second: the handler's Redis may be down for long
+                delay_ms = min(self.settings.retry_max_ms, max(1_000, self._retry_delay_ms(msg)))
             self._retries[(msg.stream, msg.entry_id)] = _Due(
                 time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=False
             )
