@@ -460,7 +460,7 @@ class Consumer:
                     )
                 )
                 cursor = _s(reply[0])
-                entries = parse_entries(reply[1])
+                entries = await self._keep_own_retries(stream, parse_entries(reply[1]))
                 if entries:
                     claimed_total += len(entries)
                     await self._handle(await self._with_deliveries(stream, entries))
@@ -471,6 +471,25 @@ class Consumer:
             self._notify("on_claimed", self.stage, claimed_total)
         await self._remove_dead_consumers()
         await self._report_backlog()
+
+    async def _keep_own_retries(self, stream: str, entries: list[Entry]) -> list[Entry]:
+        """Entries XAUTOCLAIM took that are ours and waiting for their retry (idle for
+        long after an outage): their delivery count is put back, the retry stands."""
+        mine = [self._retries[(stream, e[0])] for e in entries if (stream, e[0]) in self._retries]
+        for r in mine:
+            await self._translated(
+                self.client.xclaim(
+                    stream,
+                    self.keys.group,
+                    self.name,
+                    0,
+                    [r.msg.entry_id],
+                    retrycount=r.msg.deliveries,
+                    justid=True,
+                )
+            )
+            r.delay_ms = 0  # its idle time was just reset: claim it back regardless
+        return [e for e in entries if (stream, e[0]) not in self._retries]
 
     async def _remove_dead_consumers(self) -> None:
         """Take the pending entries of dead consumers at once, then delete them.

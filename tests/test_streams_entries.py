@@ -403,6 +403,36 @@ async def test_entries_delivered_on_a_lost_reply_are_taken_back_after_the_outage
         await client.aclose()
 
 
+async def test_a_retry_waiting_longer_than_claim_idle_keeps_its_delivery_count(
+    standalone_target, unique_prefix
+):
+    """XAUTOCLAIM takes any entry idle past claim_idle_ms, our own waiting retries too
+    (after an outage, or a long Defer): the consumer puts the count back and the
+    retry runs as scheduled, not as an extra delivery."""
+    from streams.errors import Defer
+
+    settings = fast_settings(standalone_target, unique_prefix, max_deliveries=1)
+    client = connect(settings)
+    route = Route(unique_prefix, "work")
+    await publish(client, route, [1])
+    calls = []
+
+    async def handle(msg, ctx):
+        calls.append((time.monotonic(), msg.deliveries))
+        if len(calls) == 1:
+            raise Defer("circuit open", delay_ms=2 * settings.claim_idle_ms)
+
+    worker = Worker(client, settings, route, codec(), handler=handle)
+    try:
+        await run_until(worker, lambda: len(calls) == 2, 20, "the deferred retry")
+        (first, _), (second, deliveries) = calls
+        assert deliveries == 1, "the claim tick's XAUTOCLAIM counted no delivery"
+        assert second - first >= 2 * settings.claim_idle_ms / 1000 - 0.1, "ran when scheduled"
+        assert await DeadLetters(client, route.keys()).count() == 0
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.timeout(180)
 async def test_a_60_s_outage_mid_flight_spends_nothing(redis_factory, unique_prefix, tmp_path):
     """Redis is frozen (SIGSTOP) for 60 s while a worker process has a batch in its
