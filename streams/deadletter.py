@@ -7,7 +7,9 @@ with ``dlq:`` is stored as ``dlq:`` + its name (``dlq:x`` -> ``dlq:dlq:x``), so 
 two never mix and every original field comes back as it was (list, show, redrive).
 In ``redis-cli`` a dead letter reads as the original entry plus ``dlq:*`` fields.
 Dead letters written before the escaping (whose ``dlq:*`` originals were dropped)
-read the same way. Categories: ``decode``, ``validation``, ``handler``,
+read the same way. An entry with more than 1,000 fields (too many for one Lua call)
+keeps them packed in one field, ``dlq:packed`` (JSON pairs, bytes as latin-1); it
+reads the same, but cannot be redriven. Categories: ``decode``, ``validation``, ``handler``,
 ``max-deliveries``, ``timeout``.
 """
 
@@ -18,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from streams.connection import Client, translate
 from streams.keys import StageKeys
 from streams.message import Fields
@@ -27,6 +31,7 @@ from streams.scripts import DEAD_LETTER, REDRIVE
 CATEGORIES = ("decode", "validation", "handler", "max-deliveries", "timeout")
 META = b"dlq:"
 MAX_ERROR_CHARS = 2_000
+MAX_INLINE_FIELDS = 1_000  # Lua's unpack() takes ~8,000 values at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,18 @@ def _escape(name: bytes) -> bytes:
     return META + name if name.startswith(META) else name
 
 
+def _pack(fields: Fields) -> bytes:
+    return orjson.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in fields.items()])
+
+
+def _unpack(packed: bytes) -> Fields:
+    try:
+        pairs = orjson.loads(packed)
+        return {k.encode("latin-1"): v.encode("latin-1") for k, v in pairs}
+    except (ValueError, TypeError, AttributeError):
+        return {b"dlq:packed": packed}  # not ours: shown as it is
+
+
 def split_fields(stored: Fields) -> tuple[dict[str, bytes], Fields]:
     """A dead letter's fields -> (runtime's own by name, the original fields verbatim)."""
     meta: dict[str, bytes] = {}
@@ -80,6 +97,8 @@ def split_fields(stored: Fields) -> tuple[dict[str, bytes], Fields]:
             original[k[len(META) :]] = v
         else:
             meta[k[len(META) :].decode(errors="replace")] = v
+    if "packed" in meta:
+        original.update(_unpack(meta.pop("packed")))
     return meta, original
 
 
@@ -124,8 +143,11 @@ def dead_letter_args(
     if category not in CATEGORIES:
         raise ValueError(f"unknown dead-letter category {category!r}")
     args: list[bytes | str | int] = [keys.group, consumer, entry_id]
-    for k, v in fields.items():
-        args += [_escape(k), v]
+    if len(fields) > MAX_INLINE_FIELDS:
+        args += [META + b"packed", _pack(fields)]
+    else:
+        for k, v in fields.items():
+            args += [_escape(k), v]
     meta = {
         "origin": stream,
         "origin_id": entry_id,
@@ -225,7 +247,8 @@ class DeadLetters:
         allowed = set(self.keys.streams())
         for dlq_id in dlq_ids:
             letter = await self.get(dlq_id)
-            if letter is None or letter.origin not in allowed:
+            too_many = letter is not None and len(letter.fields) > MAX_INLINE_FIELDS
+            if letter is None or letter.origin not in allowed or too_many:
                 result[dlq_id] = None
                 continue
             args: list[bytes | str] = [dlq_id]

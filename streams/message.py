@@ -11,7 +11,8 @@ A stream entry has these fields (readable in ``redis-cli``)::
     data      the payload as JSON (orjson / pydantic-core)
 
 Reading is strict: ``v`` must be 1..the reader's ``VERSION``, ``attempt`` 0..1,000,000,
-and the whole entry at most ``max_bytes`` + 4 KiB (room for the envelope). Any
+and the whole entry at most ``max_bytes`` + 4 KiB (room for the envelope) in at most
+100 fields. Any
 failure while decoding or validating, whatever its exception (an ``OverflowError``
 from a date converted to UTC, a ``RecursionError``...), is a
 :class:`~streams.errors.MessageError`: the entry is dead-lettered, never a crash.
@@ -109,6 +110,7 @@ def _int(
 
 ENVELOPE_ROOM = 4096  # bytes an entry may have beyond its payload when read
 MAX_ATTEMPT = 1_000_000
+MAX_FIELDS = 100  # an envelope has 7; more is not an entry of ours
 
 
 def entry_size(fields: Mapping[bytes, bytes]) -> int:
@@ -164,6 +166,10 @@ class Codec:
 
     def decode(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
         """The envelope of an entry; any problem with it raises a MessageError."""
+        if len(fields) > MAX_FIELDS:
+            raise MessageTooLarge(
+                f"entry has {len(fields)} fields; an envelope has at most {MAX_FIELDS}"
+            )
         size = entry_size(fields)
         if size > self.max_bytes + ENVELOPE_ROOM:
             raise MessageTooLarge(

@@ -140,6 +140,17 @@ def test_reading_is_strict_and_any_exception_is_a_message_error():
         Codec([Zero])
 
 
+def _as_stored(args: list) -> dict[bytes, bytes]:
+    """The fields the DEAD_LETTER script would XADD from its ARGV."""
+    pairs = zip(args[3::2], args[4::2], strict=True)
+    return {
+        k if isinstance(k, bytes) else str(k).encode(): v
+        if isinstance(v, bytes)
+        else str(v).encode()
+        for k, v in pairs
+    }
+
+
 def test_dead_letter_fields_keep_dlq_named_originals_apart():
     from streams.deadletter import dead_letter_args
     from streams.keys import StageKeys
@@ -155,12 +166,22 @@ def test_dead_letter_fields_keep_dlq_named_originals_apart():
         attempts=1,
         fields=original,
     )
-    stored = dict(zip(args[3::2], args[4::2], strict=True))
-    stored = {k if isinstance(k, bytes) else k.encode(): v for k, v in stored.items()}
-    stored = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in stored.items()}
-    meta, fields = split_fields(stored)
+    meta, fields = split_fields(_as_stored(args))
     assert fields == original and list(fields) == list(original)
     assert meta["origin"] == b"p:{work}:stream" and meta["category"] == b"decode"
+    many = {f"f{i}".encode(): bytes([i % 256]) for i in range(1500)}
+    args = dead_letter_args(
+        StageKeys("p", "work"),
+        stream="s",
+        entry_id="1-0",
+        consumer="c",
+        category="validation",
+        error="too many",
+        attempts=1,
+        fields=many,
+    )
+    assert len(args) < 100, "packed into one field"
+    assert split_fields(_as_stored(args))[1] == many
     # a dead letter written before the escaping reads as it did
     old = {b"type": b"t", b"dlq:origin": b"s", b"dlq:category": b"handler"}
     assert split_fields(old) == ({"origin": b"s", "category": b"handler"}, {b"type": b"t"})
@@ -174,7 +195,8 @@ async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
     overflowing timestamp, a negative attempt, version 0, an oversized entry and an
     entry with fields named dlq:*: each of the five is dead-lettered on its first
     delivery with its category, the 100 are handled once, the process lives on, and
-    the redriven dlq:* entry comes back with its fields intact."""
+    the redriven dlq:* entry comes back with its fields intact. (So does an entry of
+    5,000 fields, too many for one Lua call.)"""
     prefix = unique_prefix
     client = connect(fast_settings(redis_target, prefix))
     route = Route(prefix, "work")
@@ -197,6 +219,7 @@ async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
         "negative-attempt": (ping_fields(901, attempt="-1000000"), "decode"),
         "version-0": (ping_fields(902, v="0"), "decode"),
         "oversized": ({**ping_fields(903), b"pad": b"x" * 10_000}, "validation"),
+        "5000-fields": ({f"f{i}".encode(): b"\x00" for i in range(5000)}, "validation"),
         "dlq-fields": (forged, "decode"),
     }
     poison_ids = {}
@@ -216,7 +239,8 @@ async def test_poison_entries_are_dead_lettered_at_once_by_a_worker_process(
         async def settled() -> bool:
             assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
             got = await echoes(client, prefix)
-            return len(got) >= 100 and await dlq.count() >= 5 and await pending(client, keys) == 0
+            done = await dlq.count() >= len(poison) and await pending(client, keys) == 0
+            return len(got) >= 100 and done
 
         await wait_for(settled, 40, "the valid entries handled and the poison dead-lettered")
         got = await echoes(client, prefix)
