@@ -744,7 +744,7 @@ class Consumer:
                 raise
             log.warning(
                 "%s/%s: Redis unreachable while settling (%s); keeping %d handled and "
-                "%d dead-lettered entries until it is back",
+                "%d entries to dead-letter until it is back",
                 self.stage,
                 self.name,
                 exc,
