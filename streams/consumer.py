@@ -184,7 +184,9 @@ class Consumer:
                     return
         finally:
             grace.cancel()  # waits on an event or sleeps: safe to cancel
-            if self.stop_event.is_set():
+            task = asyncio.current_task()
+            given_up = task is not None and task.cancelling() > 0  # Redis silent at stop
+            if self.stop_event.is_set() and not given_up:
                 await self._shutdown()
 
     async def _grace_timer(self) -> None:
