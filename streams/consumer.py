@@ -59,16 +59,16 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from streams.connection import Client, ensure_group, redact, translate
+from streams.connection import Client, ensure_group, redact, refresh_topology, translate
 from streams.deadletter import DeadLetters
 from streams.errors import (
     Defer,
-    GroupMissing,
     MessageError,
     RedisUnavailable,
     Reject,
     Retry,
 )
+from streams.faults import classify, describe
 from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import BatchCall, MessageCall, Middleware
@@ -217,6 +217,7 @@ class Consumer:
         self._lost_check = False  # after an outage: take back deliveries whose reply was lost
         self._cursors: dict[str, str] = {}
         self._outage_since: float | None = None
+        self._failures = 0  # consecutive failed steps (backoff)
         self._deadlines: set[asyncio.Timeout] = set()  # of the handlers running now
         self._grace_over = False
         self.handled = 0  # entries acked by this consumer (for tests and progress)
@@ -227,7 +228,8 @@ class Consumer:
 
     async def run(self, *, burst: bool = False) -> None:
         """Consume until stopped; with ``burst`` return once nothing is left for us."""
-        await self._with_recovery(self._start)
+        while not self.stop_event.is_set() and not await self._with_recovery(self._start):
+            pass  # groups must exist before reading; _with_recovery backed off
         next_claim = 0.0
         grace = asyncio.create_task(self._grace_timer())
         try:
@@ -247,7 +249,9 @@ class Consumer:
                     return
         finally:
             grace.cancel()  # waits on an event or sleeps: safe to cancel
-            if self.stop_event.is_set():
+            task = asyncio.current_task()
+            given_up = task is not None and task.cancelling() > 0  # Redis silent at stop
+            if self.stop_event.is_set() and not given_up:
                 await self._shutdown()
 
     async def _grace_timer(self) -> None:
@@ -272,11 +276,12 @@ class Consumer:
             finally:
                 self._deadlines.discard(deadline)
 
-    async def _start(self) -> None:
+    async def _start(self) -> bool:
         for stream in self.keys.streams():
             await ensure_group(self.client, self._url, stream, self.keys.group)
         if await self._gate_open():
             await self._recover_own_pending()
+        return True
 
     async def _gate_open(self) -> bool:
         """Wait for the gate; False once stop is requested."""
@@ -294,25 +299,45 @@ class Consumer:
         return not self.stop_event.is_set()
 
     async def _with_recovery(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one step; ride out Redis outages and recreate a vanished group."""
+        """Run one step; whatever Redis does, the consumer goes on.
+
+        :func:`streams.faults.classify` decides: a transient fault is waited out with
+        backoff (and the cluster topology refreshed), a vanished group recreated, and
+        anything else logged with its context, counted, and backed off from.
+        """
         try:
             result = await step()
-        except GroupMissing as exc:
-            for stream in self.keys.streams():
-                if await ensure_group(self.client, self._url, stream, self.keys.group):
-                    self._notify("on_group_recreated", self.stage, stream)
-            self._retries.clear()  # the pending list went with the group
-            log.debug("recovered from %s", exc)
+        except Exception as exc:
+            verdict = classify(exc)
+            self._notify("on_redis_error", self.stage, verdict.kind, verdict.reason)
+            if verdict.kind == "group-missing":
+                await self._recreate_groups(exc)
+                return None
+            if verdict.kind == "transient":
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.error(
+                        "%s/%s: Redis unavailable (%s: %s); retrying with backoff",
+                        self.stage,
+                        self.name,
+                        verdict.reason,
+                        describe(exc),
+                    )
+                if verdict.refresh:
+                    await refresh_topology(self.client)
+            else:
+                log.error(
+                    "%s/%s: unexpected error in %s (%s); carrying on",
+                    self.stage,
+                    self.name,
+                    _step_name(step),
+                    verdict.reason,
+                    exc_info=exc,
+                )
+            self._failures += 1
+            await self._pause(self._backoff_s())
             return None
-        except RedisUnavailable as exc:
-            if self._outage_since is None:
-                self._outage_since = time.monotonic()
-                log.error("%s/%s: %s; retrying with backoff", self.stage, self.name, exc)
-            down_s = time.monotonic() - self._outage_since
-            delay_s = min(5.0, 0.1 * 2 ** min(down_s, 6)) * (0.5 + random.random() / 2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), delay_s)
-            return None
+        self._failures = 0
         if self._outage_since is not None:
             log.warning(
                 "%s/%s: Redis is back after %.1f s",
@@ -323,6 +348,28 @@ class Consumer:
             self._outage_since = None
             self._lost_check = True
         return result
+
+    async def _recreate_groups(self, exc: BaseException) -> None:
+        try:
+            for stream in self.keys.streams():
+                if await ensure_group(self.client, self._url, stream, self.keys.group):
+                    self._notify("on_group_recreated", self.stage, stream)
+        except Exception as again:  # Redis went away meanwhile: the next step retries
+            log.warning("%s/%s: recreating the group failed: %s", self.stage, self.name, again)
+            await self._pause(self._backoff_s())
+            return
+        self._retries.clear()  # the pending list went with the group
+        log.debug("recovered from %s", exc)
+
+    def _backoff_s(self) -> float:
+        """Exponential in the consecutive failures, 0.05 s .. 2 s, equal jitter."""
+        cap: float = min(2.0, 0.05 * 2.0 ** min(self._failures, 6))
+        return cap / 2 + random.random() * cap / 2
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once when stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), seconds)
 
     # ------------------------------------------------------------------- reading
     async def _read_and_handle(self, burst: bool) -> bool:
@@ -890,13 +937,13 @@ class Consumer:
                 log.warning(
                     "%s/%s: handed back %d unfinished entries", self.stage, self.name, handed
                 )
-        except (RedisUnavailable, GroupMissing) as exc:
+        except Exception as exc:  # whatever Redis does, shutting down goes on
             log.error(
                 "%s/%s: could not hand back pending entries (%s); another consumer will "
                 "claim them after claim_idle_ms",
                 self.stage,
                 self.name,
-                exc,
+                describe(exc),
             )
 
     def _notify(self, hook: str, *args: Any) -> None:
@@ -905,6 +952,11 @@ class Consumer:
                 getattr(mw, hook)(*args)
             except Exception:  # observers must never break consumption
                 log.exception("middleware %s.%s failed", type(mw).__name__, hook)
+
+
+def _step_name(step: Callable[..., Any]) -> str:
+    func = step.func if isinstance(step, partial) else step
+    return getattr(func, "__name__", repr(func))
 
 
 def _s(value: Any) -> str:

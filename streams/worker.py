@@ -29,11 +29,13 @@ import signal
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from streams.connection import Client, translate
+from streams.connection import Client, refresh_topology, translate
 from streams.consumer import BatchHandler, Consumer, Gate, Handler
-from streams.errors import StreamsError
+from streams.errors import RedisUnavailable, StreamsError
+from streams.faults import classify, describe
 from streams.keys import StageKeys, check_name
 from streams.message import Codec
 from streams.middleware import Middleware
@@ -41,11 +43,19 @@ from streams.producer import Route
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.worker")
+T = TypeVar("T")
 
 
 # this process's workers by token: a lease with our pid but none of these tokens was
 # left by a predecessor (in a container, every restart may get the same pid)
 _workers_here: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
+
+
+def cancelling() -> bool:
+    """True while the current task is being cancelled (then finally blocks must not
+    wait on Redis again)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _holder_gone(pid: int, token: str) -> bool:
@@ -108,7 +118,10 @@ class Worker:
         self.stop_event.set()
 
     async def run(self, *, burst: bool = False) -> None:
-        self.name = await self._acquire_name()
+        name = await self._starting(self._acquire_name)
+        if name is None:  # stopped before Redis could be reached
+            return
+        self.name = name
         self.consumers = [
             Consumer(
                 self.client,
@@ -124,7 +137,7 @@ class Worker:
             )
             for s in self.shards
         ]
-        await self._heartbeat_once()
+        await self._starting(self._heartbeat_once)
         self._beat_ok_at = time.monotonic()
         log.info(
             "%s: consumer %s started (pid %d), reading %s",
@@ -138,10 +151,32 @@ class Worker:
         try:
             await asyncio.gather(*(c.run(burst=burst) for c in self.consumers))
         finally:
-            done.set()  # not cancel(): a beat in flight finishes its command
-            await beat
-            if self.stop_event.is_set():
-                await self._release_name()
+            if cancelling():  # given up on (Redis silent): no more Redis calls
+                beat.cancel()
+            else:
+                done.set()  # not cancel(): a beat in flight finishes its command
+                await beat
+                if self.stop_event.is_set():
+                    await self._release_name()
+
+    async def _starting(self, step: Callable[[], Awaitable[T]]) -> T | None:
+        """Run a startup step until it succeeds; a Redis fault (a failover, a cluster
+        still electing) is waited out like in the consumers. None if stopped first."""
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                return await step()
+            except Exception as exc:
+                verdict = classify(exc)
+                if verdict.kind == "bug" and not isinstance(exc, RedisUnavailable):
+                    raise
+                failures += 1
+                log.warning("worker start: %s (%s); retrying", describe(exc), verdict.reason)
+                if verdict.refresh:
+                    await refresh_topology(self.client)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), min(2.0, 0.05 * 2**failures))
+        return None
 
     async def _acquire_name(self) -> str:
         ttl_ms = self.settings.consumer_dead_after_ms
@@ -266,18 +301,50 @@ class Worker:
 
 
 async def run_until_signal(*workers: Worker, burst: bool = False) -> None:
-    """Run workers until SIGTERM/SIGINT, then stop them gracefully."""
+    """Run workers until SIGTERM/SIGINT, then stop them gracefully.
+
+    After the signal the workers get ``shutdown_grace_ms`` for their handlers plus
+    :data:`STOP_MARGIN_S` to hand back and clean up; if Redis does not answer in that
+    time (a silent or paused server), the remaining work is cancelled and the
+    process ends anyway: whatever was not acked is claimed by another worker.
+    """
     loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
 
     def stop_all() -> None:
         log.info("stop requested: finishing in-flight work")
         for w in workers:
             w.stop()
+        stopped.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
+    running: asyncio.Future[Any] = asyncio.ensure_future(
+        asyncio.gather(*(w.run(burst=burst) for w in workers))
+    )
     try:
-        await asyncio.gather(*(w.run(burst=burst) for w in workers))
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(stopped.wait())
+        await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not running.done():
+            grace_s = max(w.settings.shutdown_grace_ms for w in workers) / 1000
+            done, _ = await asyncio.wait({running}, timeout=grace_s + STOP_MARGIN_S)
+            if not done:
+                log.error(
+                    "workers did not stop within %.1f s (Redis not answering?); "
+                    "exiting anyway, unacked entries will be claimed by other workers",
+                    grace_s + STOP_MARGIN_S,
+                )
+                running.cancel()  # cancelled workers skip their Redis clean-up
+                await asyncio.wait({running}, timeout=STOP_MARGIN_S)
+                return
+        await running
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if not running.done():
+            running.cancel()
+
+
+# time a stopping worker gets on top of shutdown_grace_ms to hand back and clean up
+STOP_MARGIN_S = 3.0

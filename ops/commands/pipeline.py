@@ -13,6 +13,7 @@ import typer
 
 from ops.common import console, fail, handle_errors, options, setup_logging
 from processors import topology
+from streams.connection import probe
 
 log = logging.getLogger("trackstream")
 
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             _serve_metrics(app_settings.metrics_port, app_settings.metrics_host, pipeline.registry)
             w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
@@ -99,6 +101,7 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             sched = pipeline.scheduler()
             try:
@@ -128,6 +131,7 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             rec = pipeline.reconciler()
 
