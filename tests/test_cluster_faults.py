@@ -241,11 +241,6 @@ async def test_sigkill_the_master_of_a_busy_stage(chain):
     flows_within(figures, NODE_TIMEOUT_S + 5)
 
 
-@pytest.mark.xfail(
-    strict=False,  # timing: dead letters only if geofence handles while the master is down
-    reason="needs h2-entries' 'an outage never spends a delivery' (issue 8 item 5): until "
-    "then geofence's output write failing counts as a handler failure and is dead-lettered",
-)
 async def test_sigkill_the_master_downstream_of_a_busy_stage(chain):
     """view-refresh's master dies alone (geocode moved away above): view-refresh stalls
     until its replica takes over, and geofence, whose handlers succeed, cannot write
