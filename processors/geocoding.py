@@ -18,8 +18,8 @@ import csv
 import gzip
 import json
 import math
+import re
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -512,11 +512,14 @@ class NominatimGeocoder:
         )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+
 def _text(value: str | None, max_chars: int = 256) -> str | None:
     """A server's name made storable: control characters (NUL included) removed, capped."""
     if value is None:
         return None
-    cleaned = "".join(c for c in value if unicodedata.category(c) != "Cc").strip()
+    cleaned = _CONTROL.sub("", value).strip()
     return cleaned[:max_chars] or None
 
 
