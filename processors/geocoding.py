@@ -255,6 +255,17 @@ class _Index:
                 self.tiers.append(_Tier(cKDTree(xyz[rows]), rows, top))
             lower = upper
 
+    def address(self, city: int, district: int) -> Address:
+        """The Address of a city row and a district row (-1: none)."""
+        if city < 0:
+            return UNKNOWN
+        p = self.places
+        name, code, region = p.name[city], p.country_code[city], p.state[city]
+        country = self.countries.get(code) or None
+        quarter = p.name[district] if district >= 0 and p.name[district] != name else None
+        line = ", ".join(x for x in (quarter, name, region, country) if x)
+        return Address(name, code, country, line, region, quarter)
+
     def _compatible(self, rows: Any, anchor: Any) -> Any:
         """Places in the same country and admin1 region as the anchor place."""
         p = self.places
@@ -377,19 +388,13 @@ class OfflineGeocoder:
         lat = np.fromiter((p[0] for p in points), float, len(points))
         lon = np.fromiter((p[1] for p in points), float, len(points))
         city, district = index.search(lat, lon, self.max_distance_m)
-        p = index.places
+        made: dict[tuple[int, int], Address] = {}  # Address is immutable: share equal ones
         out: list[Address] = []
-        for c, d in zip(city.tolist(), district.tolist(), strict=True):
-            if c < 0:
-                out.append(UNKNOWN)
-                continue
-            name = p.name[c]
-            code = p.country_code[c]
-            country = index.countries.get(code) or None
-            region = p.state[c]
-            quarter = p.name[d] if d >= 0 and p.name[d] != name else None
-            line = ", ".join(x for x in (quarter, name, region, country) if x)
-            out.append(Address(name, code, country, line, region, quarter))
+        for key in zip(city.tolist(), district.tolist(), strict=True):
+            address = made.get(key)
+            if address is None:
+                address = made[key] = index.address(*key)
+            out.append(address)
         return out
 
 
