@@ -17,6 +17,7 @@ from processors.geocoding import (
     CachedGeocoder,
     NominatimGeocoder,
     OfflineGeocoder,
+    Places,
     load_places,
 )
 
@@ -73,6 +74,11 @@ def geocoder() -> OfflineGeocoder:
     return OfflineGeocoder(max_distance_m=MAX_M)
 
 
+@pytest.fixture(scope="module")
+def places() -> Places:
+    return load_places()[0]
+
+
 async def test_landmarks_geocode_to_the_city_a_person_would_name(
     geocoder: OfflineGeocoder,
 ) -> None:
@@ -99,12 +105,13 @@ def _haversine_m(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> 
 
 
 @pytest.mark.timeout(180)
-async def test_agrees_with_a_brute_force_great_circle_oracle(geocoder: OfflineGeocoder) -> None:
+async def test_agrees_with_a_brute_force_great_circle_oracle(
+    geocoder: OfflineGeocoder, places: Places
+) -> None:
     """The rule, written out here: among populated places that are not sections, in the
     country and admin1 region of the nearest place of any kind, within 100 km, the one
     with the smallest distance / max(2 km, 8 m * sqrt(population)); nothing when the
     nearest place is over 100 km away."""
-    places, _ = load_places()
     n = len(places)
     rng = np.random.default_rng(20261202)
     # land points: within 20 km of random places, in a random direction
@@ -254,3 +261,25 @@ async def test_nominatim_region_district_and_control_characters() -> None:
         region="New York",
         district="Manhattan",
     )
+
+
+def test_the_search_is_exact_when_the_nearest_few_are_not_enough(
+    geocoder: OfflineGeocoder, places: Places, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one neighbour per tier the exactness fallback (ball queries) does the work;
+    the answers must not change."""
+    from processors import geocoding
+
+    rng = np.random.default_rng(7)
+    seeds = rng.integers(0, len(places), 2_000)
+    points = list(
+        zip(
+            (places.lat[seeds] + rng.uniform(-0.2, 0.2, len(seeds))).clip(-90, 90).tolist(),
+            (places.lon[seeds] + rng.uniform(-0.2, 0.2, len(seeds))).clip(-180, 180).tolist(),
+            strict=True,
+        )
+    )
+    wide = geocoder.reverse_sync(points)
+    monkeypatch.setattr(geocoding._Index, "K", 1)
+    assert geocoder.reverse_sync(points) == wide
+    assert sum(a.city is not None for a in wide) > 1_900
