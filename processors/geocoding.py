@@ -278,6 +278,17 @@ class _Index:
         """Best city row per point (-1: none within reach) and its district row (-1)."""
         import numpy as np
 
+        if len(lat) > 256:  # nearby points one after another: the trees stay in cache
+            order = np.lexsort((lon, np.floor(lat)))
+            city, district = self._search(lat[order], lon[order], max_distance_m)
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            return city[back], district[back]
+        return self._search(lat, lon, max_distance_m)
+
+    def _search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
+        import numpy as np
+
         n = len(lat)
         q = _unit_vectors(lat, lon)
         limit = _chord(max_distance_m)
