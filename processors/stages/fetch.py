@@ -20,6 +20,7 @@ from typing import Any
 from processors.clock import Clock
 from processors.database import Database
 from processors.resilience import CircuitOpen
+from processors.revalidate import FetchRevalidator
 from processors.sources import LocationSource, SourceRejected, SourceUnavailable
 from processors.topology import GEOCODE
 from schemas import store
@@ -34,12 +35,18 @@ log = logging.getLogger("trackstream.fetch")
 
 class FetchStage:
     def __init__(
-        self, db: Database, source: LocationSource, routes: dict[str, Route], clock: Clock
+        self,
+        db: Database,
+        source: LocationSource,
+        routes: dict[str, Route],
+        clock: Clock,
+        revalidator: FetchRevalidator | None = None,
     ):
         self.db = db
         self.source = source
         self.downstream = routes[GEOCODE]
         self.clock = clock
+        self.revalidator = revalidator
         self.reports_new = 0
 
     def _blocked_for_s(self) -> float:
@@ -59,8 +66,14 @@ class FetchStage:
 
     async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
         request = msg.payload
+        # re-validated against the database just before the call (processors/revalidate.py)
+        tracker_ids = list(request.tracker_ids)
+        if self.revalidator is not None:
+            tracker_ids = await self.revalidator.admit(request)
+            if not tracker_ids:
+                return
         try:
-            fixes = await self.source.fetch(request.tracker_ids)
+            fixes = await self.source.fetch(tracker_ids)
         except CircuitOpen as exc:
             # not tried at all: no delivery spent (the gate holds further reads)
             raise Defer("location source circuit is open", delay_ms=_ms(exc.retry_after_s)) from exc
@@ -87,7 +100,9 @@ class FetchStage:
             )
             for f in fixes
         ]
-        new = await self.db.run(_store, reports, list(request.tracker_ids), now)
+        new = await self.db.run(_store, reports, tracker_ids, now)
+        if self.revalidator is not None:
+            await self.revalidator.fetched(tracker_ids, now)
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
