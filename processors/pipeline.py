@@ -19,7 +19,7 @@ from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, Of
 from processors.reconciler import Reconciler
 from processors.resilience import CircuitBreaker, Limiter
 from processors.revalidate import FetchRevalidator
-from processors.scheduler import Capacity, Scheduler, SchedulerMetrics
+from processors.scheduler import Capacity, Scheduler
 from processors.sources import (
     HttpLocationSource,
     LocationSource,
@@ -119,7 +119,6 @@ class Pipeline:
         self.metrics = StreamMetrics(self.registry)
         self.middleware: list[Middleware] = [LoggingMiddleware(), self.metrics]
         self._stages: dict[str, Any] = {}
-        self._scheduler_metrics: SchedulerMetrics | None = None
 
     @property
     def geocoder(self) -> Geocoder:
@@ -196,8 +195,6 @@ class Pipeline:
             if use_lock
             else None
         )
-        if self._scheduler_metrics is None:
-            self._scheduler_metrics = SchedulerMetrics(self.registry)
         return Scheduler(
             self.db,
             self.producer,
@@ -214,7 +211,6 @@ class Pipeline:
             max_batches_per_tick=self.app.max_batches_per_tick,
             report_key=keys.state("report"),
             report_ttl_ms=max(60_000, int(self.app.schedule_interval_s * 5 * 1000)),
-            metrics=self._scheduler_metrics,
         )
 
     def reconciler(self) -> Reconciler:

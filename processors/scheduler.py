@@ -19,7 +19,7 @@ Each tick, under a Redis lease lock (``SET NX PX`` + fencing number):
    per ``min_fetch_interval_s``) with what the rate limit allows, logs when that changes
    (``slow``: each tracker comes round less often than the floor; ``overloaded``: a
    round of the fleet takes longer than ``max_tracker_age_s``, the 12-hour guarantee
-   cannot hold), exports it as metrics and leaves a report in Redis for ``status``.
+   cannot hold) and leaves a report in Redis, read by ``status`` and the exporter.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from processors.clock import Clock
 from processors.database import Database
@@ -90,43 +88,6 @@ class SchedulerReport:
         return f"{self.level}: {text}"
 
 
-class SchedulerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"trackstream_scheduler_{name}", doc, registry=registry)
-
-        self.backlog = gauge("fetch_backlog", "Fetch requests undelivered or pending")
-        self.backlog_bound = gauge("fetch_backlog_bound", "Fetch requests allowed outstanding")
-        self.in_run = gauge("trackers_in_run", "Active trackers inside their production run")
-        self.due = gauge("trackers_due", "In-run trackers neither reserved nor fetched lately")
-        self.demand = gauge(
-            "demand_trackers_per_second", "Fetches/s to fetch every in-run tracker per interval"
-        )
-        self.capacity = gauge(
-            "capacity_trackers_per_second", "Fetches/s the location API's rate limit allows"
-        )
-        self.cycle = gauge("cycle_seconds", "Expected time between two fetches of one tracker")
-        self.overloaded = gauge(
-            "overloaded", "1 when a round of the fleet takes longer than max_tracker_age_s"
-        )
-        self.scheduled = Counter(
-            "trackstream_scheduler_trackers_scheduled",
-            "Trackers published in fetch requests",
-            registry=registry,
-        )
-
-    def observe(self, r: SchedulerReport) -> None:
-        self.backlog.set(r.backlog)
-        self.backlog_bound.set(r.backlog_bound)
-        self.in_run.set(r.in_run)
-        self.due.set(r.due)
-        self.demand.set(r.demand_per_s)
-        self.capacity.set(r.capacity_per_s)
-        self.cycle.set(r.cycle_s)
-        self.overloaded.set(1 if r.level == OVERLOADED else 0)
-        self.scheduled.inc(r.scheduled)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -142,7 +103,6 @@ class Scheduler:
         max_batches_per_tick: int = 200,
         report_key: str | None = None,
         report_ttl_ms: int = 300_000,
-        metrics: SchedulerMetrics | None = None,
         repeat_warning_s: float = 3600.0,
     ) -> None:
         self.db = db
@@ -157,7 +117,6 @@ class Scheduler:
         self.max_batches_per_tick = max_batches_per_tick
         self.report_key = report_key
         self.report_ttl_ms = report_ttl_ms
-        self.metrics = metrics
         self.repeat_warning_s = repeat_warning_s
         self.batches_published = 0
         self.last_report: SchedulerReport | None = None
@@ -256,8 +215,6 @@ class Scheduler:
         )
         self._log_level(now, report)
         self.last_report = report
-        if self.metrics is not None:
-            self.metrics.observe(report)
         return report
 
     def _log_level(self, now: datetime, r: SchedulerReport) -> None:
