@@ -382,3 +382,77 @@ async def test_an_api_too_slow_for_the_fleet(standalone_target, unique_prefix, t
         )
     finally:
         await p.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_an_api_that_cannot_keep_the_guarantee(
+    standalone_target, unique_prefix, tmp_path, caplog
+):
+    """0.003 calls/s: a round of 10,000 trackers takes 14.5 h, so the 12-hour guarantee
+    cannot hold. The scheduler says so, keeps one request outstanding (the bound) and
+    serves exactly the most overdue trackers first, and the freshness numbers agree
+    with an independent count. Trackers were last fetched 1 to 11.9 h ago (random)."""
+    import random
+
+    from sqlalchemy import bindparam, update
+
+    from schemas import schedule
+    from schemas.tables import Tracker
+
+    caplog.set_level(logging.INFO, logger="trackstream")
+    rate = 0.003
+    db_url = f"sqlite:///{tmp_path}/overloaded.db"
+    upgrade(db_url)
+    clock = ManualClock(START)
+    api = SimulatedApi(clock)
+    p = make_pipeline(standalone_target, unique_prefix, db_url, clock, api, source_rate_per_s=rate)
+    always = Run(START - timedelta(days=1), START + timedelta(days=2))
+    runs = {f"T{i:05d}": always for i in range(N)}
+    ages = dict(zip(runs, random.Random(7).sample(range(3600, 42_840), N), strict=True))
+    try:
+        seed_fleet(p, runs)
+
+        def backdate(session) -> None:
+            t = Tracker.__table__
+            session.execute(
+                update(t)
+                .where(t.c.external_id == bindparam("ext"))
+                .values(last_fetched_at=bindparam("at"), last_processed_at=bindparam("at")),
+                [{"ext": ext, "at": START - timedelta(seconds=age)} for ext, age in ages.items()],
+            )
+
+        p.db.run_sync(backdate)
+        sim = FetchSim(p, api, clock, rate)
+        await sim.start()
+        end = START + timedelta(hours=2)
+        peak, scheduler = await simulate(
+            p, api, sim, clock, until=end, down_from=end, down_until=end
+        )
+        assert scheduler.capacity.backlog_bound == 1 and peak == 1
+        check_floor_and_runs(api, runs)
+        served = [t for _, ids in api.calls for t in ids]
+        most_overdue = sorted(ages, key=lambda t: -ages[t])
+        assert len(api.calls) >= int(7200 * rate)
+        assert served == most_overdue[: len(served)]
+
+        report = scheduler.last_report
+        assert report is not None and report.level == "overloaded"
+        said = [r for r in caplog.records if "too slow for the fleet" in r.message]
+        assert said and said[0].levelno == logging.ERROR
+        assert "cannot hold" in said[0].message and "14.5 h" in said[0].message
+
+        # the freshness numbers against the seeded ages
+        fetched = set(served)
+        age_now = {t: a + 7200 for t, a in ages.items() if t not in fetched}
+        expected_stale = sum(1 for a in age_now.values() if a > GUARANTEE_S)
+        fresh = p.db.run_sync(schedule.freshness, end, GUARANTEE_S)
+        assert fresh.in_run == N
+        assert fresh.stale == expected_stale > 0
+        assert fresh.oldest_age_s == max(age_now.values())
+        print(
+            f"\noverloaded: {len(api.calls)} calls served the {len(served)} most overdue "
+            f"in order; after 2 h {expected_stale} trackers past 12 h, oldest "
+            f"{fresh.oldest_age_s / 3600:.2f} h"
+        )
+    finally:
+        await p.aclose()
