@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
         once: Annotated[bool, typer.Option(help="one tick, then exit")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
-        """Publish fetch batches of eligible trackers, fairly, every schedule interval."""
+        """Publish fetch batches of due trackers, most overdue first, every schedule
+        interval, never more than the fetch stage can absorb (fetch_backlog_s)."""
         from processors.pipeline import Pipeline
 
         setup_logging(verbose)
