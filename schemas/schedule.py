@@ -139,12 +139,13 @@ def claim_fetch(
     token = batch_token(batch_id)
     cutoff = now - timedelta(seconds=min_interval_s)
     if session.get_bind().dialect.name == "postgresql":
-        # lock in id order first: overlapping claims cannot deadlock
+        # lock in id order first: overlapping claims cannot deadlock (NO KEY UPDATE:
+        # inserts of reports referencing these trackers are not blocked)
         session.execute(
             select(Tracker.id)
             .where(Tracker.external_id.in_(ids))
             .order_by(Tracker.id)
-            .with_for_update()
+            .with_for_update(key_share=True)
         )
     mine_unfinished = and_(
         Tracker.fetch_batch == token,
