@@ -53,8 +53,9 @@ class FetchRevalidator:
             for reason in REASONS:
                 self._counter.labels(reason)
 
-    async def admit(self, request: FetchRequested) -> list[str]:
-        """The request's trackers that may be fetched now (claimed for it)."""
+    async def admit(self, request: FetchRequested) -> FetchRequested | None:
+        """The request with only the trackers that may be fetched now (claimed for it),
+        or None when none may."""
         claim = await self.db.run(
             schedule.claim_fetch,
             request.tracker_ids,
@@ -76,7 +77,11 @@ class FetchRevalidator:
                 self.min_fetch_interval_s,
                 len(claim.outside_run),
             )
-        return claim.admitted
+        if not claim.admitted:
+            return None
+        if claim.admitted == list(request.tracker_ids):
+            return request
+        return request.model_copy(update={"tracker_ids": claim.admitted})
 
     async def fetched(self, tracker_ids: Sequence[str], at: datetime) -> None:
         """Their fetch succeeded: what the 12-hour guarantee is measured on."""

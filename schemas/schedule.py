@@ -133,9 +133,9 @@ def claim_fetch(
     on PostgreSQL a concurrent claim of the same row waits and re-checks the condition,
     on SQLite writers are serialised, so two requests never both get a tracker.
     """
-    ids = sorted(set(tracker_ids))
+    ids = sorted({t for t in tracker_ids if "\x00" not in t})  # no such row (PG refuses NUL)
     if not ids:
-        return FetchClaim([], [], [])
+        return FetchClaim([], [], list(dict.fromkeys(tracker_ids)))
     token = batch_token(batch_id)
     cutoff = now - timedelta(seconds=min_interval_s)
     if session.get_bind().dialect.name == "postgresql":

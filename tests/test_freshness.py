@@ -82,11 +82,11 @@ def test_claim_drops_recent_and_out_of_run_trackers_and_admits_a_retry(db: Db) -
             "F": {"fetch_claimed_at": T - timedelta(minutes=5), "fetch_batch": other},
         },
     )
-    ids = ["A", "B", "C", "D", "E-unknown", "F", "G"]
+    ids = ["A", "B", "C", "D", "E-unknown", "F", "G", "H\x00"]
     claim = db.run_sync(schedule.claim_fetch, ids, "b1", T, 300)
     assert claim.admitted == ["A", "F"]
     assert claim.too_soon == ["B"]
-    assert claim.outside_run == ["C", "D", "E-unknown", "G"]
+    assert claim.outside_run == ["C", "D", "E-unknown", "G", "H\x00"]  # never queried
     # the same request again (its call failed): admitted again
     assert db.run_sync(
         schedule.claim_fetch, ids, "b1", T + timedelta(seconds=10), 300
@@ -181,7 +181,7 @@ class CountingApi:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    async def fetch(self, tracker_ids: Any) -> list[Fix]:
+    async def fetch(self, tracker_ids: Any, *_: Any) -> list[Fix]:
         self.calls.append(list(tracker_ids))
         return []
 

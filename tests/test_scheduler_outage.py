@@ -52,7 +52,7 @@ class SimulatedApi:
         self.calls: list[tuple[datetime, list[str]]] = []
         self.failed_calls = 0
 
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+    async def fetch(self, tracker_ids: Sequence[str], *_: object) -> list[Fix]:
         if self.down:
             self.failed_calls += 1
             raise SourceUnavailable("simulated outage")

@@ -66,14 +66,12 @@ class FetchStage:
 
     async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
         request = msg.payload
-        # re-validated against the database just before the call (processors/revalidate.py)
-        tracker_ids = list(request.tracker_ids)
-        if self.revalidator is not None:
-            tracker_ids = await self.revalidator.admit(request)
-            if not tracker_ids:
+        if self.revalidator is not None:  # the 5-minute floor and runs, now (revalidate.py)
+            if (admitted := await self.revalidator.admit(request)) is None:
                 return
+            request = admitted
         try:
-            fixes = await self.source.fetch(tracker_ids)
+            fixes = await self.source.fetch(request.tracker_ids)
         except CircuitOpen as exc:
             # not tried at all: no delivery spent (the gate holds further reads)
             raise Defer("location source circuit is open", delay_ms=_ms(exc.retry_after_s)) from exc
@@ -100,12 +98,12 @@ class FetchStage:
             )
             for f in fixes
         ]
-        new = await self.db.run(_store, reports, tracker_ids, now)
-        if self.revalidator is not None:
-            await self.revalidator.fetched(tracker_ids, now)
+        new = await self.db.run(_store, reports, list(request.tracker_ids), now)
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
+        if self.revalidator is not None:
+            await self.revalidator.fetched(request.tracker_ids, now)
 
 
 def _store(session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any) -> Any:
