@@ -301,16 +301,16 @@ def test_status_shows_freshness_and_the_scheduler(standalone_target, unique_pref
     finally:
         d.engine.dispose()
 
-    async def tick() -> None:
-        p = pipeline(standalone_target, unique_prefix, db_url, lambda: datetime.now(UTC))
-        try:
-            await p.scheduler().tick()
-        finally:
-            await p.aclose()
-
-    asyncio.run(tick())
     flags = ["--redis-url", standalone_target.url, "--prefix", unique_prefix]
     flags += ["--database-url", db_url]
+    tick = CliRunner().invoke(app, [*flags, "scheduler", "--once"])
+    assert tick.exit_code == 0, tick.output
+    assert "published 1 batches" in tick.output
+    assert "ok: 3 trackers in run, 3 due" in " ".join(tick.output.split())
+    bad = CliRunner().invoke(
+        app, [*flags, "scheduler", "--once"], env={"TRACKSTREAM_FETCH_BACKLOG_S": "900"}
+    )
+    assert bad.exit_code == 2 and "fetch_backlog_s (TRACKSTREAM_FETCH_BACKLOG_S)" in bad.output
     run = lambda *args: CliRunner().invoke(app, [*flags, "status", "--no-require-consumers", *args])  # noqa: E731
     result = run("--json")
     assert result.exit_code == 1, result.output

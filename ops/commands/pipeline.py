@@ -106,6 +106,8 @@ def register(app: typer.Typer) -> None:
                 if once:
                     batches = await sched.tick()
                     console.print(f"published {len(batches)} batches")
+                    if sched.last_report is not None:
+                        console.print(sched.last_report.summary())
                     return
                 stop = asyncio.Event()
                 await _stop_on_signal(stop)
