@@ -41,6 +41,10 @@ class AppSettings(BaseSettings):
     min_fetch_interval_s: int = Field(300, ge=1)
     batch_trackers: int = Field(64, ge=1, le=64)
     max_batches_per_tick: int = Field(200, ge=1)
+    # the scheduler's backpressure: fetch requests outstanding at most what the rate
+    # limit fetches in this many seconds (unset: min_fetch_interval_s)
+    fetch_backlog_s: float | None = Field(None, gt=0)
+    max_tracker_age_s: int = Field(43_200, ge=1)  # the freshness guarantee (12 h)
 
     view_refresh_interval_s: float = Field(10.0, ge=0)
     reconcile_grace_s: int = Field(300, ge=1)
@@ -72,7 +76,28 @@ class AppSettings(BaseSettings):
             raise ValueError("source_url is required when source is 'http'")
         if self.geocoder == "nominatim" and not self.geocoder_url:
             raise ValueError("geocoder_url is required when geocoder is 'nominatim'")
+        if self.max_tracker_age_s <= self.min_fetch_interval_s:
+            raise ValueError(
+                "max_tracker_age_s must be greater than min_fetch_interval_s "
+                f"({self.max_tracker_age_s} <= {self.min_fetch_interval_s})"
+            )
+        if self.fetch_backlog_s is not None and not (
+            self.schedule_interval_s <= self.fetch_backlog_s <= self.min_fetch_interval_s
+        ):
+            raise ValueError(
+                "fetch_backlog_s must lie between schedule_interval_s and min_fetch_interval_s "
+                f"(got {self.fetch_backlog_s:g}, not in {self.schedule_interval_s:g}.."
+                f"{self.min_fetch_interval_s}): shorter starves the fetch stage between "
+                "ticks, longer lets requests outlive their reservations"
+            )
         return self
+
+    @property
+    def fetch_backlog_bound_s(self) -> float:
+        """The fetch backlog bound in seconds of fetching (default: the interval)."""
+        if self.fetch_backlog_s is None:
+            return float(self.min_fetch_interval_s)
+        return self.fetch_backlog_s
 
     @classmethod
     def build(cls, **values: Any) -> Self:

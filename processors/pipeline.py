@@ -18,7 +18,8 @@ from processors.database import Database
 from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, OfflineGeocoder
 from processors.reconciler import Reconciler
 from processors.resilience import CircuitBreaker, Limiter
-from processors.scheduler import Scheduler
+from processors.revalidate import FetchRevalidator
+from processors.scheduler import Capacity, Scheduler
 from processors.sources import (
     HttpLocationSource,
     LocationSource,
@@ -151,7 +152,10 @@ class Pipeline:
 
     def _make_stage(self, name: str) -> Any:
         if name == topology.FETCH:
-            return FetchStage(self.db, self.source, self.routes, self.clock)
+            revalidator = FetchRevalidator(
+                self.db, self.clock, self.app.min_fetch_interval_s, self.registry
+            )
+            return FetchStage(self.db, self.source, self.routes, self.clock, revalidator)
         if name == topology.GEOCODE:
             return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
         if name == topology.GEOFENCE:
@@ -197,9 +201,16 @@ class Pipeline:
             self.routes[topology.FETCH],
             lock,
             self.clock,
-            batch_trackers=self.app.batch_trackers,
+            capacity=Capacity(
+                self.app.source_rate_per_s,
+                self.app.batch_trackers,
+                self.app.fetch_backlog_bound_s,
+            ),
             min_fetch_interval_s=self.app.min_fetch_interval_s,
+            max_tracker_age_s=self.app.max_tracker_age_s,
             max_batches_per_tick=self.app.max_batches_per_tick,
+            report_key=keys.state("report"),
+            report_ttl_ms=max(60_000, int(self.app.schedule_interval_s * 5 * 1000)),
         )
 
     def reconciler(self) -> Reconciler:

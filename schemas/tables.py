@@ -105,7 +105,11 @@ class Tracker(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     run_starts_at: Mapped[datetime | None]
     run_ends_at: Mapped[datetime | None]
-    last_processed_at: Mapped[datetime | None]
+    last_processed_at: Mapped[datetime | None]  # the scheduler's reservation
+    # fetch bookkeeping (schemas.schedule): last successful fetch; last claim at fetch time
+    last_fetched_at: Mapped[datetime | None]
+    fetch_claimed_at: Mapped[datetime | None]
+    fetch_batch: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
     __table_args__ = (

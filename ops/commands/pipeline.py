@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
         once: Annotated[bool, typer.Option(help="one tick, then exit")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
-        """Publish fetch batches of eligible trackers, fairly, every schedule interval."""
+        """Publish fetch batches of due trackers, most overdue first, every schedule
+        interval, never more than the fetch stage can absorb (fetch_backlog_s)."""
         from processors.pipeline import Pipeline
 
         setup_logging(verbose)
@@ -108,6 +109,8 @@ def register(app: typer.Typer) -> None:
                 if once:
                     batches = await sched.tick()
                     console.print(f"published {len(batches)} batches")
+                    if sched.last_report is not None:
+                        console.print(sched.last_report.summary())
                     return
                 stop = asyncio.Event()
                 await _stop_on_signal(stop)
