@@ -180,40 +180,53 @@ def connect(settings: StreamSettings) -> Client:
 async def probe(settings: StreamSettings) -> None:
     """Check once, quickly, that a Redis answers at one of the seed URLs.
 
-    Each seed gets ``connect_timeout_ms`` to accept, and as long again to answer PING,
-    without retries. Raises :class:`RedisUnavailable` (one line, URL without password)
-    if none does: refused, silent, not speaking Redis, or refusing the login.
+    All seeds are tried at once; each gets ``connect_timeout_ms`` to accept and as long
+    to answer PING, without retries. Raises :class:`RedisUnavailable` (one line, URL
+    without password) if none does: refused, silent, not speaking Redis, or refusing
+    the login.
     """
     timeout_s = settings.connect_timeout_ms / 1000
-    problems: list[str] = []
-    for url in seed_urls(settings.redis_url):
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            single_connection_client=True,
-        )
+    seeds = seed_urls(settings.redis_url)
+    tasks = [asyncio.ensure_future(_ping(url, timeout_s)) for url in seeds]
+    try:
+        for next_done in asyncio.as_completed(tasks):  # all seeds at once: the first wins
+            if await next_done is None:
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    problems = [t.result() for t in tasks]
+    if len(seeds) > 1:
+        problems = [f"{redact(url)}: {p}" for url, p in zip(seeds, problems, strict=True)]
+    raise RedisUnavailable(redact(settings.redis_url), ProbeFailed("; ".join(map(str, problems))))
+
+
+async def _ping(url: str, timeout_s: float) -> str | None:
+    """None if ``url`` answers PING, else what is wrong with it."""
+    client = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+    try:
+        async with asyncio.timeout(timeout_s * 2 + 1):  # a backstop for the socket's
+            await client.ping()
+        return None
+    except (TimeoutError, rex.TimeoutError):
+        return f"no reply within {timeout_s:g} s"
+    except rex.InvalidResponse as exc:
+        return f"does not speak the Redis protocol ({_short(exc)})"
+    except Exception as exc:
+        return _short(exc)
+    finally:
         try:
-            async with asyncio.timeout(timeout_s * 2 + 1):
-                await client.ping()
-            return
-        except TimeoutError:
-            problems.append(f"{redact(url)}: no reply within {timeout_s * 2:g} s")
-        except rex.InvalidResponse as exc:
-            problems.append(f"{redact(url)}: does not speak the Redis protocol ({_short(exc)})")
-        except Exception as exc:
-            if isinstance(exc, rex.TimeoutError):
-                problems.append(f"{redact(url)}: no reply within {timeout_s * 2:g} s")
-            else:
-                problems.append(f"{redact(url)}: {_short(exc)}")
-        finally:
-            try:
-                async with asyncio.timeout(1):
-                    await client.aclose()
-            except Exception:  # closing a broken connection: nothing left to do
-                log.debug("closing the probe connection failed", exc_info=True)
-    raise RedisUnavailable(redact(settings.redis_url), ProbeFailed("; ".join(problems)))
+            async with asyncio.timeout(1):
+                await client.aclose()
+        except Exception:  # closing a broken connection: nothing left to do
+            log.debug("closing the probe connection failed", exc_info=True)
 
 
 class ProbeFailed(Exception):

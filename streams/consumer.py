@@ -218,6 +218,7 @@ class Consumer:
         self._cursors: dict[str, str] = {}
         self._outage_since: float | None = None
         self._failures = 0  # consecutive failed steps (backoff)
+        self._last_failure = 0.0
         self._deadlines: set[asyncio.Timeout] = set()  # of the handlers running now
         self._grace_over = False
         self.handled = 0  # entries acked by this consumer (for tests and progress)
@@ -335,15 +336,19 @@ class Consumer:
                     exc_info=exc,
                 )
             self._failures += 1
+            self._last_failure = time.monotonic()
             await self._pause(self._backoff_s())
             return None
         self._failures = 0
-        if self._outage_since is not None:
+        now = time.monotonic()
+        # "back" once steps have succeeded for a second: in a cluster, steps on healthy
+        # masters succeed between those on the failed one
+        if self._outage_since is not None and now - self._last_failure >= 1.0:
             log.warning(
                 "%s/%s: Redis is back after %.1f s",
                 self.stage,
                 self.name,
-                time.monotonic() - self._outage_since,
+                self._last_failure - self._outage_since,
             )
             self._outage_since = None
             self._lost_check = True

@@ -104,11 +104,11 @@ def valkey_cluster() -> Iterator[RedisCluster]:
     yield from _cluster("valkey")
 
 
-@pytest.fixture(scope="module")
-def replicated_cluster() -> Iterator[RedisCluster]:
-    """3 masters + 3 replicas, ``cluster-node-timeout 2000``, for fault tests: one per
-    module, as its tests kill, fail over and migrate."""
-    yield from _cluster("redis", replicas=1, node_timeout_ms=2000)
+@pytest.fixture(scope="module", params=["redis", "valkey"])
+def replicated_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
+    """3 masters + 3 replicas, ``cluster-node-timeout 2000``, for fault tests, on Redis
+    and on Valkey: one per module, as its tests kill, fail over and migrate."""
+    yield from _cluster(request.param, replicas=1, node_timeout_ms=2000)
 
 
 @pytest.fixture

@@ -139,20 +139,8 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "redis.log"
         args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(log),
-            *self.extra,
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "no", "--logfile", str(log), *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -443,23 +431,11 @@ class PostgresServer:
             shutil.chown(root, "postgres", "postgres")
             os.chmod(root, 0o700)
         init = subprocess.run(
-            server._as_owner(
-                [
-                    str(server.bindir / "initdb"),
-                    "-D",
-                    str(server.dir),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--no-sync",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
+            server._as_owner([
+                str(server.bindir / "initdb"), "-D", str(server.dir), "-U", "postgres",
+                "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+            ]),
+            capture_output=True, text=True, timeout=timeout_s,
         )
         if init.returncode != 0:
             raise ServerUnavailable(f"initdb failed: {init.stderr[-1500:]}")
@@ -468,24 +444,11 @@ class PostgresServer:
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         started = subprocess.run(
-            server._as_owner(
-                [
-                    str(server.bindir / "pg_ctl"),
-                    "-D",
-                    str(server.dir),
-                    "-l",
-                    str(root / "postgres.log"),
-                    "-o",
-                    opts,
-                    "-w",
-                    "-t",
-                    str(int(timeout_s)),
-                    "start",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s + 10,
+            server._as_owner([
+                str(server.bindir / "pg_ctl"), "-D", str(server.dir), "-l",
+                str(root / "postgres.log"), "-o", opts, "-w", "-t", str(int(timeout_s)), "start",
+            ]),
+            capture_output=True, text=True, timeout=timeout_s + 10,
         )
         if started.returncode != 0:
             log = root / "postgres.log"

@@ -143,3 +143,38 @@ async def test_sigterm_ends_a_worker_whose_redis_went_silent(
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_ends_the_scheduler_whose_redis_went_silent(redis_factory, tmp_path, unique_prefix):
+    server = redis_factory()
+    env = _env(tmp_path)
+    env.update(
+        TRACKSTREAM_REDIS_URL=server.url,
+        TRACKSTREAM_PREFIX=unique_prefix,
+        TRACKSTREAM_SCHEDULE_INTERVAL_S="0.2",
+    )
+    subprocess.run([TRACKSTREAM, "db", "upgrade"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [TRACKSTREAM, "scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        lock = f"{unique_prefix}:{{scheduler}}:lock:tick"
+        deadline = time.monotonic() + 20
+        while server.cmd("EXISTS", lock) != b":1\r\n":  # it ticks, holding its lock
+            assert proc.poll() is None and time.monotonic() < deadline, "no tick"
+            time.sleep(0.05)
+        server.pause()
+        time.sleep(0.5)  # a round is now waiting on Redis
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5 + 5)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the scheduler was still running 10 s after SIGTERM")
+        print(f"scheduler stopped {time.monotonic() - start:.1f} s after SIGTERM")
+    finally:
+        server.resume()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -41,13 +41,27 @@ async def _stop_on_signal(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _every(interval_s: float, stop: asyncio.Event, step: object) -> None:
-    """Run ``step()`` every ``interval_s`` until ``stop``; a failed round is logged."""
+async def _every(
+    interval_s: float, stop: asyncio.Event, step: object, grace_s: float = 5.0
+) -> None:
+    """Run ``step()`` every ``interval_s`` until ``stop``; a failed round is logged. A
+    round still running ``grace_s`` after ``stop`` (Redis not answering) is cancelled."""
     while not stop.is_set():
-        try:
-            await step()  # type: ignore[operator]
-        except Exception:
-            log.exception("round failed; trying again in %.1f s", interval_s)
+        round_ = asyncio.ensure_future(step())  # type: ignore[operator]
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({round_, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not round_.done():
+            await asyncio.wait({round_}, timeout=grace_s)
+            if not round_.done():
+                log.error("round still running %.0f s after stop; cancelled", grace_s)
+                round_.cancel()
+                await asyncio.wait({round_}, timeout=1)
+                return
+        if not round_.cancelled() and round_.exception() is not None:
+            log.error(
+                "round failed; trying again in %.1f s", interval_s, exc_info=round_.exception()
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
 
