@@ -457,6 +457,97 @@ async def test_a_retry_waiting_longer_than_claim_idle_keeps_its_delivery_count(
         await client.aclose()
 
 
+@pytest.mark.timeout(90)
+async def test_a_downstream_masters_outage_dead_letters_nothing(unique_prefix, caplog):
+    """A cluster where the next stage's master is frozen while the consumer's own is
+    fine: reading, claiming and retrying work, only the publish fails. Before, every
+    retry re-ran the handler and failed the publish again until max_deliveries; now
+    the handled work waits for the master and goes out once."""
+    import shutil
+
+    from redis.crc import key_slot
+
+    from tests.conftest import RedisTarget, unavailable
+    from tests.servers import RedisCluster, ServerUnavailable, _redis_cmd, temp_root
+
+    root = temp_root("ts-h2-cluster-")
+    try:
+        cluster = RedisCluster.start(root)
+    except (ServerUnavailable, OSError) as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        unavailable("Redis Cluster", exc)
+    for node in cluster.nodes:  # the other masters keep serving their slots
+        _redis_cmd(node.port, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+    target = RedisTarget(cluster.url, True)
+    settings = fast_settings(
+        target, unique_prefix, socket_timeout_ms=300, connect_retries=1, connect_backoff_max_ms=50
+    )
+    client = connect(settings)
+    frozen = None
+    try:
+        route = Route(unique_prefix, "work")
+        await client.ping()
+
+        def port_of(stage: str) -> int:
+            slot = key_slot(Route(unique_prefix, stage).keys().stream.encode())
+            return int(client.nodes_manager.get_node_from_slot(slot).port)
+
+        # not the URL's node either: redis-py asks it for XREADGROUP's keys (issue 8,
+        # item 3, another change), and this test is about the publish only
+        seed = cluster.nodes[0].port
+        downstream = next(
+            f"out{i}" for i in range(200) if port_of(f"out{i}") not in (port_of("work"), seed)
+        )
+        out = Route(unique_prefix, downstream)
+        await publish(client, route, range(40))
+        calls = Counter()
+
+        async def handle(msg, ctx):
+            calls[msg.payload.n] += 1
+            ctx.publish(out, Echo(n=msg.payload.n, call=calls[msg.payload.n], consumer="w"))
+
+        frozen = next(n for n in cluster.nodes if n.port == port_of(downstream))
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        worker = Worker(client, settings, route, codec(), handler=handle, consumer="w")
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_for(lambda: len(calls) == 40, 20, "every entry handled once")
+            held_at = time.monotonic()
+            while time.monotonic() - held_at < 3:  # > 50 retry delays of the old way
+                assert not task.done()
+                await asyncio.sleep(0.1)
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+            frozen = None
+
+            async def done() -> bool:
+                try:
+                    raw = await client.xrange(out.keys().stream)
+                    return len({codec().decode(f).payload.n for _, f in raw}) == 40
+                except Exception:  # the master is still rejoining
+                    return False
+
+            await wait_for(done, 40, "the kept work published once the master is back")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 20)
+        raw = await client.xrange(out.keys().stream)
+        ids_per_n: dict[int, set[str]] = {}
+        for _, f in raw:
+            env = codec().decode(f)
+            ids_per_n.setdefault(env.payload.n, set()).add(env.msg_id)
+        assert sorted(ids_per_n) == list(range(40))
+        assert {len(v) for v in ids_per_n.values()} == {1}, "each message published once"
+        assert set(calls.values()) == {1}, "no handler ran twice"
+        assert await DeadLetters(client, route.keys()).count() == 0
+        assert "keeping" in caplog.text, "the publish did fail"
+    finally:
+        if frozen is not None:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        await client.aclose()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.timeout(180)
 async def test_a_60_s_outage_mid_flight_spends_nothing(redis_factory, unique_prefix, tmp_path):
     """Redis is frozen (SIGSTOP) for 60 s while a worker process has a batch in its
