@@ -57,6 +57,23 @@ redis.call('HDEL', KEYS[2], ARGV[2])
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
 """
 
+# KEYS: heartbeats. ARGV: consumer. Records Redis's own time (unix ms) as the
+# consumer's heartbeat, so the hosts' clocks do not matter; returns it.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now)
+return now
+"""
+
+# KEYS: heartbeats. Returns {now (unix ms by Redis's clock), consumer, beat, ...}.
+READ_HEARTBEATS = """
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
+return out
+"""
+
 # KEYS: lock, fence. ARGV: token, ttl ms. Returns the fencing number, or false.
 ACQUIRE_LOCK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
