@@ -75,7 +75,7 @@ from streams.middleware import BatchCall, MessageCall, Middleware
 from streams.monitor import heartbeats, stream_status
 from streams.parse import Entry, parse_entries, parse_read
 from streams.producer import Outbox, Route
-from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK
+from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK, Lua
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
@@ -209,8 +209,8 @@ class Consumer:
         self.stop_event = stop or asyncio.Event()
         self.gate = gate
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
-        self._hand_back = client.register_script(HAND_BACK)
-        self._delete_consumer = client.register_script(DELETE_IDLE_CONSUMER)
+        self._hand_back = Lua(client, HAND_BACK)
+        self._delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
         self._url = settings.redis_url
         self._retries: dict[tuple[str, str], _Due] = {}
         self._held: list[_Outcome] = []  # finished work kept through an outage

@@ -5,6 +5,31 @@ another consumer claimed in the meantime is left alone.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as rex
+
+
+class Lua:
+    """A script run with EVALSHA on the node of its keys, and with EVAL there when that
+    node does not have it yet (a restart, a promoted replica). Never SCRIPT LOAD: on a
+    cluster redis-py sends that to every master, so one master down would stop the
+    scripts of healthy stages too. Called like redis-py's ``register_script``."""
+
+    def __init__(self, client: Any, text: str) -> None:
+        self.client = client
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            return await self.client.eval(self.text, len(keys), *keys, *args)
+
+
 # KEYS: stream, dlq. ARGV: group, consumer, entry id, field, value, ...
 # Moves a pending entry of `consumer` to the dead-letter stream and acks it.
 DEAD_LETTER = """
