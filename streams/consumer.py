@@ -72,10 +72,10 @@ from streams.faults import classify, describe
 from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import BatchCall, MessageCall, Middleware
-from streams.monitor import stream_status
+from streams.monitor import heartbeats, stream_status
 from streams.parse import Entry, parse_entries, parse_read
 from streams.producer import Outbox, Route
-from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK
+from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK, Lua
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
@@ -209,8 +209,8 @@ class Consumer:
         self.stop_event = stop or asyncio.Event()
         self.gate = gate
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
-        self._hand_back = client.register_script(HAND_BACK)
-        self._delete_consumer = client.register_script(DELETE_IDLE_CONSUMER)
+        self._hand_back = Lua(client, HAND_BACK)
+        self._delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
         self._url = settings.redis_url
         self._retries: dict[tuple[str, str], _Due] = {}
         self._held: list[_Outcome] = []  # finished work kept through an outage
@@ -546,23 +546,19 @@ class Consumer:
     async def _remove_dead_consumers(self) -> None:
         """Take the pending entries of dead consumers at once, then delete them.
 
-        Dead: no heartbeat for ``consumer_dead_after_ms`` and no stream command for as
-        long (XINFO idle; this also guards against a skewed clock of the host that
-        beats). A live consumer in a slow handler keeps beating, so it is never dead.
+        Dead: no heartbeat for ``consumer_dead_after_ms`` (by Redis's clock) and no
+        stream command for as long (XINFO idle). A live consumer in a slow handler
+        keeps beating, so it is never dead.
         """
-        now_ms = time.time_ns() // 1_000_000
         dead_after = self.settings.consumer_dead_after_ms
-        heartbeats = {
-            _s(k): int(v)
-            for k, v in (await self._translated(self.client.hgetall(self.keys.heartbeats))).items()
-        }
+        now_ms, beats = await self._translated(heartbeats(self.client, self.keys))
         for stream in self.keys.streams():
             consumers = await self._translated(self.client.xinfo_consumers(stream, self.keys.group))
             for c in consumers:
                 name = _s(c["name"])
                 if name == self.name or int(c["idle"]) < dead_after:
                     continue
-                if now_ms - heartbeats.get(name, 0) < dead_after:
+                if now_ms - beats.get(name, 0) < dead_after:
                     continue
                 if int(c["pending"]) > 0 and not await self._claim_from_dead(stream, name):
                     continue  # still owns entries (more than one tick's worth)

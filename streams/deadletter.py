@@ -26,7 +26,7 @@ from streams.connection import Client, translate
 from streams.keys import StageKeys
 from streams.message import Fields
 from streams.parse import entry_ms, parse_entries
-from streams.scripts import DEAD_LETTER, REDRIVE
+from streams.scripts import DEAD_LETTER, REDRIVE, Lua
 
 CATEGORIES = ("decode", "validation", "handler", "max-deliveries", "timeout")
 META = b"dlq:"
@@ -170,8 +170,8 @@ class DeadLetters:
         self.client = client
         self.keys = keys
         self.url = url
-        self._move = client.register_script(DEAD_LETTER)
-        self._redrive = client.register_script(REDRIVE)
+        self._move = Lua(client, DEAD_LETTER)
+        self._redrive = Lua(client, REDRIVE)
 
     async def move(
         self,

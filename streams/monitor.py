@@ -27,6 +27,7 @@ from redis import exceptions as rex
 from streams.connection import Client, translate
 from streams.keys import StageKeys
 from streams.parse import entry_ms, parse_entries
+from streams.scripts import READ_HEARTBEATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,15 @@ async def _count_after(client: Client, stream: str, after: str, cap: int) -> tup
     return n, False
 
 
+async def heartbeats(client: Client, keys: StageKeys) -> tuple[int, dict[str, int]]:
+    """Redis's time now and each consumer's last heartbeat (unix ms, both by the clock
+    of the Redis holding the stage, so the hosts' clocks do not matter)."""
+    # EVAL, not a registered script: on a cluster, loading one goes to every master
+    reply = await client.eval(READ_HEARTBEATS, 1, keys.heartbeats)
+    now_ms = int(reply[0])
+    return now_ms, {_s(k): int(v) for k, v in zip(reply[1::2], reply[2::2], strict=True)}
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -174,12 +184,11 @@ async def stream_status(
 
 
 async def stage_status(client: Client, keys: StageKeys, url: str = "") -> StageStatus:
-    now_ms = time.time_ns() // 1_000_000
     with translate(url, keys.stream, keys.group):
+        now_ms, beats = await heartbeats(client, keys)  # ages by Redis's clock
         streams = [
             await stream_status(client, s, keys.group, now_ms=now_ms) for s in keys.streams()
         ]
-        beats = {_s(k): int(v) for k, v in (await client.hgetall(keys.heartbeats)).items()}
         merged: dict[str, tuple[int, int]] = {}
         for st in streams:
             if not st.group_exists:

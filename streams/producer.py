@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from streams.connection import Client, translate
 from streams.keys import StageKeys, shard_for
 from streams.message import Codec, Fields
-from streams.scripts import XADD_MANY
+from streams.scripts import XADD_MANY, Lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ class Outbox:
         groups: dict[str, list[int]] = {}
         for index, (stream, _) in enumerate(self.entries):
             groups.setdefault(stream, []).append(index)
-        xadd_many = client.register_script(XADD_MANY)
+        xadd_many = Lua(client, XADD_MANY)
 
         async def write(stream: str, indexes: list[int]) -> list[Any]:
             if len(indexes) == 1:

@@ -38,7 +38,7 @@ class StreamSettings(BaseSettings):
     claim_count: int = Field(100, ge=1, le=10_000)
 
     heartbeat_interval_ms: int = Field(2_000, ge=10)
-    consumer_dead_after_ms: int = Field(10_000, ge=100)
+    consumer_dead_after_ms: int = Field(8_000, ge=100)
     shutdown_grace_ms: int = Field(10_000, ge=0)
     max_message_bytes: int = Field(512 * 1024, ge=64)
 

@@ -4,17 +4,17 @@ Consumer names are stable across restarts: ``{host}-{n}`` with the lowest ``n`` 
 lease (``SET NX PX``) is free, or free because the process that held it on this host
 is gone. A worker restarted on the same host therefore takes its old name back and
 re-reads its own pending entries at once; one on another host gets a new name, and
-the old name's entries are claimed after ``claim_idle_ms``.
+the old name's entries are claimed by a live peer once it is known dead.
 
 Heartbeats: every ``heartbeat_interval_ms`` the worker renews its name's lease and
-writes its time into each shard's heartbeats hash; peers take a consumer as dead
-after ``consumer_dead_after_ms`` without one (see :mod:`streams.consumer`). A beat
-that fails, for whatever reason, is logged with the worker's name, counted
-(``on_heartbeat_failed``) and tried again sooner; the loop never ends before the
-worker does. A worker whose beats have failed for half of ``consumer_dead_after_ms``
-knows its peers will soon take it for dead: it reads and claims nothing new (its
-gate stays closed) until a beat gets through, instead of consuming what they are
-about to claim.
+writes Redis's time (not the host's) into each shard's heartbeats hash; peers take a
+consumer as dead after ``consumer_dead_after_ms`` without one (see
+:mod:`streams.consumer`). A beat that fails, for whatever reason, is logged with the
+worker's name, counted (``on_heartbeat_failed``) and tried again sooner; the loop
+never ends before the worker does. A worker whose beats have failed for half of
+``consumer_dead_after_ms`` knows its peers will soon take it for dead: it reads and
+claims nothing new (its gate stays closed) until a beat gets through, instead of
+consuming what they are about to claim.
 
 Signal handlers are installed by :func:`run_until_signal`, never by constructors.
 """
@@ -40,6 +40,7 @@ from streams.keys import StageKeys, check_name
 from streams.message import Codec
 from streams.middleware import Middleware
 from streams.producer import Route
+from streams.scripts import HEARTBEAT
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.worker")
@@ -214,17 +215,15 @@ class Worker:
 
     async def _heartbeat_once(self) -> None:
         assert self.name is not None
-        now_ms = time.time_ns() // 1_000_000
         with translate(self.settings.redis_url):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(
+            await self.client.set(
                 self._lease_keys.lease(self.name),
                 self._token,
                 px=self.settings.consumer_dead_after_ms,
             )
-            for c in self.consumers:
-                pipe.hset(c.keys.heartbeats, self.name, now_ms)
-            await pipe.execute()
+            for c in self.consumers:  # Redis's time, not ours. EVAL: on a cluster,
+                # loading a script (EVALSHA's fallback) needs every master up
+                await self.client.eval(HEARTBEAT, 1, c.keys.heartbeats, self.name)
 
     @property
     def beat_stale(self) -> bool:
