@@ -42,6 +42,15 @@ class AppSettings(BaseSettings):
     batch_trackers: int = Field(64, ge=1, le=64)
     max_batches_per_tick: int = Field(200, ge=1)
 
+    # position quality before geofencing (processors.crossings.Rules), and hysteresis
+    fix_max_accuracy_m: float = Field(500.0, gt=0)
+    fix_max_speed_kmh: float = Field(300.0, ge=0)  # 0: no speed filter
+    fix_future_tolerance_s: float = Field(300.0, ge=0)
+    fix_reject_zero: bool = True
+    fix_reject_duplicates: bool = True
+    geofence_margin_m: float = Field(30.0, ge=0, le=10_000)
+    geofence_use_accuracy: bool = True
+
     view_refresh_interval_s: float = Field(10.0, ge=0)
     reconcile_grace_s: int = Field(300, ge=1)
     reconcile_interval_s: float = Field(60.0, gt=0)
@@ -58,6 +67,20 @@ class AppSettings(BaseSettings):
         if self.geocoder == "nominatim" and not self.geocoder_url:
             raise ValueError("geocoder_url is required when geocoder is 'nominatim'")
         return self
+
+    def geofence_rules(self) -> Any:
+        """The position-quality and hysteresis rules (:class:`processors.crossings.Rules`)."""
+        from processors.crossings import Rules
+
+        return Rules(
+            margin_m=self.geofence_margin_m,
+            use_accuracy=self.geofence_use_accuracy,
+            max_accuracy_m=self.fix_max_accuracy_m,
+            max_speed_kmh=self.fix_max_speed_kmh or None,
+            future_tolerance_s=self.fix_future_tolerance_s,
+            reject_zero=self.fix_reject_zero,
+            reject_duplicates=self.fix_reject_duplicates,
+        )
 
     @classmethod
     def build(cls, **values: Any) -> Self:
