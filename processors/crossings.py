@@ -262,10 +262,20 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
     statuses: list[list[str]] = []
     seg_fix: list[tuple[int, int]] = []  # (window, fix index) of each segment's end
     seg_prev: list[Fix | None] = []
+    ends: list[int] = []  # fixes evaluated per window
     for w_i, w in enumerate(windows):
         last = w.fixes[0] if w.anchored else None
         st: list[str] = [OK] if w.anchored else []
-        for f_i in range(1 if w.anchored else 0, len(w.fixes)):
+        end = len(w.fixes)
+        if w.stop_after_us is not None:
+            # a report after the batch that was never evaluated will be, in its own
+            # check, which carries on from here: stop before it
+            stop = w.stop_after_us
+            end = next(
+                (j for j, f in enumerate(w.fixes) if f.t_us > stop and f.status is None), end
+            )
+        ends.append(end)
+        for f_i in range(1 if w.anchored else 0, end):
             fix = w.fixes[f_i]
             problem = fix_problem(fix, last, rules)
             st.append(problem or OK)
@@ -290,7 +300,8 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
         state = carry.dumps()
         converged = False
         hi_us: int | None = None
-        for f_i in range(1 if w.anchored else 0, len(w.fixes)):
+        seg_end = seg_i + sum(1 for st in statuses[w_i][1 if w.anchored else 0 :] if st == OK)
+        for f_i in range(1 if w.anchored else 0, ends[w_i]):
             fix, status = w.fixes[f_i], statuses[w_i][f_i]
             if status != OK:
                 results.append((fix, status, None, []))
@@ -308,9 +319,10 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
                 and fix.state == state
             ):
                 converged, hi_us = True, fix.t_us
-                # skip the segments of the fixes not evaluated
-                seg_i += sum(1 for j in range(f_i + 1, len(w.fixes)) if statuses[w_i][j] == OK)
                 break
+        if not converged and ends[w_i] < len(w.fixes):
+            converged, hi_us = True, w.fixes[ends[w_i] - 1].t_us
+        seg_i = seg_end
         lo_us = w.fixes[0].t_us if w.anchored else None
         outcomes.append(Outcome(w.tracker_id, results, lo_us, hi_us, converged))
     return outcomes

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, bindparam, column, text
+from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, column, text
 from sqlalchemy.orm import Session
 
 from schemas.tables import UTCDateTime
@@ -74,19 +74,26 @@ def lock_trackers(session: Session, tracker_ids: Sequence[str]) -> None:
     )
 
 
-_WINDOW_COLUMNS = (
-    column("id", Integer),
-    column("tracker_id", String),
-    column("observed_at", UTCDateTime()),
-    column("lat", Float),
-    column("lon", Float),
-    column("accuracy_m", Float),
-    column("fetched_at", UTCDateTime()),
-    column("fix_status", String),
-    column("fence_state", Text),
-    column("a_at", UTCDateTime()),
-    column("after_n", Integer),
-)
+def _window_columns(time_type: Any) -> tuple[Any, ...]:
+    return (
+        column("id", Integer),
+        column("tracker_id", String),
+        column("observed_at", time_type),
+        column("lat", Float),
+        column("lon", Float),
+        column("accuracy_m", Float),
+        column("fetched_at", time_type),
+        column("fix_status", String),
+        column("fence_state", Text),
+        column("a_at", time_type),
+        column("after_n", Integer),
+    )
+
+
+# psycopg returns aware datetimes itself (in the session's time zone: fine for
+# comparing and subtracting); SQLite's text needs UTCDateTime
+_WINDOW_COLUMNS = _window_columns(UTCDateTime())
+_PG_WINDOW_COLUMNS = _window_columns(DateTime(timezone=True))
 
 _WINDOW_TAIL = """
 a AS (
@@ -111,8 +118,27 @@ _PG_WINDOWS = text(
     "WITH b AS (SELECT * FROM unnest(CAST(:trackers AS varchar[]),"
     " CAST(:t_min AS timestamptz[]), CAST(:t_max AS timestamptz[]))"
     " AS b(tracker_id, t_min, t_max)),"
-    + _WINDOW_TAIL.format(after="count(*) FILTER (WHERE h.observed_at > a.t_max)")
-).columns(*_WINDOW_COLUMNS)
+    """
+a AS (
+  SELECT b.tracker_id, b.t_max,
+    (SELECT max(h.observed_at) FROM location_history h
+      WHERE h.tracker_id = b.tracker_id AND h.observed_at < b.t_min
+        AND h.fix_status = 'ok' AND substr(h.fence_state, 1, :plen) = :prefix) AS a_at
+  FROM b
+)
+SELECT h.id, a.tracker_id, h.observed_at, h.lat, h.lon, h.accuracy_m, h.fetched_at,
+  h.fix_status, h.fence_state, a.a_at,
+  CASE WHEN h.observed_at > a.t_max THEN 1 ELSE 0 END AS after_n
+FROM a CROSS JOIN LATERAL (
+  (SELECT * FROM location_history h WHERE h.tracker_id = a.tracker_id
+     AND h.observed_at >= coalesce(a.a_at, '-infinity') AND h.observed_at <= a.t_max)
+  UNION ALL
+  (SELECT * FROM location_history h WHERE h.tracker_id = a.tracker_id
+     AND h.observed_at > a.t_max ORDER BY h.observed_at LIMIT :lookahead)
+) h
+ORDER BY a.tracker_id, h.observed_at
+"""
+).columns(*_PG_WINDOW_COLUMNS)
 
 
 def load_windows(
@@ -161,9 +187,11 @@ def load_windows(
         )
         rows = session.execute(stmt, params).all()
     out: dict[str, tuple[list[Any], bool, bool]] = {}
+    after: dict[str, int] = {}
     for r in rows:
         kept, anchored, _ = out.setdefault(r.tracker_id, ([], r.a_at is not None, False))
-        if r.after_n > limit:
+        n = after[r.tracker_id] = after.get(r.tracker_id, 0) + (r.after_n > 0)
+        if n > limit:
             out[r.tracker_id] = (kept, anchored, True)
         else:
             kept.append(r)

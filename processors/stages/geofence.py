@@ -49,7 +49,7 @@ from streams.producer import Route
 
 log = logging.getLogger("trackstream.geofence")
 
-LOOKAHEAD = 8  # reports read past a tracker's last one in the batch (more if needed)
+LOOKAHEAD = 1  # reports read past a tracker's last one in the batch (more if needed)
 
 
 @dataclass
