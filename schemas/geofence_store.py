@@ -25,7 +25,15 @@ from sqlalchemy.orm import Session
 
 from schemas.tables import UTCDateTime
 
-__all__ = ["EventRow", "StatusRow", "TrackerWindow", "load_windows", "lock_trackers", "save"]
+__all__ = [
+    "EventRow",
+    "StatusRow",
+    "TrackerWindow",
+    "fix_status_counts",
+    "load_windows",
+    "lock_trackers",
+    "save",
+]
 
 LOCK_NAMESPACE = "trackstream.tracker."
 
@@ -344,3 +352,11 @@ def save(
             ],
         )
     return deleted
+
+
+def fix_status_counts(session: Session) -> dict[str, int]:
+    """Reports per verdict: ``ok``, each rejection reason, and ``unchecked``."""
+    rows = session.execute(
+        text("SELECT fix_status, count(*) FROM location_history GROUP BY fix_status")
+    ).all()
+    return {(status or "unchecked"): int(n) for status, n in rows}

@@ -4,6 +4,7 @@ overlapping trackers neither deadlock nor disagree."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -147,7 +148,9 @@ def test_events_do_not_depend_on_order_batches_redelivery_or_late_reports(db: Da
     assert dict(statuses) == {"ok": 6 * 14, "zero": 6, "speed": 6}
 
 
-def test_one_batch_with_several_reports_of_a_tracker_out_of_order(db: Database) -> None:
+def test_one_batch_with_several_reports_of_a_tracker_out_of_order(
+    db: Database, db_url: str
+) -> None:
     rng = random.Random(3)
     reports = reports_for("T1", rng) + reports_for("T2", rng)
     db.run_sync(store.insert_reports, reports)
@@ -160,6 +163,15 @@ def test_one_batch_with_several_reports_of_a_tracker_out_of_order(db: Database) 
     assert sorted(done.new_events) == sorted((t, g, at, k) for t, at, g, k in stored_events(db))
     again = db.run_sync(check_batch, index, RULES, batch[:7], NOW)
     assert again.new_events == [] and not again.rejected, "a redelivery changes nothing"
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    shown = CliRunner().invoke(app, ["--database-url", db_url, "geofence", "quality", "--json"])
+    assert shown.exit_code == 0, shown.output
+    counts = json.loads(shown.output)
+    assert (counts["ok"], counts["zero"], counts["speed"], counts["unchecked"]) == (28, 2, 2, 0)
 
 
 class _Ctx:

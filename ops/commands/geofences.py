@@ -64,7 +64,9 @@ def _set_active(ctx: typer.Context, ids: list[int], active: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    geo = typer.Typer(help="Geofences: list, deactivate, activate.", no_args_is_help=True)
+    geo = typer.Typer(
+        help="Geofences: list, add, deactivate, activate; position quality.", no_args_is_help=True
+    )
     app.add_typer(geo, name="geofence")
 
     @geo.command("list")
@@ -94,6 +96,33 @@ def register(app: typer.Typer) -> None:
             table.add_row(
                 str(r["id"]), r["name"], "yes" if r["active"] else "no", r["shape"], r["updated_at"]
             )
+        console.print(table)
+
+    @geo.command("quality")
+    @handle_errors
+    def quality(ctx: typer.Context, as_json: JsonOption = False) -> None:
+        """Reports by position-quality verdict: ok, or why they were rejected."""
+        from processors.crossings import OK, REASONS
+        from processors.database import Database
+        from schemas import geofence_store
+
+        _, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            counts = db.run_sync(geofence_store.fix_status_counts)
+        finally:
+            db.dispose()
+        rows = {k: counts.get(k, 0) for k in (OK, *REASONS, "unchecked")}
+        if as_json:
+            echo_json(rows)
+            return
+        table = Table(
+            title="location reports by verdict (rejected ones take no part in geofencing)"
+        )
+        table.add_column("verdict")
+        table.add_column("reports", justify="right")
+        for verdict, n in rows.items():
+            table.add_row(verdict, f"{n:,}")
         console.print(table)
 
     @geo.command("add")
