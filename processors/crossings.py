@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ __all__ = [
     "fix_problem",
     "from_us",
     "state_prefix",
+    "state_version",
     "to_us",
 ]
 
@@ -187,7 +189,7 @@ class Carry:
     pending: dict[int, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        """Canonical JSON, starting ``{"v":"<fences version>"`` (see :func:`state_prefix`)."""
+        """Canonical JSON, starting ``{"v":"<state version>"`` (see :func:`state_prefix`)."""
         head = f'{{"v":"{self.version}"'
         if not self.inside and not self.pending:
             return head + "}"
@@ -210,11 +212,16 @@ class Carry:
         )
 
 
-def state_prefix(version: str) -> str:
-    """How every state stored under this fences version begins: a window only starts
-    from a fix evaluated with the fences in force now (after a change, a tracker's
-    history is evaluated again from its start)."""
-    return f'{{"v":"{version}"'
+def state_version(index: GeofenceIndex, rules: Rules) -> str:
+    """Names the fences and rules a state was computed under (8 hex digits)."""
+    return f"{zlib.crc32(repr((index.version, rules)).encode()):08x}"
+
+
+def state_prefix(index: GeofenceIndex, rules: Rules) -> str:
+    """How every state stored under these fences and rules begins: a window only
+    starts from a fix evaluated under the fences and rules in force now (after a
+    change, a tracker's history is evaluated again from its start)."""
+    return f'{{"v":"{state_version(index, rules)}"'
 
 
 @dataclass
@@ -287,14 +294,15 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
     samples = _Samples(index, rules, windows, seg_fix, seg_prev)
 
     # 2. the state machine, fix by fix
+    version = state_version(index, rules)
     outcomes: list[Outcome] = []
     seg_i = 0
     for w_i, w in enumerate(windows):
-        carry = Carry.loads(w.fixes[0].state) if w.anchored else Carry(index.version)
-        if carry.version != index.version:
+        carry = Carry.loads(w.fixes[0].state) if w.anchored else Carry(version)
+        if carry.version != version:
             raise ValueError(
-                f"tracker {w.tracker_id}: the anchor's state is from other fences "
-                f"({carry.version!r}, now {index.version!r}); start from the first fix"
+                f"tracker {w.tracker_id}: the anchor's state is from other fences or rules "
+                f"({carry.version!r}, now {version!r}); start from the first fix"
             )
         results: list[tuple[Fix, str, str | None, list[tuple[int, int, Kind]]]] = []
         state = carry.dumps()

@@ -163,7 +163,7 @@ def check_batch(
         lo, hi = spans.get(g.tracker_id, (g.observed_at, g.observed_at))
         spans[g.tracker_id] = (min(lo, g.observed_at), max(hi, g.observed_at))
     geofence_store.lock_trackers(session, list(spans))
-    prefix = state_prefix(index.version)
+    prefix = state_prefix(index, rules)
     loaded = geofence_store.load_windows(session, spans, prefix, LOOKAHEAD)
     outcomes = _evaluate(index, rules, loaded, spans)
     again = [o.tracker_id for o in outcomes if not o.converged and loaded[o.tracker_id].truncated]
