@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from processors.crossings import Fix, Rules, evaluate_history
@@ -194,7 +195,8 @@ async def test_a_batch_with_a_bad_row_fails_only_that_row(db: Database, db_url: 
     rng = random.Random(4)
     reports = reports_for("T3", rng, n=6)
     db.run_sync(store.insert_reports, reports)
-    stage = GeofenceStage(db, routes("t"), lambda: NOW, RULES)
+    registry = CollectorRegistry()
+    stage = GeofenceStage(db, routes("t"), lambda: NOW, RULES, registry)
     good = [geocoded(r) for r in reports]
     nul = good[0].model_copy(update={"tracker_id": "T3\x00evil"})
     missing = good[1].model_copy(update={"observed_at": T0 - timedelta(days=3)})
@@ -210,6 +212,11 @@ async def test_a_batch_with_a_bad_row_fails_only_that_row(db: Database, db_url: 
     )
     assert checked == 6
     assert ctx.published and ctx.published[0].tracker_ids == ["T3"]
+    rejected = "trackstream_fixes_rejected_total"
+    assert registry.get_sample_value(rejected, {"reason": "zero"}) == 1  # report 5
+    assert registry.get_sample_value(rejected, {"reason": "speed"}) == 0
+    await stage.handle_batch(msgs[:4], ctx)  # type: ignore[arg-type]
+    assert registry.get_sample_value(rejected, {"reason": "zero"}) == 1, "counted once"
 
 
 @pytest.mark.timeout(90)
