@@ -40,7 +40,9 @@ LOCK_NAMESPACE = "trackstream.tracker."
 
 @dataclass(frozen=True)
 class TrackerWindow:
-    rows: list[Any]  # id, observed_at, lat, lon, accuracy_m, fetched_at, fix_status, fence_state
+    # (id, tracker_id, observed_at, lat, lon, accuracy_m, fetched_at, fix_status,
+    #  fence_state, ...)
+    rows: list[Any]
     anchored: bool  # rows[0] is the accepted report to start from
     truncated: bool  # more reports follow the last one loaded
 
@@ -196,11 +198,12 @@ def load_windows(
         rows = session.execute(stmt, params).all()
     out: dict[str, tuple[list[Any], bool, bool]] = {}
     after: dict[str, int] = {}
-    for r in rows:
-        kept, anchored, _ = out.setdefault(r.tracker_id, ([], r.a_at is not None, False))
-        n = after[r.tracker_id] = after.get(r.tracker_id, 0) + (r.after_n > 0)
+    for r in rows:  # tuples: faster than named rows, in the order of _window_columns
+        tracker, a_at, after_n = r[1], r[9], r[10]
+        kept, anchored, _ = out.setdefault(tracker, ([], a_at is not None, False))
+        n = after[tracker] = after.get(tracker, 0) + (after_n > 0)
         if n > limit:
-            out[r.tracker_id] = (kept, anchored, True)
+            out[tracker] = (kept, anchored, True)
         else:
             kept.append(r)
     return {t: TrackerWindow(f, a, tr) for t, (f, a, tr) in out.items()}

@@ -225,17 +225,8 @@ def _evaluate(
     windows = []
     for tracker, w in loaded.items():
         fixes = [
-            Fix(
-                r.observed_at,
-                r.lat,
-                r.lon,
-                r.accuracy_m,
-                r.fetched_at,
-                status=r.fix_status,
-                state=r.fence_state,
-                id=r.id,
-            )
-            for r in w.rows
+            Fix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
+            for row_id, _, obs, lat, lon, acc, fetched, status, state, *_ in w.rows
         ]
         stop_after = to_us(spans[tracker][1])
         windows.append(Window(tracker, fixes, anchored=w.anchored, stop_after_us=stop_after))
