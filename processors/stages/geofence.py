@@ -62,6 +62,7 @@ class BatchResult:
     new_events: list[tuple[str, int, datetime, str]] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
     failed: dict[int, BaseException] = field(default_factory=dict)
+    stale: bool = False  # the fences changed: reload them and check again
 
 
 class GeofenceStage:
@@ -100,11 +101,15 @@ class GeofenceStage:
     async def handle_batch(
         self, msgs: Sequence[Message[LocationGeocoded]], ctx: Context
     ) -> Mapping[str, BaseException] | None:
-        index = await self.index()
+        index = self._index if self._index is not None else await self.index()
         now = self.clock()
         payloads = [m.payload for m in msgs]
         try:
-            result = await self.db.run(check_batch, index, self.rules, payloads, now)
+            # the fences' version is checked in the batch's own transaction
+            result = await self.db.run(check_batch, index, self.rules, payloads, now, self._version)
+            if result.stale:
+                index = await self.index()
+                result = await self.db.run(check_batch, index, self.rules, payloads, now)
         except Exception as exc:
             if _transient(exc):
                 raise  # the whole batch is retried
@@ -153,9 +158,15 @@ def check_batch(
     rules: Rules,
     items: Sequence[LocationGeocoded],
     now: datetime,
+    fences_version: Any = None,
 ) -> BatchResult:
-    """Checks a batch of reports in the caller's transaction (see the module docstring)."""
+    """Checks a batch of reports in the caller's transaction (see the module docstring).
+    With ``fences_version``: first makes sure the fences are still that version, else
+    returns a result marked ``stale`` having done nothing."""
     result = BatchResult()
+    if fences_version is not None and store.geofences_version(session) != fences_version:
+        result.stale = True
+        return result
     wanted: dict[tuple[str, datetime], list[int]] = {}
     spans: dict[str, tuple[datetime, datetime]] = {}
     for i, g in enumerate(items):
