@@ -461,7 +461,8 @@ class _Samples:
                     inside, since, pending = True, at, None
                 elif inside and not cov and d > m:
                     at = pending if pending is not None else t_a + math.ceil(t_off)
-                    at = max(at, (since or at) + 1) if since is not None else at
+                    if since is not None:
+                        at = max(at, since + 1)
                     events.append((gid, at, "exit"))
                     inside, since, pending, last_exit = False, None, None, at
                 prev_cov, prev_signed = cov, signed
