@@ -46,6 +46,15 @@ class AppSettings(BaseSettings):
     fetch_backlog_s: float | None = Field(None, gt=0)
     max_tracker_age_s: int = Field(43_200, ge=1)  # the freshness guarantee (12 h)
 
+    # position quality before geofencing (processors.crossings.Rules), and hysteresis
+    fix_max_accuracy_m: float = Field(500.0, gt=0)
+    fix_max_speed_kmh: float = Field(300.0, ge=0)  # 0: no speed filter
+    fix_future_tolerance_s: float = Field(300.0, ge=0)
+    fix_reject_zero: bool = True
+    fix_reject_duplicates: bool = True
+    geofence_margin_m: float = Field(30.0, ge=0, le=10_000)
+    geofence_use_accuracy: bool = True
+
     view_refresh_interval_s: float = Field(10.0, ge=0)
     reconcile_grace_s: int = Field(300, ge=1)
     reconcile_interval_s: float = Field(60.0, gt=0)
@@ -98,6 +107,20 @@ class AppSettings(BaseSettings):
         if self.fetch_backlog_s is None:
             return float(self.min_fetch_interval_s)
         return self.fetch_backlog_s
+
+    def geofence_rules(self) -> Any:
+        """The position-quality and hysteresis rules (:class:`processors.crossings.Rules`)."""
+        from processors.crossings import Rules
+
+        return Rules(
+            margin_m=self.geofence_margin_m,
+            use_accuracy=self.geofence_use_accuracy,
+            max_accuracy_m=self.fix_max_accuracy_m,
+            max_speed_kmh=self.fix_max_speed_kmh or None,
+            future_tolerance_s=self.fix_future_tolerance_s,
+            reject_zero=self.fix_reject_zero,
+            reject_duplicates=self.fix_reject_duplicates,
+        )
 
     @classmethod
     def build(cls, **values: Any) -> Self:

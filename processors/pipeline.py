@@ -159,7 +159,9 @@ class Pipeline:
         if name == topology.GEOCODE:
             return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
         if name == topology.GEOFENCE:
-            return GeofenceStage(self.db, self.routes, self.clock)
+            return GeofenceStage(
+                self.db, self.routes, self.clock, self.app.geofence_rules(), self.registry
+            )
         keys = self.routes[topology.VIEW_REFRESH].keys()
         return ViewRefreshStage(self.db, self.client, keys, self.app.view_refresh_interval_s)
 

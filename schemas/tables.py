@@ -145,6 +145,10 @@ class LocationReport(Base):
     # the reconciler's bookkeeping: last re-publish, and how many so far
     republished_at: Mapped[datetime | None]
     republish_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the geofence stage's verdict ("ok" or why the fix was rejected) and the geofence
+    # state after the report (processors.crossings.Carry); NULL: not evaluated yet
+    fix_status: Mapped[str | None] = mapped_column(String(16))
+    fence_state: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "observed_at"),
@@ -191,7 +195,8 @@ class Geofence(Base):
 
 
 class GeofenceEvent(Base):
-    """A tracker entered or left a geofence at a report's ``observed_at``."""
+    """A tracker entered or left a geofence at ``observed_at`` (a report's time, or the
+    crossing time estimated between two reports)."""
 
     __tablename__ = "geofence_events"
 
@@ -203,9 +208,12 @@ class GeofenceEvent(Base):
     observed_at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    # the report whose check decided the event (observed_at is the crossing time)
+    report_at: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "geofence_id", "observed_at"),
+        Index("ix_geofence_events_tracker_id_report_at", "tracker_id", "report_at"),
         CheckConstraint("kind IN ('enter', 'exit')", name="kind"),
         Index("ix_geofence_events_tracker_id_observed_at", "tracker_id", "observed_at"),
         # occupancy: latest event per (geofence, tracker)
