@@ -123,6 +123,7 @@ class Scheduler:
         self._level = OK
         self._level_logged_at: datetime | None = None
         self._backlog_full = False
+        self._full_warned_at: datetime | None = None
 
     @property
     def client(self) -> Client:
@@ -162,7 +163,7 @@ class Scheduler:
             await self.producer.publish(self.fetch, batches)
             self.batches_published += len(batches)
             log.info("scheduled %d trackers in %d batches", len(ids), len(batches))
-        self._note_backlog(backlog, bound, load.due - len(ids))
+        self._note_backlog(now, backlog, bound, load.due - len(ids))
         report = self._report(now, load, backlog + len(batches), len(ids))
         await self._publish_report(report)
         return batches
@@ -174,9 +175,15 @@ class Scheduler:
         ids = schedule.reserve_due(session, now, self.min_fetch_interval_s, limit)
         return load, ids
 
-    def _note_backlog(self, backlog: int, bound: int, left_due: int) -> None:
+    def _note_backlog(self, now: datetime, backlog: int, bound: int, left_due: int) -> None:
+        """Says when the bound starts holding work back (at most once per
+        ``repeat_warning_s``: with a slow API it fills and drains all the time)."""
         full = backlog >= bound and left_due > 0
-        if full and not self._backlog_full:
+        quiet = self._full_warned_at is not None and (
+            (now - self._full_warned_at).total_seconds() < self.repeat_warning_s
+        )
+        if full and not self._backlog_full and not quiet:
+            self._full_warned_at = now
             log.warning(
                 "fetch backlog at its bound (%d >= %d requests): holding %d due trackers "
                 "back until the fetch stage catches up",
@@ -184,8 +191,6 @@ class Scheduler:
                 bound,
                 left_due,
             )
-        elif self._backlog_full and not full:
-            log.info("fetch backlog below its bound again (%d < %d requests)", backlog, bound)
         self._backlog_full = full
 
     def _report(
