@@ -97,9 +97,9 @@ BOW_TIE = json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0]
 def test_upgrade_creates_schema_and_is_idempotent(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0002"
+    assert current_revision(db_url) == head_revision() == "0007"
     upgrade(db_url)  # a no-op
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0007"
     eng = make_engine(db_url)
     try:
         for name in views.VIEW_NAMES:
@@ -147,7 +147,7 @@ def test_concurrent_upgrades_on_a_fresh_database(db_url: str, tmp_path: Any) -> 
                 if stream is not None:
                     stream.close()
     assert [rc for rc, _ in results] == [0, 0, 0], results
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0007"
 
 
 def test_upgrade_from_0001_keeps_the_data(db_url: str) -> None:
@@ -168,7 +168,7 @@ def test_upgrade_from_0001_keeps_the_data(db_url: str) -> None:
                 {"t": T0},
             )
         upgrade(db_url)
-        assert current_revision(db_url) == "0002"
+        assert current_revision(db_url) == "0007"
         with eng.connect() as conn:
             row = conn.execute(
                 text("SELECT tracker_id, republish_count, republished_at FROM location_history")
@@ -416,7 +416,6 @@ def test_report_with_neighbours_and_incomplete(tx: Tx) -> None:
     tx(store.mark_geofence_checked, [("A", rs[0].observed_at)], T0 + timedelta(minutes=31))
     _, not_checked = tx(store.incomplete_reports, T0 + timedelta(hours=1), 100)
     assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs[1:]]
-
 
 
 def test_republish_bookkeeping_spaces_and_caps_the_resends(tx: Tx) -> None:
