@@ -173,7 +173,13 @@ class Pipeline:
         if name == topology.GEOFENCE:
             return GeofenceStage(self.db, self.routes, self.clock)
         if name == topology.NOTIFY:
-            return NotifyStage(self.db, self.app, self._endpoint_limiter, self.registry)
+            return NotifyStage(
+                self.db,
+                self.app,
+                self._endpoint_limiter,
+                self.registry,
+                max_defer_s=self.streams.claim_idle_ms / 3000,
+            )
         keys = self.routes[topology.VIEW_REFRESH].keys()
         return ViewRefreshStage(self.db, self.client, keys, self.app.view_refresh_interval_s)
 

@@ -378,7 +378,7 @@ async def test_a_replay_guarding_receiver_accepts_every_delivery(
     hours ago and every first attempt gets a 503 with Retry-After: each attempt is
     signed with its own fresh timestamp, so every delivery is accepted."""
     target = RedisTarget(redis_server.url, False)
-    env = Env(target, unique_prefix, f"sqlite:///{tmp_path}/n.db")
+    env = Env(target, unique_prefix, f"sqlite:///{tmp_path}/n.db", notify_breaker_failures=50)
     guard = receivers(
         respond=lambda _id, n: (503, 0.0, {"retry-after": "1"}) if n == 0 else (200, 0.0, {}),
         replay_window_s=300,

@@ -133,8 +133,9 @@ def register(app: typer.Typer) -> None:
             echo_json(rows)
             return
         table = Table(title=f"{len(rows)} webhook subscriptions")
-        for col in ("id", "url", "geofences", "trackers", "kinds", "active", "secret"):
-            table.add_column(col)
+        for col in ("id", "url", "geofences", "trackers", "kinds", "active"):
+            table.add_column(col, overflow="fold")
+        table.add_column("secret sha256", no_wrap=True, min_width=8)
         for r in rows:
             table.add_row(
                 str(r["id"]),
@@ -143,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 _ids(r["tracker_ids"]),
                 r["kinds"],
                 "yes" if r["active"] else "no",
-                f"sha256:{r['secret_fingerprint']}",
+                r["secret_fingerprint"],
             )
         console.print(table)
 

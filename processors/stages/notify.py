@@ -110,9 +110,14 @@ class NotifyStage:
         limiter_for: Callable[[int], SharedRateLimiter],
         registry: CollectorRegistry,
         http: httpx.AsyncClient | None = None,
+        *,
+        max_defer_s: float = 20.0,
     ) -> None:
         self.db = db
         self.app = app
+        # an entry deferred longer than claim_idle_ms would be claimed (a delivery
+        # spent) by some consumer: look again well before that
+        self.max_defer_s = max_defer_s
         self._limiter_for = limiter_for
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(app.notify_timeout_s),
@@ -122,6 +127,7 @@ class NotifyStage:
         self.metrics = NotifyMetrics(registry)
         self._endpoints: dict[int, _Endpoint] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[Any]] = {}
+        self._busy: set[tuple[str, int]] = set()  # (event, subscription) starting or running
         self._subs: list[Subscription] = []
         self._subs_at = -1e9
         self.lease_s = app.notify_timeout_s + app.notify_max_rate_wait_s + 5
@@ -165,6 +171,7 @@ class NotifyStage:
             return
         poll_s = self.app.notify_poll_s
         delay_s = min([*look.waits, poll_s] if look.running or look.started else look.waits)
+        delay_s = min(delay_s, self.max_defer_s)
         raise Defer("webhook deliveries pending", max(1, int(delay_s * 1000)))
 
     async def _look(
@@ -173,12 +180,10 @@ class NotifyStage:
         look = _Pass()
         todo = []
         for s in subs:
-            task = self._tasks.get((event.event_id, s.id))
-            if task is not None and not task.done():
+            if (event.event_id, s.id) in self._busy:  # an attempt of ours is under way
                 look.running += 1
-                continue
-            self._tasks.pop((event.event_id, s.id), None)
-            todo.append(s)
+            else:
+                todo.append(s)
         plans: dict[int, Plan] = await self.db.run(
             webhook_store.plan_attempts,
             event,
@@ -197,10 +202,16 @@ class NotifyStage:
             elif plan.action == "wait":
                 look.waits.append(plan.wait_s)
             elif plan.action == "go":
+                key = (event.event_id, s.id)
+                if key in self._busy:  # a duplicate entry of this event got there first
+                    look.running += 1
+                    continue
+                self._busy.add(key)
                 wait = await self._start(event, s, plan.attempt)
                 if isinstance(wait, asyncio.Task):
                     look.started.append(wait)
                 else:
+                    self._busy.discard(key)
                     look.waits.append(wait)
         return look
 
@@ -223,9 +234,15 @@ class NotifyStage:
             return exc.retry_after_s
         ep.in_flight += 1
         task = asyncio.create_task(self._deliver(event, sub, ep, attempt, token, slot_in_s))
+        key = (event.event_id, sub.id)
+        self._tasks[key] = task
         task.add_done_callback(_retrieve)
-        self._tasks[(event.event_id, sub.id)] = task
+        task.add_done_callback(lambda _t: self._finished(key))
         return task
+
+    def _finished(self, key: tuple[str, int]) -> None:
+        self._busy.discard(key)
+        self._tasks.pop(key, None)
 
     async def _deliver(
         self,
