@@ -15,7 +15,9 @@ Outcomes::
 
 from __future__ import annotations
 
+import base64
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +44,11 @@ class Answer:
     latency_ms: float
     error: str | None = None
     retry_after_s: float | None = None
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def body(event: GeofenceEvent) -> bytes:

@@ -9,10 +9,8 @@ to tell secrets apart.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,14 +29,12 @@ def _db(ctx: typer.Context) -> Any:
     return Database(app_settings.database_url)
 
 
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
 def _secret_from(path: Path) -> tuple[str, bool]:
     """(secret, generated): read from ``path``, or generated and written there."""
     if path.exists():
         return path.read_text().strip(), False
+    from processors.webhooks import new_secret
+
     secret = new_secret()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -241,6 +237,34 @@ def register(app: typer.Typer) -> None:
                 (r["error"] or "")[:80],
             )
         console.print(table)
+
+    @hook.command("bench")
+    @handle_errors
+    def bench(
+        ctx: typer.Context,
+        events: Annotated[int, typer.Option(min=2, help="events to deliver per run")] = 2000,
+        workers: Annotated[
+            list[int] | None, typer.Option("--workers", min=1, help="worker processes per run")
+        ] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Deliveries per second to a fast receiver on 127.0.0.1, with 1 and 2 notify
+        workers (or --workers N ...). Uses the configured Redis under a throwaway prefix
+        and a throwaway SQLite database."""
+        from ops.notify_bench import bench as run_bench
+
+        stream_settings, _ = options(ctx).settings()
+        results = run_bench(
+            stream_settings, events, workers or [1, 2], lambda m: console.print(m, style="dim")
+        )
+        if as_json:
+            echo_json(results)
+            return
+        for r in results:
+            console.print(
+                f"{r['workers']} worker(s): {r['events']} deliveries in {r['seconds']:.2f} s "
+                f"= {r['deliveries_per_s']:.0f}/s"
+            )
 
 
 def _ids(value: Any) -> str:

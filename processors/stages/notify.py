@@ -163,6 +163,9 @@ class NotifyStage:
             look = await self._look(event, subs, ctx.consumer, entry_ms)
             if look.started and round_ == 0:
                 await asyncio.wait(look.started, timeout=self.app.notify_inline_wait_s)
+                if (settled := _settled(look)) is not None:
+                    look = settled  # all answered and recorded: no need to look again
+                    break
                 continue  # look again: a fast endpoint has answered by now
             break
         if not (look.started or look.running or look.waits):
@@ -252,7 +255,8 @@ class NotifyStage:
         attempt: int,
         token: int,
         slot_in_s: float,
-    ) -> None:
+    ) -> tuple[str, str] | None:
+        """One attempt, recorded; returns (outcome, dead reason), None if not recorded."""
         try:
             if slot_in_s > 0:
                 await asyncio.sleep(slot_in_s)  # our reserved rate slot
@@ -295,6 +299,12 @@ class NotifyStage:
             )
         except Exception:  # the lease runs out and the delivery is tried again
             log.exception("could not record webhook attempt for %s", event.event_id)
+            return None
+        if outcome == "dead":
+            status = f"HTTP {answer.status}" if answer.status is not None else "no response"
+            why = f"{status} after {attempt} attempts: {answer.error or ''}".strip()
+            return outcome, f"subscription {sub.id} ({_host(sub.url)}): {why}"
+        return outcome, ""
 
     def _settle(self, answer: webhooks.Answer, attempt: int) -> tuple[Any, float]:
         if answer.outcome == "delivered":
@@ -331,6 +341,23 @@ def _host(url: str) -> str:
 def _now() -> datetime:
     """Wall-clock time: retries and leases are real time, whatever the pipeline's clock."""
     return datetime.now(UTC)
+
+
+def _settled(look: _Pass) -> _Pass | None:
+    """The pass's outcome if it only started attempts and each has ended delivered or
+    dead, recorded; None when the database must be asked again."""
+    if look.running or look.waits or not all(t.done() for t in look.started):
+        return None
+    dead = list(look.dead)
+    for t in look.started:
+        if t.cancelled() or t.exception() is not None or t.result() is None:
+            return None
+        outcome, reason = t.result()
+        if outcome == "retry":
+            return None
+        if outcome == "dead":
+            dead.append(reason)
+    return _Pass(dead=dead)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
