@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import random
 import signal
@@ -232,6 +233,7 @@ async def test_every_event_once_per_endpoint_in_order_through_sigkills(
             assert all(x.valid for x in r.log), "every request verifies"
             assert_in_order(r, events)
             repeats = len(r.accepted()) - len(r.accepted_ids())
+            print(f"\n{r.url}: {len(r.accepted_ids())} events, {repeats} repeats (same id)")
             # a worker killed between a 2xx and recording it re-sends that one (same id)
             assert repeats <= 2 * env.app.notify_endpoint_concurrency, repeats
         assert len(env.states()) == sum(len(w) for w in want.values())
@@ -241,8 +243,9 @@ async def test_every_event_once_per_endpoint_in_order_through_sigkills(
 
 
 async def test_a_500_for_ever_is_dead_lettered_with_status_and_body_then_redriven(
-    redis_server, tmp_path, unique_prefix, receivers
+    redis_server, tmp_path, unique_prefix, receivers, caplog
 ):
+    caplog.set_level(logging.DEBUG)
     target = RedisTarget(redis_server.url, False)
     env = Env(target, unique_prefix, f"sqlite:///{tmp_path}/n.db", notify_max_attempts=3)
     healthy = False
@@ -254,7 +257,8 @@ async def test_a_500_for_ever_is_dead_lettered_with_status_and_body_then_redrive
         other = env.subscribe(fine)
         events = [("A", g, START, "enter")]
         await env.publish(env.write_events(events))
-        w = env.pipeline().worker(topology.NOTIFY, consumer="n1")
+        pipeline = env.pipeline()
+        w = pipeline.worker(topology.NOTIFY, consumer="n1")
         tasks = await running(w)
         dead: list[Any] = []
 
@@ -279,6 +283,17 @@ async def test_a_500_for_ever_is_dead_lettered_with_status_and_body_then_redrive
         assert len(fine.accepted()) == 1, "a delivered endpoint is not sent the redrive"
         assert env.states()[(eid, other)] == "delivered"
         await stop([w], tasks)
+        registry = pipeline.registry
+
+        def metric(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"subscription": str(sub), **labels})
+
+        assert metric("trackstream_webhook_failures_total", kind="retry") == 2
+        assert metric("trackstream_webhook_failures_total", kind="dead") == 1
+        assert metric("trackstream_webhook_deliveries_total") == 1  # the redriven one
+        assert metric("trackstream_webhook_latency_seconds_count") == 4
+        for secret in (failing.secret, fine.secret):
+            assert secret not in caplog.text and secret[6:] not in caplog.text
     finally:
         await env.aclose()
 
