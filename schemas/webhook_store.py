@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from schemas.notify import event_id
 from schemas.tables import GeofenceEvent as EventRow
 from schemas.tables import WebhookAttempt, WebhookDelivery, WebhookSubscription
 
@@ -245,7 +246,9 @@ def plan_attempts(
             row.updated_at = now
         if row.state != "pending":
             plans[s.id] = Plan(cast(Any, row.state), reason=_reason(row))
-        elif row.next_attempt_at is not None and row.next_attempt_at > now:
+            continue
+        row.updated_at = now  # looked after: see _predecessor_pending
+        if row.next_attempt_at is not None and row.next_attempt_at > now:
             plans[s.id] = Plan("wait", wait_s=_secs(row.next_attempt_at - now), reason="backoff")
         elif row.lease_until is not None and row.lease_until > now and row.lease_owner != owner:
             wait_s = min(_secs(row.lease_until - now), order_poll_s * 5)
@@ -282,20 +285,21 @@ def _predecessor_pending(
     pred = session.execute(stmt).first()
     if pred is None:
         return False
-    from schemas.notify import event_id
-
-    state = session.scalar(
-        select(WebhookDelivery.state).where(
+    row = session.execute(
+        select(WebhookDelivery.state, WebhookDelivery.updated_at).where(
             WebhookDelivery.event_id == event_id(event.tracker_id, *pred[:3]),
             WebhookDelivery.subscription_id == sub.id,
         )
-    )
-    if state is not None:
-        return bool(state == "pending")
+    ).first()
+    horizon = now - timedelta(seconds=order_wait_s)
+    if row is not None:
+        # pending and looked after (every pass over its entry touches it): wait; a
+        # pending row nobody touched for order_wait_s lost its entry: do not wait
+        return bool(row[0] == "pending" and row[1] > horizon)
     # not seen by notify yet: wait for it, unless the subscription is younger than it
     # or its notification is overdue (lost upstream)
     created = pred[3]
-    return bool(created >= sub.created_at and created > now - timedelta(seconds=order_wait_s))
+    return bool(created >= sub.created_at and created > horizon)
 
 
 def record_attempt(

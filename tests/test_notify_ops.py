@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -237,3 +237,69 @@ async def test_geofence_stage_events_reach_a_webhook_through_the_pipeline(
         assert len(receiver.log) == before
     finally:
         await h.aclose()
+
+
+def test_order_rule_in_the_database(db_url: str) -> None:
+    """An exit waits while the enter before it is owed to the endpoint; a delivered or
+    dead enter releases it, and so does a predecessor nobody looks after any more, or
+    one older than the subscription."""
+    upgrade(db_url)
+    db = Database(db_url)
+    t0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    enter = GeofenceEvent(tracker_id="A", geofence_id=1, observed_at=t0, kind="enter")
+    exit_ = GeofenceEvent(
+        tracker_id="A", geofence_id=1, observed_at=t0.replace(minute=5), kind="exit"
+    )
+
+    def seed(s: Any) -> None:
+        from schemas import store
+
+        store.upsert_trackers(s, [{"external_id": "A"}])
+        store.add_geofence(s, "g", "circle", 1.0, 2.0, 50.0)
+
+    def events(s: Any) -> None:
+        from schemas import store
+
+        for e in (enter, exit_):
+            store.replace_events_at(s, e.tracker_id, e.observed_at, {e.geofence_id: e.kind})
+
+    def plan(e: GeofenceEvent, now: datetime, owner: str = "w1") -> webhook_store.Plan:
+        sub = db.run_sync(webhook_store.active_subscriptions)[-1]
+        plans = db.run_sync(
+            webhook_store.plan_attempts, e, [sub], now, owner=owner, lease_s=30,
+            entry_ms=0, order_wait_s=600, order_poll_s=0.25,
+        )  # fmt: skip
+        return plans[sub.id]
+
+    def record(e: GeofenceEvent, now: datetime, outcome: Any) -> None:
+        sub = db.run_sync(webhook_store.active_subscriptions)[-1]
+        db.run_sync(
+            webhook_store.record_attempt, e.event_id, sub.id, 1, now=now, status=200,
+            latency_ms=1.0, error=None, outcome=outcome,
+        )  # fmt: skip
+
+    try:
+        db.run_sync(seed)
+        db.run_sync(webhook_store.add_subscription, "http://127.0.0.1:9/a", make_secret(1))
+        db.run_sync(events)  # after the subscription: it is owed both
+        now = datetime.now(UTC)
+        assert plan(exit_, now).reason == "order"  # the enter's entry has not come yet
+        assert plan(enter, now).action == "go"
+        assert plan(exit_, now).reason == "order"  # the enter is in flight
+        assert plan(enter, now, owner="w2").reason == "in flight elsewhere"
+        record(enter, now, "delivered")
+        assert plan(enter, now).action == "delivered"
+        assert plan(exit_, now).action == "go"
+
+        # a second endpoint: its enter dead -> the exit goes
+        db.run_sync(webhook_store.add_subscription, "http://127.0.0.1:9/b", make_secret(2))
+        assert plan(enter, now).action == "go"
+        record(enter, now, "dead")
+        assert plan(exit_, now).action == "go"
+
+        # a third: the enter pending but untouched for order_wait_s (its entry is gone)
+        db.run_sync(webhook_store.add_subscription, "http://127.0.0.1:9/c", make_secret(3))
+        assert plan(enter, now - timedelta(seconds=601)).action == "go"
+        assert plan(exit_, now).action == "go"
+    finally:
+        db.dispose()
