@@ -1,11 +1,11 @@
 """``trackstream webhook bench``: deliveries per second to a fast local receiver.
 
-Each run uses a throwaway SQLite database and its own key prefix on the configured
-Redis (deleted afterwards), publishes ``events`` geofence events (an enter and an exit
-for each of ``events / 2`` trackers, so the order rule is in play), starts ``workers``
-notify worker processes (``trackstream worker notify``) and times from the first
-publish to the last 2xx at a receiver on 127.0.0.1. The rate limit is set out of the
-way, but every attempt still asks it (one Redis call).
+Each run uses a throwaway SQLite database (or ``--bench-database-url``) and its own
+key prefix on the configured Redis (deleted afterwards), publishes ``events`` geofence
+events (an enter and an exit for each of ``events / 2`` trackers, so the order rule is
+in play), starts ``workers`` notify worker processes (``trackstream worker notify``)
+and times from the first publish to the last 2xx at a receiver on 127.0.0.1. The rate
+limit is set out of the way, but every attempt still asks it (one Redis call).
 """
 
 from __future__ import annotations
@@ -65,9 +65,14 @@ class _Receiver:
 
 
 def run_once(
-    streams: StreamSettings, events: int, workers: int, timeout_s: float = 300
+    streams: StreamSettings,
+    events: int,
+    workers: int,
+    timeout_s: float = 300,
+    database_url: str | None = None,
 ) -> dict[str, Any]:
-    """One measured run; returns events, workers, seconds, deliveries_per_s."""
+    """One measured run; returns events, workers, seconds, deliveries_per_s. With
+    ``database_url`` (an empty database the bench may fill) instead of a SQLite file."""
     from processors import topology
     from processors.database import Database
     from processors.webhooks import new_secret
@@ -80,10 +85,10 @@ def run_once(
     prefix = f"bench{secrets.token_hex(4)}"
     receiver = _Receiver()
     with tempfile.TemporaryDirectory(prefix="ts-notify-bench-") as tmp:
-        db_url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        db_url = database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
         upgrade(db_url)
         db = Database(db_url)
-        trackers = [f"BENCH-{i:05d}" for i in range(max(1, events // 2))]
+        trackers = [f"BENCH-{prefix}-{i:05d}" for i in range(max(1, events // 2))]
         start = datetime(2026, 1, 1, tzinfo=UTC)
 
         def seed(s: Any) -> list[GeofenceEvent]:
@@ -167,9 +172,10 @@ def bench(
     events: int,
     workers: list[int],
     progress: Callable[[str], None] = lambda _m: None,
+    database_url: str | None = None,
 ) -> list[dict[str, Any]]:
     results = []
     for n in workers:
         progress(f"{events} deliveries with {n} notify worker(s) ...")
-        results.append(run_once(streams, events, n))
+        results.append(run_once(streams, events, n, database_url=database_url))
     return results

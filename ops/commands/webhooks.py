@@ -246,6 +246,10 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[
             list[int] | None, typer.Option("--workers", min=1, help="worker processes per run")
         ] = None,
+        bench_database_url: Annotated[
+            str | None,
+            typer.Option(help="an empty database the bench may fill (default: a SQLite file)"),
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Deliveries per second to a fast receiver on 127.0.0.1, with 1 and 2 notify
@@ -255,7 +259,11 @@ def register(app: typer.Typer) -> None:
 
         stream_settings, _ = options(ctx).settings()
         results = run_bench(
-            stream_settings, events, workers or [1, 2], lambda m: console.print(m, style="dim")
+            stream_settings,
+            events,
+            workers or [1, 2],
+            lambda m: console.print(m, style="dim"),
+            database_url=bench_database_url,
         )
         if as_json:
             echo_json(results)
