@@ -365,7 +365,7 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(
     try:
         trackers = [f"T{i}" for i in range(4)]
         (g,) = env.seed(trackers, 1)
-        env.subscribe(slow)
+        env.subscribe(slow, kinds=["enter"])  # 4 requests, all at once (concurrency 4)
         env.subscribe(fast)
         first = [(t, g, START, "enter") for t in trackers]
         w = env.pipeline().worker(topology.NOTIFY, consumer="n1", concurrency=4)
@@ -379,8 +379,8 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(
         await wait_for(lambda: fast.accepted_ids() == ids(first + later), 5, "later events")
         assert time.monotonic() - begun < 5
         assert slow.accepted_ids() == set(), "the slow endpoint has not answered yet"
-        await wait_for(lambda: slow.accepted_ids() == ids(first + later), 60, "the slow one")
-        assert_in_order(slow, first + later)
+        await wait_for(lambda: slow.accepted_ids() == ids(first), 30, "the slow one")
+        assert all(r.at - begun >= 5 for r in slow.accepted()), "it did take 10 s"
         await stop([w], tasks)
     finally:
         await env.aclose()

@@ -171,8 +171,8 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         sid: Annotated[int, typer.Argument(help="subscription id")],
     ) -> None:
-        """Send one signed test event (tracker 'test', geofence 1, enter, now) and show
-        the answer. It is not recorded in the delivery log."""
+        """Send one signed event (tracker 'test', geofence 1, enter, now) and show the
+        answer; nothing is recorded."""
         import httpx
 
         from processors import webhooks
