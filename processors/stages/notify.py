@@ -27,6 +27,9 @@ subscription, or whose notification is overdue by ``notify_order_wait_s`` (lost
 upstream), does not hold it. Redelivered duplicates cannot overtake: a delivery row
 is leased (``lease_until``) by the worker attempting it.
 
+The database unreachable or locked (``OperationalError``) defers the entry without
+spending a delivery, so an outage does not dead-letter notifications.
+
 Exactly once, as far as HTTP allows: a delivery is marked delivered after its 2xx; a
 worker killed between the two leaves it pending, and it is sent again with the same
 ``webhook-id`` (the event's natural key), by which the receiver drops the repeat.
@@ -45,6 +48,7 @@ from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import OperationalError
 
 from processors import webhooks
 from processors.config import AppSettings
@@ -61,6 +65,7 @@ from streams.ratelimit import SharedRateLimiter
 log = logging.getLogger("trackstream.notify")
 
 SUBSCRIPTIONS_TTL_S = 1.0
+DB_RETRY_MS = 2_000
 
 
 class NotifyMetrics:
@@ -151,16 +156,19 @@ class NotifyStage:
 
     async def handle(self, msg: Message[GeofenceEvent], ctx: Context) -> None:
         event = msg.payload
-        subs = [
-            s
-            for s in await self.subscriptions()
-            if s.matches(event.tracker_id, event.geofence_id, event.kind)
-        ]
+        try:
+            known = await self.subscriptions()
+        except OperationalError as exc:
+            raise Defer(f"database: {type(exc.orig).__name__}", DB_RETRY_MS) from exc
+        subs = [s for s in known if s.matches(event.tracker_id, event.geofence_id, event.kind)]
         if not subs:
             return
         entry_ms = int(msg.entry_id.partition("-")[0])
         for round_ in range(2):
-            look = await self._look(event, subs, ctx.consumer, entry_ms)
+            try:
+                look = await self._look(event, subs, ctx.consumer, entry_ms)
+            except OperationalError as exc:  # database down or locked: no delivery spent
+                raise Defer(f"database: {type(exc.orig).__name__}", DB_RETRY_MS) from exc
             if look.started and round_ == 0:
                 await asyncio.wait(look.started, timeout=self.app.notify_inline_wait_s)
                 if (settled := _settled(look)) is not None:
