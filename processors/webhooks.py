@@ -85,20 +85,32 @@ async def attempt(http: httpx.AsyncClient, url: str, secret: str, event: Geofenc
     headers = signed_headers(secret, event.event_id, payload, datetime.now(UTC))
     start = time.monotonic()
     try:
-        resp = await http.post(url, content=payload, headers=headers)
+        async with http.stream("POST", url, content=payload, headers=headers) as resp:
+            status = resp.status_code
+            excerpt = b"" if 200 <= status < 300 else await _head(resp, EXCERPT_CHARS * 4)
     except httpx.TimeoutException as exc:
         return Answer("retry", None, _ms(start), f"timeout: {type(exc).__name__}")
     except httpx.HTTPError as exc:
         return Answer("retry", None, _ms(start), f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS])
     latency = _ms(start)
-    status = resp.status_code
     if 200 <= status < 300:
         return Answer("delivered", status, latency)
-    error = f"HTTP {status}: {resp.text[:EXCERPT_CHARS]!r}"
+    text = excerpt.decode("utf-8", errors="replace")
+    error = f"HTTP {status}: {text[:EXCERPT_CHARS]!r}"
     if status in (408, 429) or status >= 500:
         hint = retry_after_s(resp.headers.get("retry-after")) if status in (429, 503) else None
         return Answer("retry", status, latency, error, hint)
     return Answer("permanent", status, latency, error)
+
+
+async def _head(resp: httpx.Response, limit: int) -> bytes:
+    """The start of a body, without reading (or holding) the rest of it."""
+    data = b""
+    async for chunk in resp.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
 
 
 def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:

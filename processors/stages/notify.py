@@ -218,11 +218,15 @@ class NotifyStage:
                     look.running += 1
                     continue
                 self._busy.add(key)
-                wait = await self._start(event, s, plan.attempt)
+                wait: asyncio.Task[Any] | float = 0.0
+                try:
+                    wait = await self._start(event, s, plan.attempt)
+                finally:
+                    if not isinstance(wait, asyncio.Task):
+                        self._busy.discard(key)
                 if isinstance(wait, asyncio.Task):
                     look.started.append(wait)
                 else:
-                    self._busy.discard(key)
                     look.waits.append(wait)
         return look
 
