@@ -60,6 +60,20 @@ class AppSettings(BaseSettings):
     reconcile_interval_s: float = Field(60.0, gt=0)
     reconcile_max_republish: int = Field(3, ge=1)
 
+    # notify: webhook delivery (see processors/stages/notify.py)
+    notify_rate_per_min: float = Field(20.0, gt=0)  # per endpoint, all workers together
+    notify_timeout_s: float = Field(10.0, gt=0)
+    notify_max_attempts: int = Field(10, ge=1, le=100)
+    notify_retry_base_s: float = Field(2.0, gt=0)
+    notify_retry_max_s: float = Field(300.0, gt=0)
+    notify_endpoint_concurrency: int = Field(4, ge=1, le=100)  # per endpoint and worker
+    notify_breaker_failures: int = Field(5, ge=1)
+    notify_breaker_reset_s: float = Field(30.0, gt=0)
+    notify_order_wait_s: float = Field(600.0, gt=0)
+    notify_max_rate_wait_s: float = Field(10.0, ge=0)
+    notify_inline_wait_s: float = Field(0.5, ge=0)
+    notify_poll_s: float = Field(0.25, gt=0)
+
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
     dashboard_token: str | None = None
@@ -99,6 +113,8 @@ class AppSettings(BaseSettings):
                 f"{self.min_fetch_interval_s}): shorter starves the fetch stage between "
                 "ticks, longer lets requests outlive their reservations"
             )
+        if self.notify_retry_max_s < self.notify_retry_base_s:
+            raise ValueError("notify_retry_max_s must be >= notify_retry_base_s")
         return self
 
     @property

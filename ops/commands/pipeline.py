@@ -73,7 +73,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         stage: Annotated[
             str,
-            typer.Argument(help="fetch | geocode | geofence | view-refresh", callback=_stage_arg),
+            typer.Argument(
+                help="fetch | geocode | geofence | view-refresh | notify", callback=_stage_arg
+            ),
         ],
         concurrency: Annotated[int | None, typer.Option(min=1, help="messages at once")] = None,
         consumer: Annotated[

@@ -39,9 +39,10 @@ from processors.crossings import (
 )
 from processors.database import Database
 from processors.geofencing import GeofenceIndex
-from processors.topology import VIEW_REFRESH
+from processors.topology import NOTIFY, VIEW_REFRESH
 from schemas import geofence_store, store
 from schemas.events import LocationGeocoded, ViewsChanged
+from schemas.notify import GeofenceEvent
 from schemas.views import VIEW_NAMES
 from streams.consumer import Context
 from streams.message import Message
@@ -54,11 +55,13 @@ LOOKAHEAD = 1  # reports read past a tracker's last one in the batch (more if ne
 
 @dataclass
 class BatchResult:
-    """What :func:`check_batch` did: events written (the recomputed windows' events),
-    the events that did not exist before (``(tracker, geofence, at, kind)``: what to
-    notify), fixes newly rejected per reason, and the batch items that failed."""
+    """What :func:`check_batch` did: events written (the recomputed windows' events, as
+    ``(tracker, geofence, at, kind)``: what to notify, again on a redelivery), the events
+    that did not exist before, fixes newly rejected per reason, and the batch items that
+    failed."""
 
     written: int = 0
+    events: list[tuple[str, int, datetime, str]] = field(default_factory=list)
     new_events: list[tuple[str, int, datetime, str]] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
     failed: dict[int, BaseException] = field(default_factory=dict)
@@ -76,6 +79,7 @@ class GeofenceStage:
     ):
         self.db = db
         self.downstream = routes[VIEW_REFRESH]
+        self.notify = routes[NOTIFY]
         self.clock = clock
         self.rules = rules or Rules()
         self._index: GeofenceIndex | None = None
@@ -124,6 +128,7 @@ class GeofenceStage:
                     result.failed[i] = one_exc
                     continue
                 result.written += one.written
+                result.events += one.events
                 result.new_events += one.new_events
                 result.rejected.update(one.rejected)
                 if one.failed:
@@ -132,7 +137,15 @@ class GeofenceStage:
         for reason, n in result.rejected.items():
             self.rejected[reason] += n
             self._rejected_metric.labels(reason).inc(n)
-        # result.new_events: the enter/exit events this batch created (to notify)
+        # notify: every event of the recomputed windows, not only new ones, so that a
+        # redelivery after a crash between commit and publish still notifies (the notify
+        # stage drops repeats by the event's natural key)
+        for tracker, geofence, at, kind in result.events:
+            ctx.publish(
+                self.notify,
+                GeofenceEvent(tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=kind),
+                partition_key=tracker,
+            )
         failures: dict[str, BaseException] = {
             msgs[i].entry_id: exc for i, exc in result.failed.items()
         }
@@ -219,11 +232,8 @@ def check_batch(
     )
     before = set(deleted)
     result.written = len(events)
-    result.new_events = [
-        e
-        for e in ((e.tracker_id, e.geofence_id, e.observed_at, e.kind) for e in events)
-        if e not in before
-    ]
+    result.events = [(e.tracker_id, e.geofence_id, e.observed_at, e.kind) for e in events]
+    result.new_events = [e for e in result.events if e not in before]
     return result
 
 
