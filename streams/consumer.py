@@ -57,8 +57,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from redis import exceptions as rex
-
 from streams.connection import Client, ensure_group, redact, refresh_topology, translate
 from streams.deadletter import DeadLetters
 from streams.errors import (
@@ -68,7 +66,7 @@ from streams.errors import (
     Reject,
     Retry,
 )
-from streams.faults import classify, describe
+from streams.faults import classify, describe, redis_down
 from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import BatchCall, MessageCall, Middleware
@@ -129,32 +127,6 @@ class _Outcome:
     outbox: Outbox | None = None
     # dead letters to move: (message, category, error)
     letters: list[tuple[Message[Any], str, str]] = field(default_factory=list)
-
-
-# Redis (or the slot's master) cannot take the command now; says nothing about the entry
-_UNREACHABLE = (
-    RedisUnavailable,
-    rex.ConnectionError,
-    rex.TimeoutError,
-    rex.ClusterDownError,
-    rex.TryAgainError,
-    rex.MasterDownError,
-    rex.ReadOnlyError,
-    rex.OutOfMemoryError,
-    rex.RedisClusterException,
-)
-
-
-def redis_down(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) says Redis is unreachable."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, _UNREACHABLE):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__
-    return False
 
 
 def _stray_cancel(exc: BaseException) -> bool:

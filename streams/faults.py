@@ -136,6 +136,35 @@ def _from_driver(exc: BaseException) -> bool:
     return bool(frames) and any(p in frames[-1].filename for p in _DRIVER_PACKAGES)
 
 
+# Redis (or the slot's master) cannot take the command now: says nothing about the entry
+# being handled. Narrower than "transient": a handler's own TimeoutError or OSError (an
+# HTTP source, the database) is not Redis being down.
+_UNREACHABLE = (
+    RedisUnavailable,
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    rex.ReadOnlyError,
+    rex.OutOfMemoryError,
+    rex.RedisClusterException,
+)
+
+
+def redis_down(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says Redis is unreachable: work that
+    failed for this keeps its deliveries (see :mod:`streams.consumer`)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, _UNREACHABLE):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__
+    return False
+
+
 def describe(exc: BaseException) -> str:
     """One line for a log: the exception's type and text."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
