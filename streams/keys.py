@@ -19,6 +19,8 @@ key                                     type    what
 ``{p}:{stage}:fence:{name}``            string  fencing counter that goes with ``lock:{name}``
 ``{p}:{stage}:state:{name}``            string  small state a stage shares across its workers
 ``{p}:{stage}:ratelimit:{name}``        string  a rate limit shared by all workers (GCRA, µs)
+``{p}:{stage}:info:{consumer}``         hash    a worker's host, pid, counts (TTL: its lease)
+``{p}:{stage}:history:{minute}``        hash    the stage's counts in one minute (TTL ~1 h)
 ======================================  ======  ==============================================
 
 With ``shards > 1`` the tag is ``{stage.0}`` ... ``{stage.N-1}``; the consumer group
@@ -104,6 +106,12 @@ class StageKeys:
 
     def ratelimit(self, name: str) -> str:
         return self._key(f"ratelimit:{name}")
+
+    def info(self, consumer: str) -> str:
+        return self._key(f"info:{consumer}")
+
+    def history(self, minute: int) -> str:
+        return self._key(f"history:{minute}")
 
     def streams(self) -> tuple[str, str]:
         """Input streams in the order they are served."""

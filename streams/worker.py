@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Sequence
 
+from streams.activity import Activity
 from streams.connection import Client, translate
 from streams.consumer import BatchHandler, Consumer, Gate, Handler
 from streams.errors import StreamsError
@@ -77,7 +78,8 @@ class Worker:
         self.batch_handler = batch_handler
         self.requested_name = check_name("consumer", consumer) if consumer else None
         self.shards = list(shards) if shards is not None else list(range(route.shards))
-        self.middleware = tuple(middleware)
+        self.activity = Activity()  # counts for the console, written with each heartbeat
+        self.middleware = (*middleware, self.activity)
         self.gate = gate
         self.stop_event = asyncio.Event()
         self.name: str | None = None
@@ -174,6 +176,9 @@ class Worker:
             )
             for c in self.consumers:
                 pipe.hset(c.keys.heartbeats, self.name, now_ms)
+            self.activity.write(
+                pipe, self._lease_keys, self.name, now_ms, self.settings.consumer_dead_after_ms
+            )
             await pipe.execute()
 
     async def _heartbeats(self, done: asyncio.Event) -> None:
