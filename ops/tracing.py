@@ -30,9 +30,16 @@ def _mentions(fields: dict[bytes, bytes], tracker_id: str) -> bool:
     return json.dumps(tracker_id).encode() in data
 
 
-def _same_instant(payload: dict[str, Any], observed_at: datetime | None) -> bool:
-    if observed_at is None or "observed_at" not in payload:
+def _same_instant(
+    payload: dict[str, Any], observed_at: datetime | None, lenient: bool = False
+) -> bool:
+    """The payload is about the report observed at ``observed_at``. One without an
+    ``observed_at`` (a fetch request, a change notice) matches; a report without one
+    (a broken entry) only when ``lenient`` (dead letters: shown rather than hidden)."""
+    if observed_at is None:
         return True
+    if "observed_at" not in payload:
+        return lenient or "tracker_id" not in payload
     try:
         value = datetime.fromisoformat(str(payload["observed_at"]).replace("Z", "+00:00"))
     except ValueError:
@@ -82,7 +89,8 @@ async def find_entries(
     Each entry: stage, stream, id, type, attempt (the producer's re-send count), and its
     delivery state: ``pending`` (consumer, deliveries, idle ms), ``done`` (delivered
     and acknowledged, or dead-lettered) or ``waiting`` (not delivered yet). With
-    ``observed_at`` only reports of that instant match (fetch requests always do).
+    ``observed_at`` only reports of that instant match (fetch requests always do; dead
+    letters without a readable ``observed_at`` too).
     """
     entries: list[dict[str, Any]] = []
     letters: list[dict[str, Any]] = []
@@ -133,7 +141,7 @@ async def find_entries(
                 letter = _from_entry(entry_id, fields)
                 if not _mentions(letter.fields, tracker_id):
                     continue
-                if not _same_instant(_payload(letter.fields), observed_at):
+                if not _same_instant(_payload(letter.fields), observed_at, lenient=True):
                     continue
                 d = letter.as_dict()
                 d.pop("fields")

@@ -1,8 +1,9 @@
 """What a worker tells the operator's console, written with each heartbeat.
 
-- ``{p}:{stage}:info:{consumer}`` (hash, expires with the consumer's lease): host, pid,
-  start time, version, entries processed / failed / dead-lettered since start, and the
-  entries in flight now.
+- ``{p}:{stage}:info:{consumer}`` (hash, kept :data:`INFO_TTL_MIN_S` or ten lease
+  lives after the last heartbeat, so a dead worker's last counts stay visible for a
+  while): host, pid, start time, version, entries processed / failed / dead-lettered
+  since start, and the entries in flight at the last heartbeat.
 - ``{p}:{stage}:history:{minute}`` (hash per UTC minute, expires after
   :data:`HISTORY_TTL_S`): ``processed``, ``failed``, ``dead_lettered`` counted by every
   worker of the stage in that minute. At most ~65 small keys per stage: bounded.
@@ -25,6 +26,7 @@ from streams.middleware import BatchCall, Middleware
 
 HISTORY_MINUTES = 60
 HISTORY_TTL_S = (HISTORY_MINUTES + 5) * 60
+INFO_TTL_MIN_S = 600
 COUNTERS = ("processed", "failed", "dead_lettered")
 
 
@@ -66,7 +68,8 @@ class Activity(Middleware):
         self.counts["dead_lettered"] += 1
 
     def write(self, pipe: Any, keys: StageKeys, consumer: str, now_ms: int, ttl_ms: int) -> None:
-        """Queue the info hash and this minute's history increments on ``pipe``."""
+        """Queue the info hash and this minute's history increments on ``pipe``
+        (``ttl_ms``: the consumer's lease time)."""
         info_key = keys.info(consumer)
         pipe.hset(
             info_key,
@@ -80,7 +83,7 @@ class Activity(Middleware):
                 **self.counts,
             },
         )
-        pipe.pexpire(info_key, ttl_ms)
+        pipe.pexpire(info_key, max(10 * ttl_ms, INFO_TTL_MIN_S * 1000))
         deltas = {k: self.counts[k] - self._written[k] for k in COUNTERS}
         if any(deltas.values()):
             minute_key = keys.history(now_ms // 60_000)

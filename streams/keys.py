@@ -19,7 +19,7 @@ key                                     type    what
 ``{p}:{stage}:fence:{name}``            string  fencing counter that goes with ``lock:{name}``
 ``{p}:{stage}:state:{name}``            string  small state a stage shares across its workers
 ``{p}:{stage}:ratelimit:{name}``        string  a rate limit shared by all workers (GCRA, µs)
-``{p}:{stage}:info:{consumer}``         hash    a worker's host, pid, counts (TTL: its lease)
+``{p}:{stage}:info:{consumer}``         hash    a worker's host, pid, counts (TTL >= 10 min)
 ``{p}:{stage}:history:{minute}``        hash    the stage's counts in one minute (TTL ~1 h)
 ======================================  ======  ==============================================
 

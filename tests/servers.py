@@ -97,8 +97,20 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "redis.log"
         args = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "no", "--logfile", str(log), *self.extra,
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(log),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -141,9 +153,16 @@ class RedisCluster:
                 port = free_cluster_port()
                 nodes.append(
                     RedisServer(
-                        port, root / f"node{i}",
-                        ["--cluster-enabled", "yes", "--cluster-node-timeout", "500",
-                         "--cluster-config-file", "nodes.conf"],
+                        port,
+                        root / f"node{i}",
+                        [
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-node-timeout",
+                            "500",
+                            "--cluster-config-file",
+                            "nodes.conf",
+                        ],
                     ).start()
                 )
             cluster = cls(nodes)
@@ -161,7 +180,9 @@ class RedisCluster:
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         done = subprocess.run(
             [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=timeout_s,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
         if done.returncode != 0:
             raise ServerUnavailable(f"cluster create failed: {done.stdout}{done.stderr}")
@@ -226,11 +247,23 @@ class PostgresServer:
             shutil.chown(root, "postgres", "postgres")
             os.chmod(root, 0o700)
         init = subprocess.run(
-            server._as_owner([
-                str(server.bindir / "initdb"), "-D", str(server.dir), "-U", "postgres",
-                "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
-            ]),
-            capture_output=True, text=True, timeout=timeout_s,
+            server._as_owner(
+                [
+                    str(server.bindir / "initdb"),
+                    "-D",
+                    str(server.dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
         if init.returncode != 0:
             raise ServerUnavailable(f"initdb failed: {init.stderr[-1500:]}")
@@ -239,11 +272,24 @@ class PostgresServer:
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         started = subprocess.run(
-            server._as_owner([
-                str(server.bindir / "pg_ctl"), "-D", str(server.dir), "-l",
-                str(root / "postgres.log"), "-o", opts, "-w", "-t", str(int(timeout_s)), "start",
-            ]),
-            capture_output=True, text=True, timeout=timeout_s + 10,
+            server._as_owner(
+                [
+                    str(server.bindir / "pg_ctl"),
+                    "-D",
+                    str(server.dir),
+                    "-l",
+                    str(root / "postgres.log"),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    "start",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 10,
         )
         if started.returncode != 0:
             log = root / "postgres.log"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,7 +252,52 @@ async def test_page_is_self_contained(api):
     assert "default-src 'none'" in page.headers["content-security-policy"]
     html = page.text
     assert "api/stages" in html and 'id="token"' in html
-    assert "<script src" not in html and "<link" not in html and "https://" not in html
+    assert "https://" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    # every asset is the app's own (vendored Leaflet, with its license): no CDN
+    assets = re.findall(r'(?:src|href)="([^"#]+)"', html)
+    assert sorted(assets) == ["static/leaflet/leaflet.css", "static/leaflet/leaflet.js"]
+    for path in (*assets, "static/leaflet/LICENSE.txt", "static/leaflet/images/marker-icon.png"):
+        got = await api.get("/" + path)
+        assert got.status_code == 200, path
+    license_text = (await api.get("/static/leaflet/LICENSE.txt")).text
+    assert "Agafonkin" in license_text and "BSD 2-Clause" in license_text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert (await api.get("/static/../app.py")).status_code == 404
+
+
+async def test_read_token_guards_the_api_but_not_the_page(env):
+    settings, client, *_ = env
+    app_settings = AppSettings.build(dashboard_token=TOKEN, dashboard_read_token="reader")
+    app = create_app(settings, app_settings, client=client)
+    async with http(app) as c:
+        assert (await c.get("/")).status_code == 200
+        assert (await c.get("/healthz")).status_code == 200
+        assert (await c.get("/static/leaflet/leaflet.js")).status_code == 200
+        denied = await c.get("/api/stages")
+        assert denied.status_code == 401 and "read token" in denied.json()["error"]
+        wrong = await c.get("/api/stages", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        for token in ("reader", TOKEN):
+            ok = await c.get("/api/stages", headers={"Authorization": f"Bearer {token}"})
+            assert ok.status_code == 200, token
+        # the read token does not allow mutations
+        redrive = await c.post(
+            "/api/stages/geocode/dlq/redrive",
+            json={"ids": []},
+            headers={"Authorization": "Bearer reader"},
+        )
+        assert redrive.status_code == 401
+
+
+def test_map_tiles_setting_is_checked_and_allowed_by_the_csp():
+    from ops.dashboard.app import csp
+    from streams.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="map_tiles_url"):
+        AppSettings.build(map_tiles_url="tile.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data:;" in csp(None)
+    policy = csp("https://{s}.tile.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data: https://*.tile.example.org;" in policy
 
 
 def test_throughput_estimate_over_a_window():

@@ -418,7 +418,6 @@ def test_report_with_neighbours_and_incomplete(tx: Tx) -> None:
     assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs[1:]]
 
 
-
 def test_republish_bookkeeping_spaces_and_caps_the_resends(tx: Tx) -> None:
     tx(store.upsert_trackers, [tracker("A")])
     tx(store.insert_reports, [report("A", 0), report("A", 10)])
