@@ -8,6 +8,7 @@ import json
 import os
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -24,6 +25,7 @@ TOKEN = "console-test-token"
 TRACKERS = 6
 TRACKED = "SIM-00002"
 POISONED = 3
+SHOTS = Path("/tmp")  # screenshots to look at after a run
 
 
 async def poison(h: Harness, n: int) -> None:
@@ -90,6 +92,7 @@ async def test_console_trackers_map_trace_workers_history_and_bulk_redrive(ran):
         first_fix = page.locator(f'#tracker-rows tr[data-tracker="{TRACKED}"] time').first
         await expect(first_fix).to_have_text(re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"))
         assert "local" in (await first_fix.get_attribute("title") or "")
+        await page.screenshot(path=str(SHOTS / "console-trackers.png"), full_page=True)
 
         # the map: Leaflet from the app itself, no tile server, geofences and trackers drawn
         await page.locator('nav#views a[data-view="map"]').click()
@@ -103,6 +106,7 @@ async def test_console_trackers_map_trace_workers_history_and_bulk_redrive(ran):
         await expect(selected.locator('[data-field="tracker"]')).to_have_text(TRACKED)
         latest = max((r for r in reports if r.tracker_id == TRACKED), key=lambda r: r.observed_at)
         await expect(selected).to_contain_text(f"{latest.lat:.5f}, {latest.lon:.5f}")
+        await page.screenshot(path=str(SHOTS / "console-map.png"))
 
         # a trace, from the map's tracker
         await selected.get_by_role("button", name="Trace latest report").click()
@@ -116,6 +120,7 @@ async def test_console_trackers_map_trace_workers_history_and_bulk_redrive(ran):
         for stage in ("fetch", "geocode", "geofence"):
             await expect(page.locator(f'#trace-entries tr[data-stage="{stage}"]')).to_have_count(1)
         await expect(page.locator("#trace-entries")).to_contain_text("done")
+        await page.screenshot(path=str(SHOTS / "console-trace.png"), full_page=True)
 
         # workers: this process ran every stage; geocode's count is the reports it handled
         await page.locator('nav#views a[data-view="workers"]').click()
@@ -123,12 +128,14 @@ async def test_console_trackers_map_trace_workers_history_and_bulk_redrive(ran):
         await expect(row).to_have_count(1)
         await expect(row).to_contain_text(str(os.getpid()))
         await expect(row.locator('[data-field="processed"]')).to_have_text(str(len(reports)))
+        await page.screenshot(path=str(SHOTS / "console-workers.png"), full_page=True)
 
         # history: the same count, kept per minute in Redis
         await page.locator('nav#views a[data-view="history"]').click()
         await expect(page.locator('[data-chart="geocode"]')).to_contain_text(
             f"last hour: {len(reports)} processed"
         )
+        await page.screenshot(path=str(SHOTS / "console-history.png"), full_page=True)
 
         # the pipeline: geocode is not "ok" with dead letters, and the panel opens on it
         await page.locator('nav#views a[data-view="pipeline"]').click()

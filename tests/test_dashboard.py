@@ -351,3 +351,75 @@ def test_dashboard_command_serves_and_stops_on_sigterm(redis_server, unique_pref
             proc.communicate()
     assert proc.returncode == 0, out
     assert "redrive enabled" in out
+
+
+async def test_workers_show_the_scheduler_leader_and_the_last_tick_and_round(env):
+    from types import SimpleNamespace
+
+    from ops import runstate
+
+    settings, client, *_ = env
+    app = create_app(settings, AppSettings.build(), client=client)
+    async with http(app) as c:
+        empty = (await c.get("/api/workers")).json()
+        assert empty["scheduler"] == {"leader": None, "last_tick": None}
+        assert empty["reconciler"] is None
+        await client.set(runstate.leader_key(settings.prefix), "box-7:4242:ab12", px=30_000)
+        batches = [SimpleNamespace(tracker_ids=["A", "B"]), SimpleNamespace(tracker_ids=["C"])]
+        await runstate.record_tick(client, settings.prefix, 30, batches)
+        done = SimpleNamespace(geocode=4, geofence=1, skipped=("geofence",))
+        await runstate.record_round(client, settings.prefix, 60, done)
+        body = (await c.get("/api/workers")).json()
+    leader = body["scheduler"]["leader"]
+    assert (leader["host"], leader["pid"]) == ("box-7", "4242")
+    assert 0 < leader["lease_ms"] <= 30_000
+    tick = body["scheduler"]["last_tick"]
+    assert (tick["batches"], tick["trackers"]) == (2, 3)
+    assert tick["next_ms"] - tick["at_ms"] == 30_000
+    rnd = body["reconciler"]
+    assert (rnd["geocode"], rnd["geofence"], rnd["skipped"]) == (4, 1, ["geofence"])
+    assert rnd["next_ms"] - rnd["at_ms"] == 60_000
+
+
+async def test_workers_report_counts_and_history_per_minute(env):
+    """A live worker's outcomes reach its info hash and the stage's per-minute history."""
+    import asyncio
+
+    from tests.support import wait_for
+
+    settings, client, codec, routes = env
+    geocode = routes[topology.GEOCODE]
+    await Producer(client, codec).publish(geocode, [Ping(n=n) for n in range(7)])
+
+    async def handle(msg, ctx):
+        if msg.payload.n in (0, 1):
+            raise Reject(f"poison {msg.payload.n}")
+
+    worker = Worker(client, settings, geocode, codec, handler=handle)
+    task = asyncio.create_task(worker.run())
+    app = create_app(settings, AppSettings.build(), client=client)
+    try:
+        async with http(app) as c:
+
+            async def counted() -> bool:
+                rows = (await c.get("/api/workers")).json()["workers"]
+                mine = [w for w in rows if w["stage"] == "geocode"]
+                return bool(mine) and mine[0].get("processed") == 5
+
+            await wait_for(counted, 10, "the worker's counts in its info hash")
+            (w,) = [
+                w
+                for w in (await c.get("/api/workers")).json()["workers"]
+                if w["stage"] == "geocode"
+            ]
+            assert (w["failed"], w["dead_lettered"], w["in_flight"]) == (2, 2, 0)
+            assert w["pid"] == os.getpid() and w["live"] and w["version"]
+            history = (await c.get("/api/history")).json()["stages"]
+            rows = history["geocode"]
+            assert len(rows) == 60
+            totals = {k: sum(r[k] for r in rows) for k in ("processed", "failed", "dead_lettered")}
+            assert totals == {"processed": 5, "failed": 2, "dead_lettered": 2}
+            assert sum(r["processed"] for r in history["fetch"]) == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)

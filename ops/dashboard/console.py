@@ -136,7 +136,9 @@ async def workers(request: Request) -> Response:
         for name, row in names.items():
             info = infos.get(name)
             if info:
-                uptime_s = max(0.0, (now_ms - info["started_ms"]) / 1000)
+                # up to its last heartbeat: a dead worker's uptime stops growing
+                last_ms = min(now_ms, info.get("updated_ms", now_ms))
+                uptime_s = max(0.0, (last_ms - info["started_ms"]) / 1000)
                 row.update(
                     host=info.get("host"),
                     pid=info.get("pid"),
@@ -146,6 +148,7 @@ async def workers(request: Request) -> Response:
                     failed=info.get("failed", 0),
                     dead_lettered=info.get("dead_lettered", 0),
                     in_flight=info.get("in_flight", 0),
+                    updated_ms=info.get("updated_ms"),
                     rate_per_s=round(info.get("processed", 0) / uptime_s, 2) if uptime_s else None,
                 )
             row["live"] = (
