@@ -14,6 +14,7 @@ from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
 from schemas import store
 from schemas.db import upgrade
 from schemas.tables import LocationReport
+from tests import readme_samples
 from tests.pipeline_support import Harness
 
 runner = CliRunner()
@@ -113,6 +114,7 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
 
     table = cli("--database-url", db_url, "trackers")
     assert table.exit_code == 0, table.output
+    readme_samples.check("trackers", table.output)
     assert "6 trackers (2 fresh, 1 late, 1 past 12 h, 1 out of run, 1 inactive)" in table.output
     assert "3 of 4 in run fetched within 12 h" in table.output
     assert "F-NEVER" in table.output and "51.500,4.250" in table.output
@@ -134,7 +136,7 @@ async def test_trace_follows_one_report_through_db_streams_and_dead_letters(
     standalone_target, unique_prefix, tmp_path
 ):
     db_url = f"sqlite:///{tmp_path}/trace.db"
-    h = Harness(standalone_target, unique_prefix, db_url, trackers=5, start=datetime.now(UTC))
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=5)  # a fixed clock
     try:
         await h.scheduler.tick()
         await h.drain()
@@ -171,6 +173,7 @@ async def test_trace_follows_one_report_through_db_streams_and_dead_letters(
 
         text = await acli(*base, "trace", tracker)
         assert text.exit_code == 0, text.output
+        readme_samples.check("trace", text.output)
         assert f"{tracker} report observed" in text.output
         assert "geofence-checked" in text.output and "reconciler        0 re-send(s)" in text.output
         assert "dead letters (1):" in text.output and "validation" in text.output

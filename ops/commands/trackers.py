@@ -177,7 +177,7 @@ def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, An
             f"at {report['lat']:.5f},{report['lon']:.5f} (report #{report['report_id']})",
             f"  fetched           {_when(report['fetched_at'])}  from {report['source']}",
             f"  geocoded          {_when(report['geocoded_at'])}"
-            + (f"  {report['address']}" if report["address"] else ""),
+            + (f"  {report['address'] or report['city']}" if report["city"] else ""),
             f"  geofence-checked  {_when(report['geofence_checked_at'])}",
         ]
         events = ", ".join(f"{e['kind']} {e['geofence']}" for e in report["events"])
@@ -203,8 +203,8 @@ def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, An
     out.append(f"dead letters ({len(letters)}):" if letters else "dead letters: none")
     for d in letters:
         out.append(
-            f"  {d['stage']:<12} {d['id']:<16} {d['category']} after {d['attempts']} "
-            f"deliveries: {d['error']}"
+            f"  {d['stage']:<12} {d['id']:<16} {d['category']}, attempts {d['attempts']}: "
+            f"{d['error']}"
         )
     return out
 
