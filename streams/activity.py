@@ -47,6 +47,7 @@ class Activity(Middleware):
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.in_flight = 0
         self._written = dict.fromkeys(COUNTERS, 0)
+        self._sending = self._written
         self.version = _version()
 
     async def around_batch(
@@ -69,7 +70,7 @@ class Activity(Middleware):
 
     def write(self, pipe: Any, keys: StageKeys, consumer: str, now_ms: int, ttl_ms: int) -> None:
         """Queue the info hash and this minute's history increments on ``pipe``
-        (``ttl_ms``: the consumer's lease time)."""
+        (``ttl_ms``: the consumer's lease time); call :meth:`sent` once it executed."""
         info_key = keys.info(consumer)
         pipe.hset(
             info_key,
@@ -91,7 +92,11 @@ class Activity(Middleware):
                 if delta:
                     pipe.hincrby(minute_key, name, delta)
             pipe.expire(minute_key, HISTORY_TTL_S)
-        self._written = dict(self.counts)
+        self._sending = dict(self.counts)
+
+    def sent(self) -> None:
+        """The pipeline of the last :meth:`write` went through: its increments count."""
+        self._written = self._sending
 
 
 async def read_history(

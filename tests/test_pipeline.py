@@ -378,7 +378,9 @@ async def test_view_refresh_runs_at_most_once_per_interval(
         await h.aclose()
 
 
-async def test_geofence_changes_apply_without_a_restart(standalone_target, unique_prefix, tmp_path):
+async def test_geofence_changes_apply_without_a_restart(
+    standalone_target, unique_prefix, tmp_path
+):
     """While the same geofence stage keeps running: a fence added with ``seed`` (a copy
     of a busy one) gets exactly the copied fence's new events, and a fence deactivated
     with ``geofence deactivate`` gets none from then on."""

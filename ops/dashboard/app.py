@@ -22,6 +22,7 @@ GET         /api/search                             entries/dead letters (``?tra
 GET         /api/workers                            workers, scheduler, reconciler
 GET         /api/history                            per-minute counts per stage, last hour
 GET         /static/...                             the page's assets (vendored Leaflet)
+GET         /api/webhooks                           subscriptions, latest delivery attempts
 ==========  ======================================  ==========================================
 
 Mutating endpoints need ``Authorization: Bearer <dashboard_token>`` (compared in
@@ -54,6 +55,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ops.dashboard.throughput import Throughput
+from ops.dashboard.webhooks import webhooks
 from ops.exporter import backlog, client_settings, pipeline_keys
 from processors.config import AppSettings
 from streams.connection import Client, connect, redact
@@ -446,6 +448,8 @@ def create_app(
             yield
         finally:
             await dashboard.aclose()
+            if getattr(app.state, "webhook_db", None) is not None:
+                app.state.webhook_db.dispose()
 
     stage = "/api/stages/{stage}"
     from ops.dashboard import console
@@ -471,6 +475,7 @@ def create_app(
             Route(f"{stage}/dlq/{{id}}/redrive", redrive_one, methods=["POST"]),
             Route(f"{stage}/dlq/{{id}}", show_dead_letter, methods=["GET"]),
             Route(f"{stage}/dlq/{{id}}", delete_dead_letter, methods=["DELETE"]),
+            Route("/api/webhooks", webhooks),
         ],
         exception_handlers={
             HTTPException: _http_error,
@@ -484,5 +489,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.dashboard = dashboard
+    app.state.database_url = app_settings.database_url
     app.state.page = resources.files("ops.dashboard").joinpath("index.html").read_text("utf-8")
     return app
