@@ -164,16 +164,24 @@ def map_data(
     *,
     track_hours: float = 24,
     track_points: int = 50,
+    max_tracks: int = 200,
     events: int = 100,
 ) -> dict[str, Any]:
-    """Last positions, recent tracks (the last ``track_points`` reports of each tracker
-    within ``track_hours``), active geofences and the latest geofence events."""
+    """Last positions, recent tracks (the last ``track_points`` reports within
+    ``track_hours`` of the ``max_tracks`` most recently reporting trackers), active
+    geofences and the latest geofence events."""
     rows = [r for r in trackers(session, now, min_fetch_interval_s) if r.lat is not None]
     since = now - timedelta(hours=track_hours)
     tracks: dict[str, list[list[float]]] = {}
+    # tracks of the most recently reporting trackers only: each is a range scan of the
+    # (tracker_id, observed_at) index, never a scan of the whole history
+    recent = sorted(rows, key=lambda r: r.last_fix_at or "", reverse=True)[:max_tracks]
     stmt = (
         select(LocationReport.tracker_id, LocationReport.lat, LocationReport.lon)
-        .where(LocationReport.observed_at >= since)
+        .where(
+            LocationReport.tracker_id.in_([r.tracker_id for r in recent]),
+            LocationReport.observed_at >= since,
+        )
         .order_by(LocationReport.tracker_id, LocationReport.observed_at.desc())
     )
     for tid, lat, lon in session.execute(stmt):

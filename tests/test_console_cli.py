@@ -161,8 +161,8 @@ async def test_trace_follows_one_report_through_db_streams_and_dead_letters(
         r = body["report"]
         assert r["observed_at"] == report.observed_at.isoformat().replace("+00:00", "Z")
         assert r["fetched_at"] and r["geocoded_at"] and r["geofence_checked_at"]
-        stages = sorted({e["stage"] for e in body["entries"]})
-        assert stages == sorted([FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH]), body["entries"]
+        stages = {e["stage"] for e in body["entries"]}
+        assert stages >= {FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH}, body["entries"]
         assert all(e["state"] == "done" for e in body["entries"])
         fetch_entry = next(e for e in body["entries"] if e["stage"] == FETCH)
         assert fetch_entry["type"] == "fetch.requested"

@@ -109,7 +109,7 @@ async def test_dashboard_shows_stages_and_redrives_a_dead_letter(live_pipeline):
             await page.goto(server.url)
             await expect(page.locator("#conn")).to_have_text("live")
 
-            await expect(page.locator("#stages [data-stage]")).to_have_count(4)
+            await expect(page.locator("#stages [data-stage]")).to_have_count(len(topology.STAGES))
             for stage in topology.STAGES:
                 card = page.locator(f'#stages [data-stage="{stage}"]')
                 for field in ("lag", "pending", "length"):
@@ -125,8 +125,10 @@ async def test_dashboard_shows_stages_and_redrives_a_dead_letter(live_pipeline):
 
             # one live consumer per stage in the consumers table
             consumer_rows = page.locator("#consumer-rows tr")
-            await expect(consumer_rows).to_have_count(4)
-            await expect(page.locator("#consumer-rows .live-state.live")).to_have_count(4)
+            await expect(consumer_rows).to_have_count(len(topology.STAGES))
+            await expect(page.locator("#consumer-rows .live-state.live")).to_have_count(
+                len(topology.STAGES)
+            )
             for stage in topology.STAGES:
                 await expect(
                     page.locator(f'#consumer-rows tr[data-stage="{stage}"]')
