@@ -11,7 +11,6 @@ from typing import Any
 from processors import topology
 from streams.connection import Client, translate
 from streams.deadletter import _from_entry
-from streams.keys import StageKeys
 from streams.parse import parse_entries
 
 SCAN = 2_000  # newest entries read per stream
@@ -47,6 +46,15 @@ def _same_instant(
     return value == observed_at
 
 
+def _parse(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def ms_of(entry_id: str) -> int:
     return int(entry_id.split("-")[0])
 
@@ -79,24 +87,26 @@ async def find_entries(
     tracker_id: str,
     *,
     observed_at: datetime | None = None,
+    fetched_at: datetime | None = None,
     stages: tuple[str, ...] = topology.STAGES,
     scan: int = SCAN,
     url: str = "",
-    shards: int = 1,
 ) -> dict[str, list[dict[str, Any]]]:
     """``{"entries": [...], "dead_letters": [...]}`` naming ``tracker_id``, newest first.
 
     Each entry: stage, stream, id, type, attempt (the producer's re-send count), and its
     delivery state: ``pending`` (consumer, deliveries, idle ms), ``done`` (delivered
     and acknowledged, or dead-lettered) or ``waiting`` (not delivered yet). With
-    ``observed_at`` only reports of that instant match (fetch requests always do; dead
-    letters without a readable ``observed_at`` too).
+    ``observed_at`` only reports of that instant match (dead letters without a readable
+    ``observed_at`` too); with ``fetched_at`` only the newest fetch request made by
+    then (the one that fetched the report).
     """
     entries: list[dict[str, Any]] = []
     letters: list[dict[str, Any]] = []
+    routes = topology.routes(prefix)
     for stage in stages:
-        for shard in range(shards):
-            keys = StageKeys(prefix, stage, shard, shards)
+        for keys in routes[stage].all_keys():  # every shard
+            shard = keys.shard
             with translate(url):
                 for stream in keys.streams():
                     raw = await client.xrevrange(stream, max="+", min="-", count=scan)
@@ -112,7 +122,9 @@ async def find_entries(
                         pend = await client.xpending_range(
                             stream, keys.group, min=entry_id, max=entry_id, count=1
                         )
+                        requested = _payload(fields).get("requested_at")
                         row: dict[str, Any] = {
+                            "_requested_at": _parse(requested),
                             "stage": stage,
                             "stream": stream,
                             "id": entry_id,
@@ -146,6 +158,14 @@ async def find_entries(
                 d = letter.as_dict()
                 d.pop("fields")
                 letters.append({**d, "stage": stage, "shard": shard, "at_ms": letter.failed_ms})
+    if fetched_at is not None:
+        # the fetch request that fetched the report: the newest requested by then
+        asked = [e for e in entries if e["_requested_at"] is not None]
+        before = [e for e in asked if e["_requested_at"] <= fetched_at]
+        chosen = max(before, key=lambda e: e["_requested_at"]) if before else None
+        entries = [e for e in entries if e["_requested_at"] is None or e is chosen]
+    for e in entries:
+        del e["_requested_at"]
     entries.sort(key=lambda e: e["at_ms"], reverse=True)
     letters.sort(key=lambda e: e["at_ms"], reverse=True)
     return {"entries": entries, "dead_letters": letters}

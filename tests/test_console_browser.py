@@ -51,8 +51,8 @@ async def ran(standalone_target, unique_prefix, tmp_path):
         standalone_target, unique_prefix, db_url, trackers=TRACKERS, start=datetime.now(UTC)
     )
     try:
-        await h.scheduler.tick()
-        await h.drain()
+        await h.cycle()  # two reports per tracker: a track to draw
+        await h.cycle()
         await poison(h, POISONED)
         yield h
     finally:
@@ -98,6 +98,10 @@ async def test_console_trackers_map_trace_workers_history_and_bulk_redrive(ran):
         await page.locator('nav#views a[data-view="map"]').click()
         await expect(page.locator("path.geofence")).to_have_count(fences)
         await expect(page.locator("path.tracker-marker")).to_have_count(TRACKERS)
+        await expect(page.locator("path.track")).to_have_count(TRACKERS)
+        events = h.events()
+        assert events, "the demo geofences saw some enter/exit events"
+        await expect(page.locator("#map-events .event")).to_have_count(min(len(events), 100))
         assert await page.locator("img.leaflet-tile").count() == 0
         await expect(page.locator("#map-note")).to_contain_text("No base map configured")
         marker = page.locator(f"path.tracker-{TRACKED}")

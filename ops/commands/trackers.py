@@ -147,9 +147,7 @@ def register(app: typer.Typer) -> None:
             report = read_db(ctx, report_trace, tracker, when)
         except LookupError as exc:
             raise fail(f"{exc.args[0]} (see 'trackstream trackers')", 2) from None
-        observed = (
-            datetime.fromisoformat(report["observed_at"].replace("Z", "+00:00")) if report else None
-        )
+        observed, fetched = _instants(report)
         found = run(
             stream_settings,
             lambda client: find_entries(
@@ -157,6 +155,7 @@ def register(app: typer.Typer) -> None:
                 stream_settings.prefix,
                 tracker,
                 observed_at=observed,
+                fetched_at=fetched,
                 scan=scan,
                 url=stream_settings.redis_url,
             ),
@@ -165,6 +164,17 @@ def register(app: typer.Typer) -> None:
             echo_json({"report": report, **found})
             return
         print_trace(tracker, at, report, found)
+
+
+def _instants(report: dict[str, Any] | None) -> tuple[datetime | None, datetime | None]:
+    """The report's observed_at and fetched_at (None, None without a report)."""
+    if report is None:
+        return None, None
+
+    def parse(key: str) -> datetime:
+        return datetime.fromisoformat(report[key].replace("Z", "+00:00"))
+
+    return parse("observed_at"), parse("fetched_at")
 
 
 def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, Any]) -> list[str]:

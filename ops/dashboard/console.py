@@ -89,14 +89,15 @@ async def trace(request: Request) -> Response:
     tracker = _tracker_id(request.path_params["tracker"])
     at = _time(request, "at")
     report = await d.read_db(fleet.report_trace, tracker, at)
-    observed = (
-        datetime.fromisoformat(report["observed_at"].replace("Z", "+00:00")) if report else None
-    )
+    from ops.commands.trackers import _instants
+
+    observed, fetched = _instants(report)
     found = await find_entries(
         d.client,
         d.settings.prefix,
         tracker,
         observed_at=observed,
+        fetched_at=fetched,
         scan=_scan(request),
         url=d.url,
     )
