@@ -183,3 +183,37 @@ async def test_trace_follows_one_report_through_db_streams_and_dead_letters(
         assert unknown.exit_code == 2 and "no tracker 'NOPE-1'" in unknown.output
     finally:
         await h.aclose()
+
+
+async def test_scheduler_and_reconciler_leave_their_last_tick_and_round(
+    standalone_target, unique_prefix, tmp_path
+):
+    from ops import runstate
+    from streams.connection import connect
+    from streams.settings import StreamSettings
+
+    db_url = f"sqlite:///{tmp_path}/ticks.db"
+    upgrade(db_url)
+    db = Database(db_url)
+    try:
+        db.run_sync(
+            lambda s: store.upsert_trackers(s, [{"external_id": f"T-{i}"} for i in range(3)])
+        )
+    finally:
+        db.dispose()
+    base = ["--redis-url", standalone_target.url, "--prefix", unique_prefix]
+    base += ["--database-url", db_url]
+    sched = await acli(*base, "scheduler", "--once")
+    assert sched.exit_code == 0, sched.output
+    rec = await acli(*base, "reconcile", "--once")
+    assert rec.exit_code == 0, rec.output
+    client = connect(StreamSettings.build(redis_url=standalone_target.url, prefix=unique_prefix))
+    try:
+        state = await runstate.read(client, unique_prefix)
+    finally:
+        await client.aclose()
+    tick = state["scheduler"]["last_tick"]
+    assert (tick["batches"], tick["trackers"]) == (1, 3)
+    assert tick["next_ms"] - tick["at_ms"] == 30_000  # schedule_interval_s
+    assert state["scheduler"]["leader"] is not None  # the lease outlives --once
+    assert state["reconciler"]["geocode"] == 0 and state["reconciler"]["geofence"] == 0
