@@ -217,3 +217,10 @@ async def test_scheduler_and_reconciler_leave_their_last_tick_and_round(
     assert tick["next_ms"] - tick["at_ms"] == 30_000  # schedule_interval_s
     assert state["scheduler"]["leader"] is not None  # the lease outlives --once
     assert state["reconciler"]["geocode"] == 0 and state["reconciler"]["geofence"] == 0
+
+    # a second scheduler while the first one's lease is held: it says who leads
+    follower = await acli(*base, "scheduler", "--once")
+    assert follower.exit_code == 0, follower.output
+    assert "published 0 batches: another scheduler leads (" in follower.output
+    leader = state["scheduler"]["leader"]
+    assert f"{leader['host']} pid {leader['pid']}" in follower.output

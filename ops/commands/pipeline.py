@@ -139,6 +139,15 @@ def register(app: typer.Typer) -> None:
             try:
                 if once:
                     batches = await tick()
+                    if sched.lock is not None and sched.lock.fence is None:
+                        holder = await pipeline.client.get(sched.lock.key)
+                        who = holder.decode(errors="replace") if holder else "unknown"
+                        host, _, rest = who.partition(":")
+                        console.print(
+                            f"published 0 batches: another scheduler leads "
+                            f"({host} pid {rest.split(':')[0]}) and publishes instead"
+                        )
+                        return
                     console.print(f"published {len(batches)} batches")
                     if sched.last_report is not None:
                         console.print(sched.last_report.summary())
