@@ -423,3 +423,29 @@ async def test_workers_report_counts_and_history_per_minute(env):
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_bulk_redrive_and_purge_by_category_and_time(api, env):
+    settings, client, codec, routes = env
+    await poisoned_geocode(env)  # two dead letters, category "handler"
+    dlq = routes[topology.GEOCODE].keys().dlq
+    url = "/api/stages/geocode/dlq/bulk"
+    assert (await api.post(url, json={"action": "purge"})).status_code == 401
+    bad = await api.post(url, json={"action": "explode"}, headers=AUTH)
+    assert bad.status_code == 400
+    bad_time = await api.post(url, json={"action": "purge", "since": "soon"}, headers=AUTH)
+    assert bad_time.status_code == 400 and "since" in bad_time.json()["error"]
+    other = await api.post(url, json={"action": "purge", "category": "decode"}, headers=AUTH)
+    assert other.json()["count"] == 0
+    later = await api.post(
+        url, json={"action": "purge", "since": "2999-01-01T00:00:00Z"}, headers=AUTH
+    )
+    assert later.json()["count"] == 0
+    assert await client.xlen(dlq) == 2
+    redriven = await api.post(
+        url, json={"action": "redrive", "category": "handler", "since": "1h"}, headers=AUTH
+    )
+    assert redriven.json()["count"] == 2, redriven.text
+    assert await client.xlen(dlq) == 0
+    copies = [f for _, f in await client.xrange(routes[topology.GEOCODE].keys().stream)]
+    assert len(copies) == 5 + 2  # the five published and the two redriven
