@@ -77,6 +77,12 @@ class AppSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
     dashboard_token: str | None = None
+    # the dashboard's read-only pages and API need this token when set (or the one above)
+    dashboard_read_token: str | None = None
+    # the map's base tiles (like https://tile.openstreetmap.org/{z}/{x}/{y}.png); none:
+    # a plain background with the geofences, tracks and trackers drawn on it
+    map_tiles_url: str | None = None
+    map_tiles_attribution: str = ""
 
     @field_validator("database_url")
     @classmethod
@@ -92,6 +98,15 @@ class AppSettings(BaseSettings):
                 "not a database URL: use sqlite:///path.db or postgresql+psycopg://user@host/db"
             ) from None
         return value
+
+    @field_validator("map_tiles_url")
+    @classmethod
+    def _tiles(cls, value: str | None) -> str | None:
+        if value and not (
+            value.startswith(("http://", "https://")) and "{z}" in value and "{x}" in value
+        ):
+            raise ValueError("must be an http(s) URL template with {z}, {x} and {y}")
+        return value or None
 
     @model_validator(mode="after")
     def _urls(self) -> Self:

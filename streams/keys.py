@@ -20,6 +20,8 @@ key (``{t}`` = the stage's tag)         type    what
 ``{p}:{t}:fence:{name}``                string  fencing counter that goes with ``lock:{name}``
 ``{p}:{t}:state:{name}``                string  small state a stage shares across its workers
 ``{p}:{t}:ratelimit:{name}``            string  a rate limit shared by all workers (GCRA, µs)
+``{p}:{t}:info:{consumer}``             hash    a worker's host, pid, counts (TTL >= 10 min)
+``{p}:{t}:history:{minute}``            hash    the stage's counts in one minute (TTL ~1 h)
 ======================================  ======  ==============================================
 
 Where the stages live on a cluster. ``redis-cli --cluster create`` with three
@@ -137,6 +139,12 @@ class StageKeys:
 
     def ratelimit(self, name: str) -> str:
         return self._key(f"ratelimit:{name}")
+
+    def info(self, consumer: str) -> str:
+        return self._key(f"info:{consumer}")
+
+    def history(self, minute: int) -> str:
+        return self._key(f"history:{minute}")
 
     def streams(self) -> tuple[str, str]:
         """Input streams in the order they are served."""

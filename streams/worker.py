@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from streams.activity import Activity
 from streams.connection import Client, refresh_topology, translate
 from streams.consumer import BatchHandler, Consumer, Gate, Handler
 from streams.errors import RedisUnavailable, StreamsError
@@ -98,7 +99,8 @@ class Worker:
         self.batch_handler = batch_handler
         self.requested_name = check_name("consumer", consumer) if consumer else None
         self.shards = list(shards) if shards is not None else list(range(route.shards))
-        self.middleware = tuple(middleware)
+        self.activity = Activity()  # counts for the console, written with each heartbeat
+        self.middleware = (*middleware, self.activity)
         self.gate = gate
         self.heartbeat_failures = 0
         self._beat_ok_at = time.monotonic()
@@ -224,6 +226,25 @@ class Worker:
             for c in self.consumers:  # Redis's time, not ours. EVAL: on a cluster,
                 # loading a script (EVALSHA's fallback) needs every master up
                 await self.client.eval(HEARTBEAT, 1, c.keys.heartbeats, self.name)
+        await self._write_activity()
+
+    async def _write_activity(self) -> None:
+        """The console's info hash and history; a failure here never fails the beat."""
+        assert self.name is not None
+        try:
+            with translate(self.settings.redis_url):
+                pipe = self.client.pipeline(transaction=False)
+                self.activity.write(
+                    pipe,
+                    self._lease_keys,
+                    self.name,
+                    time.time_ns() // 1_000_000,
+                    self.settings.consumer_dead_after_ms,
+                )
+                await pipe.execute()
+            self.activity.sent()
+        except Exception as exc:
+            log.debug("could not write the worker's activity: %s", exc)
 
     @property
     def beat_stale(self) -> bool:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from ops.cli import app
 from processors.topology import FETCH, GEOCODE
 from schemas.tables import Geofence, Tracker
+from tests import readme_samples
 from tests.pipeline_support import Harness
 from tests.servers import free_port
 from tests.support import FAST, wait_for
@@ -315,3 +316,4 @@ def test_demo_runs_the_whole_pipeline_and_stops_what_it_started(tmp_path):
     fetched = int(re.search(r"reports fetched\s+│?\s*([\d,]+)", out).group(1).replace(",", ""))
     assert fetched >= 60
     assert (tmp_path / ".trackstream" / "demo.db").exists()
+    readme_samples.check("demo", done.stdout)  # the README's sample is what demo prints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,7 +252,52 @@ async def test_page_is_self_contained(api):
     assert "default-src 'none'" in page.headers["content-security-policy"]
     html = page.text
     assert "api/stages" in html and 'id="token"' in html
-    assert "<script src" not in html and "<link" not in html and "https://" not in html
+    assert "https://" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    # every asset is the app's own (vendored Leaflet, with its license): no CDN
+    assets = re.findall(r'(?:src|href)="([^"#]+)"', html)
+    assert sorted(assets) == ["static/leaflet/leaflet.css", "static/leaflet/leaflet.js"]
+    for path in (*assets, "static/leaflet/LICENSE.txt", "static/leaflet/images/marker-icon.png"):
+        got = await api.get("/" + path)
+        assert got.status_code == 200, path
+    license_text = (await api.get("/static/leaflet/LICENSE.txt")).text
+    assert "Agafonkin" in license_text and "BSD 2-Clause" in license_text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert (await api.get("/static/../app.py")).status_code == 404
+
+
+async def test_read_token_guards_the_api_but_not_the_page(env):
+    settings, client, *_ = env
+    app_settings = AppSettings.build(dashboard_token=TOKEN, dashboard_read_token="reader")
+    app = create_app(settings, app_settings, client=client)
+    async with http(app) as c:
+        assert (await c.get("/")).status_code == 200
+        assert (await c.get("/healthz")).status_code == 200
+        assert (await c.get("/static/leaflet/leaflet.js")).status_code == 200
+        denied = await c.get("/api/stages")
+        assert denied.status_code == 401 and "read token" in denied.json()["error"]
+        wrong = await c.get("/api/stages", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        for token in ("reader", TOKEN):
+            ok = await c.get("/api/stages", headers={"Authorization": f"Bearer {token}"})
+            assert ok.status_code == 200, token
+        # the read token does not allow mutations
+        redrive = await c.post(
+            "/api/stages/geocode/dlq/redrive",
+            json={"ids": []},
+            headers={"Authorization": "Bearer reader"},
+        )
+        assert redrive.status_code == 401
+
+
+def test_map_tiles_setting_is_checked_and_allowed_by_the_csp():
+    from ops.dashboard.app import csp
+    from streams.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="map_tiles_url"):
+        AppSettings.build(map_tiles_url="tile.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data:;" in csp(None)
+    policy = csp("https://{s}.tile.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data: https://*.tile.example.org;" in policy
 
 
 def test_throughput_estimate_over_a_window():
@@ -305,3 +351,101 @@ def test_dashboard_command_serves_and_stops_on_sigterm(redis_server, unique_pref
             proc.communicate()
     assert proc.returncode == 0, out
     assert "redrive enabled" in out
+
+
+async def test_workers_show_the_scheduler_leader_and_the_last_tick_and_round(env):
+    from types import SimpleNamespace
+
+    from ops import runstate
+
+    settings, client, *_ = env
+    app = create_app(settings, AppSettings.build(), client=client)
+    async with http(app) as c:
+        empty = (await c.get("/api/workers")).json()
+        assert empty["scheduler"] == {"leader": None, "last_tick": None}
+        assert empty["reconciler"] is None
+        await client.set(runstate.leader_key(settings.prefix), "box-7:4242:ab12", px=30_000)
+        batches = [SimpleNamespace(tracker_ids=["A", "B"]), SimpleNamespace(tracker_ids=["C"])]
+        await runstate.record_tick(client, settings.prefix, 30, batches)
+        done = SimpleNamespace(geocode=4, geofence=1, skipped=("geofence",))
+        await runstate.record_round(client, settings.prefix, 60, done)
+        body = (await c.get("/api/workers")).json()
+    leader = body["scheduler"]["leader"]
+    assert (leader["host"], leader["pid"]) == ("box-7", "4242")
+    assert 0 < leader["lease_ms"] <= 30_000
+    tick = body["scheduler"]["last_tick"]
+    assert (tick["batches"], tick["trackers"]) == (2, 3)
+    assert tick["next_ms"] - tick["at_ms"] == 30_000
+    rnd = body["reconciler"]
+    assert (rnd["geocode"], rnd["geofence"], rnd["skipped"]) == (4, 1, ["geofence"])
+    assert rnd["next_ms"] - rnd["at_ms"] == 60_000
+
+
+async def test_workers_report_counts_and_history_per_minute(env):
+    """A live worker's outcomes reach its info hash and the stage's per-minute history."""
+    import asyncio
+
+    from tests.support import wait_for
+
+    settings, client, codec, routes = env
+    geocode = routes[topology.GEOCODE]
+    await Producer(client, codec).publish(geocode, [Ping(n=n) for n in range(7)])
+
+    async def handle(msg, ctx):
+        if msg.payload.n in (0, 1):
+            raise Reject(f"poison {msg.payload.n}")
+
+    worker = Worker(client, settings, geocode, codec, handler=handle)
+    task = asyncio.create_task(worker.run())
+    app = create_app(settings, AppSettings.build(), client=client)
+    try:
+        async with http(app) as c:
+
+            async def counted() -> bool:
+                rows = (await c.get("/api/workers")).json()["workers"]
+                mine = [w for w in rows if w["stage"] == "geocode"]
+                return bool(mine) and mine[0].get("processed") == 5
+
+            await wait_for(counted, 10, "the worker's counts in its info hash")
+            (w,) = [
+                w
+                for w in (await c.get("/api/workers")).json()["workers"]
+                if w["stage"] == "geocode"
+            ]
+            assert (w["failed"], w["dead_lettered"], w["in_flight"]) == (2, 2, 0)
+            assert w["pid"] == os.getpid() and w["live"] and w["version"]
+            history = (await c.get("/api/history")).json()["stages"]
+            rows = history["geocode"]
+            assert len(rows) == 60
+            totals = {k: sum(r[k] for r in rows) for k in ("processed", "failed", "dead_lettered")}
+            assert totals == {"processed": 5, "failed": 2, "dead_lettered": 2}
+            assert sum(r["processed"] for r in history["fetch"]) == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_bulk_redrive_and_purge_by_category_and_time(api, env):
+    settings, client, codec, routes = env
+    await poisoned_geocode(env)  # two dead letters, category "handler"
+    dlq = routes[topology.GEOCODE].keys().dlq
+    url = "/api/stages/geocode/dlq/bulk"
+    assert (await api.post(url, json={"action": "purge"})).status_code == 401
+    bad = await api.post(url, json={"action": "explode"}, headers=AUTH)
+    assert bad.status_code == 400
+    bad_time = await api.post(url, json={"action": "purge", "since": "soon"}, headers=AUTH)
+    assert bad_time.status_code == 400 and "since" in bad_time.json()["error"]
+    other = await api.post(url, json={"action": "purge", "category": "decode"}, headers=AUTH)
+    assert other.json()["count"] == 0
+    later = await api.post(
+        url, json={"action": "purge", "since": "2999-01-01T00:00:00Z"}, headers=AUTH
+    )
+    assert later.json()["count"] == 0
+    assert await client.xlen(dlq) == 2
+    redriven = await api.post(
+        url, json={"action": "redrive", "category": "handler", "since": "1h"}, headers=AUTH
+    )
+    assert redriven.json()["count"] == 2, redriven.text
+    assert await client.xlen(dlq) == 0
+    copies = [f for _, f in await client.xrange(routes[topology.GEOCODE].keys().stream)]
+    assert len(copies) == 5 + 2  # the five published and the two redriven

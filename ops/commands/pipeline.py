@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -121,16 +121,40 @@ def register(app: typer.Typer) -> None:
             await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             sched = pipeline.scheduler()
+
+            async def tick() -> list[Any]:
+                from ops.runstate import record_tick
+
+                batches = await sched.tick()
+                if sched.lock is None or sched.lock.fence is not None:  # the leader's tick
+                    await record_tick(
+                        pipeline.client,
+                        stream_settings.prefix,
+                        app_settings.schedule_interval_s,
+                        batches,
+                        stream_settings.redis_url,
+                    )
+                return batches
+
             try:
                 if once:
-                    batches = await sched.tick()
+                    batches = await tick()
+                    if sched.lock is not None and sched.lock.fence is None:
+                        holder = await pipeline.client.get(sched.lock.key)
+                        who = holder.decode(errors="replace") if holder else "unknown"
+                        host, _, rest = who.partition(":")
+                        console.print(
+                            f"published 0 batches: another scheduler leads "
+                            f"({host} pid {rest.split(':')[0]}) and publishes instead"
+                        )
+                        return
                     console.print(f"published {len(batches)} batches")
                     if sched.last_report is not None:
                         console.print(sched.last_report.summary())
                     return
                 stop = asyncio.Event()
                 await _stop_on_signal(stop)
-                await _every(app_settings.schedule_interval_s, stop, sched.tick)
+                await _every(app_settings.schedule_interval_s, stop, tick)
             finally:
                 await pipeline.aclose()
 
@@ -154,8 +178,21 @@ def register(app: typer.Typer) -> None:
             pipeline = Pipeline(stream_settings, app_settings)
             rec = pipeline.reconciler()
 
-            async def round_() -> None:
+            async def run_once() -> Any:
+                from ops.runstate import record_round
+
                 done = await rec.run_once()
+                await record_round(
+                    pipeline.client,
+                    stream_settings.prefix,
+                    app_settings.reconcile_interval_s,
+                    done,
+                    stream_settings.redis_url,
+                )
+                return done
+
+            async def round_() -> None:
+                done = await run_once()
                 if done.geocode or done.geofence:
                     log.warning(
                         "re-published %d to geocode, %d to geofence", done.geocode, done.geofence
@@ -163,7 +200,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 if once:
-                    done = await rec.run_once()
+                    done = await run_once()
                     console.print(
                         f"re-published {done.geocode} to geocode, {done.geofence} to geofence"
                         + (

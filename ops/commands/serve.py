@@ -141,6 +141,8 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
         app = create_app(stream_settings, app_settings)
         mode = "redrive enabled" if app_settings.dashboard_token else "read-only (no token)"
+        if app_settings.dashboard_read_token:
+            mode += ", read token required"
         console.print(
             f"dashboard of {shown_url(stream_settings)} (prefix {stream_settings.prefix}, "
             f"{mode}) on http://{host}:{port}/; Ctrl-C to stop"

@@ -14,13 +14,23 @@ GET         /api/stages/{stage}/dlq/{id}            one dead letter, with its or
 POST        /api/stages/{stage}/dlq/{id}/redrive    redrive one dead letter          (token)
 POST        /api/stages/{stage}/dlq/redrive         redrive ``{"ids": [...]}``        (token)
 DELETE      /api/stages/{stage}/dlq/{id}            delete one dead letter           (token)
+POST        /api/stages/{stage}/dlq/bulk            redrive/purge by category + time (token)
+GET         /api/trackers                           trackers, states, freshness (``?state=``)
+GET         /api/map                                positions, tracks, geofences, events
+GET         /api/trace/{tracker}                    one report's trace (``?at=&scan=``)
+GET         /api/search                             entries/dead letters (``?tracker=``)
+GET         /api/workers                            workers, scheduler, reconciler
+GET         /api/history                            per-minute counts per stage, last hour
+GET         /static/...                             the page's assets (vendored Leaflet)
 GET         /api/webhooks                           subscriptions, latest delivery attempts
 ==========  ======================================  ==========================================
 
 Mutating endpoints need ``Authorization: Bearer <dashboard_token>`` (compared in
 constant time; missing or wrong: 401); without a configured token they are disabled
-(403, saying how to enable them). A header token is never sent by a browser on its own,
-so there is no cross-site request forgery to guard against.
+(403, saying how to enable them). With ``dashboard_read_token`` set, every other
+``/api`` endpoint needs that token (or the mutation token) too; the page, its assets,
+``/healthz`` and ``/readyz`` stay open. A header token is never sent by a browser on
+its own, so there is no cross-site request forgery to guard against.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -36,9 +47,12 @@ from typing import Any
 from redis import exceptions as rex
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ops.dashboard.throughput import Throughput
 from ops.dashboard.webhooks import webhooks
@@ -56,11 +70,23 @@ MAX_LIMIT = 500
 MAX_IDS = 1_000
 READY_TIMEOUT_S = 2.0
 TOKEN_HINT = "set TRACKSTREAM_DASHBOARD_TOKEN to enable redrive and delete"
-CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
+DB_TIMEOUT_S = 10.0
+
+
+def csp(tiles_url: str | None) -> str:
+    img = "'self' data:"
+    if tiles_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(tiles_url.replace("{s}", "a"))
+        host = parts.netloc.replace("a.", "*.", 1) if "{s}" in tiles_url else parts.netloc
+        img += f" {parts.scheme}://{host}"
+    return (
+        "default-src 'none'; script-src 'self' 'unsafe-inline'; "
+        "style-src 'self' 'unsafe-inline'; "
+        f"connect-src 'self'; img-src {img}; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
 
 
 class Dashboard:
@@ -70,7 +96,10 @@ class Dashboard:
         self, stream_settings: StreamSettings, app_settings: AppSettings, client: Client | None
     ) -> None:
         self.settings = stream_settings
+        self.app_settings = app_settings
         self.token = app_settings.dashboard_token or None
+        self.read_token = app_settings.dashboard_read_token or None
+        self._db: Any = None
         self.url = stream_settings.redis_url
         self.keys: dict[str, list[StageKeys]] = {}
         for keys in pipeline_keys(stream_settings.prefix):
@@ -90,6 +119,54 @@ class Dashboard:
         if self._owns_client and self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None
+
+    async def read_db(self, fn: Any, *args: Any) -> Any:
+        """``fn(session, *args)`` in a worker thread; 503 when there is no database (a
+        missing SQLite file is never created here) or it does not answer in time."""
+        from ops.exporter import sqlite_file
+        from processors.database import Database
+
+        url = self.app_settings.database_url
+        path = sqlite_file(url)
+        if path is not None and not path.exists():
+            raise HTTPException(503, f"no database at {path}: trackers and the map need one")
+        if self._db is None:
+            self._db = Database(url)
+        try:
+            return await asyncio.wait_for(self._db.run(fn, *args), DB_TIMEOUT_S)
+        except TimeoutError:
+            raise HTTPException(
+                503, f"the database did not answer within {DB_TIMEOUT_S:g} s"
+            ) from None
+        except LookupError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        except Exception as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            if isinstance(exc, DBAPIError):
+                cause = " ".join(str(exc.orig or exc).split())
+                raise HTTPException(503, f"the database is unavailable: {cause}") from None
+            raise
+
+    def authorize_read(self, request: Request) -> None:
+        if not self.read_token:
+            return
+        given = _bearer(request)
+        if given is not None and any(
+            hmac.compare_digest(given.encode(), t.encode())
+            for t in (self.read_token, self.token)
+            if t
+        ):
+            return
+        raise HTTPException(
+            401,
+            "this dashboard needs a read token: 'Authorization: Bearer <token>' "
+            "(TRACKSTREAM_DASHBOARD_READ_TOKEN)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     def stage_keys(self, stage: str) -> list[StageKeys]:
         try:
@@ -121,6 +198,11 @@ class Dashboard:
                 "a valid 'Authorization: Bearer <token>' header is required",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" and given.strip() else None
 
 
 def _dashboard(request: Request) -> Dashboard:
@@ -189,7 +271,14 @@ def _entry_id(value: str) -> str:
 # ------------------------------------------------------------------------ endpoints
 async def index(request: Request) -> Response:
     page: str = request.app.state.page
-    return HTMLResponse(page, headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP})
+    d = _dashboard(request)
+    return HTMLResponse(
+        page,
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": csp(d.app_settings.map_tiles_url),
+        },
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -228,6 +317,7 @@ async def stages(request: Request) -> Response:
             "prefix": d.settings.prefix,
             "consumer_dead_after_ms": dead_after_ms,
             "mutations_enabled": d.token is not None,
+            "now_ms": time.time_ns() // 1_000_000,
             "stages": out,
         }
     )
@@ -319,6 +409,19 @@ async def delete_dead_letter(request: Request) -> Response:
     return JSONResponse({"deleted": [dlq_id]})
 
 
+class ReadGuard(BaseHTTPMiddleware):
+    """With a read token configured, every ``/api`` request must carry it (or the
+    mutation token, which the mutating endpoints check themselves as well)."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if request.url.path.startswith("/api/"):
+            try:
+                _dashboard(request).authorize_read(request)
+            except HTTPException as exc:
+                return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+        return await call_next(request)
+
+
 # -------------------------------------------------------------------------- errors
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
@@ -349,11 +452,22 @@ def create_app(
                 app.state.webhook_db.dispose()
 
     stage = "/api/stages/{stage}"
+    from ops.dashboard import console
+
+    static = resources.files("ops.dashboard").joinpath("static")
     app = Starlette(
         routes=[
             Route("/", index),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Mount("/static", StaticFiles(directory=str(static)), name="static"),
+            Route("/api/trackers", console.trackers),
+            Route("/api/map", console.map_view),
+            Route("/api/trace/{tracker}", console.trace),
+            Route("/api/search", console.search),
+            Route("/api/workers", console.workers),
+            Route("/api/history", console.history),
+            Route(f"{stage}/dlq/bulk", console.bulk, methods=["POST"]),
             Route("/api/stages", stages),
             Route(f"{stage}/consumers", consumers),
             Route(f"{stage}/dlq", list_dead_letters),
@@ -371,6 +485,7 @@ def create_app(
             rex.RedisClusterException: _unavailable,
             StreamsError: _streams_error,
         },
+        middleware=[Middleware(ReadGuard)],
         lifespan=lifespan,
     )
     app.state.dashboard = dashboard

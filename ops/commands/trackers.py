@@ -1,0 +1,226 @@
+"""``trackstream trackers`` (each tracker's last fix and freshness) and ``trackstream
+trace`` (one report's way through the pipeline: database columns, stream entries and
+their deliveries, dead letters, reconciler re-sends)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ops.commands._operator import JsonOption, age_text, echo_json
+from ops.common import console, fail, handle_errors, options
+from ops.fleet import STATES
+
+
+def read_db(ctx: typer.Context, fn: Any, *args: Any) -> Any:
+    """``fn(session, *args)`` in one read transaction; a missing SQLite file is an error
+    (never created here)."""
+    from ops.exporter import sqlite_file
+    from processors.database import Database
+
+    _, app_settings = options(ctx).settings()
+    path = sqlite_file(app_settings.database_url)
+    if path is not None and not path.exists():
+        raise fail(f"no database at {path} (run 'trackstream seed' or 'trackstream db upgrade')", 2)
+    db = Database(app_settings.database_url)
+    try:
+        return db.run_sync(fn, *args)
+    finally:
+        db.dispose()
+
+
+def _when(value: str | None) -> str:
+    return "-" if value is None else value.replace("T", " ").removesuffix("Z")
+
+
+def _minute(value: str | None) -> str:
+    return _when(value)[:16]
+
+
+def fleet_lines(summary: dict[str, Any]) -> list[str]:
+    states = ", ".join(f"{n} {s}" for s, n in summary["states"].items() if n)
+    buckets = "  ".join(f"{b['label']}: {b['count']}" for b in summary["buckets"])
+    return [
+        f"{summary['total']} trackers ({states or 'none'}); "
+        f"{summary['within_guarantee']} of {summary['in_run']} in run fetched within 12 h",
+        f"since last fetch  {buckets}",
+    ]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def trackers(
+        ctx: typer.Context,
+        state: Annotated[
+            str | None,
+            typer.Option(help=f"only trackers in this state: {', '.join(STATES)}"),
+        ] = None,
+        limit: Annotated[int, typer.Option(min=1, help="rows to list, stalest first")] = 50,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Each tracker's last fix, age, last fetch and state, stalest first, with the
+        fleet's freshness against the 12-hour guarantee.
+
+        States: fresh (fetched within 2 x min_fetch_interval_s), late, past 12 h, out of
+        run (outside its production run), inactive. Ages count from the last successful
+        fetch (a never-fetched tracker: from its creation). Times are UTC.
+        """
+        from ops.fleet import distribution
+        from ops.fleet import trackers as fleet_trackers
+
+        if state is not None and state not in STATES:
+            raise typer.BadParameter(f"must be one of: {', '.join(STATES)}", param_hint="--state")
+        _, app_settings = options(ctx).settings()
+        now = datetime.now(UTC)
+        rows = read_db(ctx, fleet_trackers, now, app_settings.min_fetch_interval_s)
+        summary = distribution(rows)
+        shown = [r for r in rows if state is None or r.state == state][:limit]
+        if as_json:
+            echo_json({"summary": summary, "trackers": [r.as_dict() for r in shown]})
+            return
+        for line in fleet_lines(summary):
+            console.print(line, highlight=False, soft_wrap=True)
+        if not shown:
+            console.print("no trackers" + (f" {state}" if state else ""))
+            return
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("tracker", no_wrap=True, min_width=max(len(r.tracker_id) for r in shown))
+        table.add_column("state", no_wrap=True, min_width=9)
+        table.add_column("age", justify="right", no_wrap=True)
+        table.add_column("last fix UTC", no_wrap=True)
+        table.add_column("last fetch UTC", no_wrap=True)
+        table.add_column("position")
+        for r in shown:
+            table.add_row(
+                r.tracker_id,
+                r.state,
+                age_text((r.age_s or 0) * 1000),
+                _minute(r.last_fix_at),
+                _minute(r.last_fetch_at),
+                "-" if r.lat is None else f"{r.lat:.3f},{r.lon:.3f}",
+            )
+        console.print(table)
+        if len(rows) > len(shown) and state is None:
+            console.print(f"({len(shown)} of {len(rows)} shown; --limit to see more)")
+
+    @app.command()
+    @handle_errors
+    def trace(
+        ctx: typer.Context,
+        tracker: Annotated[str, typer.Argument(help="the tracker's id (like SIM-00001)")],
+        at: Annotated[
+            str | None,
+            typer.Option(
+                help="the report observed at this time or the latest before it "
+                "(ISO-8601, or a duration ago like 2h); default: the latest report"
+            ),
+        ] = None,
+        scan: Annotated[
+            int, typer.Option(min=1, max=100_000, help="newest entries searched per stream")
+        ] = 2_000,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Trace one report: when it was fetched, geocoded and geofence-checked, the
+        events it produced, its stream entries with their deliveries, its dead letters,
+        and the reconciler's re-sends.
+
+        Stream entries are found by the tracker id in their payload among the newest
+        --scan entries of each stage stream and dead-letter stream.
+        """
+        from ops.commands._operator import run
+        from ops.fleet import report_trace
+        from ops.timeparse import parse_time
+        from ops.tracing import find_entries
+
+        when = None
+        if at is not None:
+            try:
+                when = parse_time(at)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--at") from None
+        stream_settings, _ = options(ctx).settings()
+        try:
+            report = read_db(ctx, report_trace, tracker, when)
+        except LookupError as exc:
+            raise fail(f"{exc.args[0]} (see 'trackstream trackers')", 2) from None
+        observed, fetched = _instants(report)
+        found = run(
+            stream_settings,
+            lambda client: find_entries(
+                client,
+                stream_settings.prefix,
+                tracker,
+                observed_at=observed,
+                fetched_at=fetched,
+                scan=scan,
+                url=stream_settings.redis_url,
+            ),
+        )
+        if as_json:
+            echo_json({"report": report, **found})
+            return
+        print_trace(tracker, at, report, found)
+
+
+def _instants(report: dict[str, Any] | None) -> tuple[datetime | None, datetime | None]:
+    """The report's observed_at and fetched_at (None, None without a report)."""
+    if report is None:
+        return None, None
+
+    def parse(key: str) -> datetime:
+        return datetime.fromisoformat(report[key].replace("Z", "+00:00"))
+
+    return parse("observed_at"), parse("fetched_at")
+
+
+def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, Any]) -> list[str]:
+    out = []
+    if report is None:
+        out.append(f"{tracker}: no report stored")
+    else:
+        out += [
+            f"{tracker} report observed {_when(report['observed_at'])} UTC "
+            f"at {report['lat']:.5f},{report['lon']:.5f} (report #{report['report_id']})",
+            f"  fetched           {_when(report['fetched_at'])}  from {report['source']}",
+            f"  geocoded          {_when(report['geocoded_at'])}"
+            + (f"  {report['address'] or report['city']}" if report["city"] else ""),
+            f"  geofence-checked  {_when(report['geofence_checked_at'])}",
+        ]
+        events = ", ".join(f"{e['kind']} {e['geofence']}" for e in report["events"])
+        out.append(f"  events            {events or 'none'}")
+        resends = report["republish_count"]
+        out.append(
+            f"  reconciler        {resends} re-send(s)"
+            + (f", last {_when(report['republished_at'])}" if resends else "")
+        )
+    entries = found["entries"]
+    out.append(f"stream entries ({len(entries)}):" if entries else "stream entries: none found")
+    for e in entries:
+        stamp = datetime.fromtimestamp(e["at_ms"] / 1000, UTC).isoformat(timespec="seconds")
+        state = e["state"]
+        if state == "pending":
+            state = f"pending on {e['consumer']}, {e['deliveries']} deliveries"
+        resent = f", re-sent x{e['attempt']}" if e["attempt"] else ""
+        out.append(
+            f"  {e['stage']:<12} {e['id']:<16} {_when(stamp.replace('+00:00', 'Z'))}  "
+            f"{e['type']}: {state}{resent}"
+        )
+    letters = found["dead_letters"]
+    out.append(f"dead letters ({len(letters)}):" if letters else "dead letters: none")
+    for d in letters:
+        out.append(
+            f"  {d['stage']:<12} {d['id']:<16} {d['category']}, attempts {d['attempts']}: "
+            f"{d['error']}"
+        )
+    return out
+
+
+def print_trace(
+    tracker: str, at: str | None, report: dict[str, Any] | None, found: dict[str, Any]
+) -> None:
+    for line in trace_lines(tracker, report, found):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)

@@ -1,0 +1,218 @@
+"""The dashboard's operator endpoints beyond the stages: trackers, map, trace, search,
+workers, history and bulk dead-letter actions (routes in :mod:`ops.dashboard.app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ops import fleet, runstate
+from ops.tracing import find_entries
+from streams.activity import read_history, read_infos
+from streams.deadletter import CATEGORIES
+
+MAX_SCAN = 20_000
+TRACKER_LIMIT = 2_000
+
+
+def _d(request: Request) -> Any:
+    return request.app.state.dashboard
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _time(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name) or None
+    if value is None:
+        return None
+    from ops.timeparse import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise HTTPException(400, f"{name}: {exc}") from None
+
+
+def _tracker_id(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 128:
+        raise HTTPException(400, "give a tracker id (1-128 characters)")
+    return value
+
+
+def _scan(request: Request) -> int:
+    try:
+        scan = int(request.query_params.get("scan", "2000"))
+    except ValueError:
+        raise HTTPException(400, "scan must be an integer") from None
+    if not 1 <= scan <= MAX_SCAN:
+        raise HTTPException(400, f"scan must be between 1 and {MAX_SCAN}")
+    return scan
+
+
+async def trackers(request: Request) -> Response:
+    d = _d(request)
+    state = request.query_params.get("state") or None
+    if state is not None and state not in fleet.STATES:
+        raise HTTPException(400, f"state must be one of: {', '.join(fleet.STATES)}")
+    rows = await d.read_db(fleet.trackers, _now(), d.app_settings.min_fetch_interval_s)
+    shown = [r.as_dict() for r in rows if state is None or r.state == state]
+    return JSONResponse(
+        {
+            "summary": fleet.distribution(rows),
+            "trackers": shown[:TRACKER_LIMIT],
+            "shown": min(len(shown), TRACKER_LIMIT),
+        }
+    )
+
+
+async def map_view(request: Request) -> Response:
+    d = _d(request)
+    data = await d.read_db(fleet.map_data, _now(), d.app_settings.min_fetch_interval_s)
+    data["tiles"] = {
+        "url": d.app_settings.map_tiles_url,
+        "attribution": d.app_settings.map_tiles_attribution,
+    }
+    return JSONResponse(data)
+
+
+async def trace(request: Request) -> Response:
+    d = _d(request)
+    tracker = _tracker_id(request.path_params["tracker"])
+    at = _time(request, "at")
+    report = await d.read_db(fleet.report_trace, tracker, at)
+    from ops.commands.trackers import _instants
+
+    observed, fetched = _instants(report)
+    found = await find_entries(
+        d.client,
+        d.settings.prefix,
+        tracker,
+        observed_at=observed,
+        fetched_at=fetched,
+        scan=_scan(request),
+        url=d.url,
+    )
+    return JSONResponse({"tracker_id": tracker, "report": report, **found})
+
+
+async def search(request: Request) -> Response:
+    """Stream entries and dead letters naming a tracker (any report)."""
+    d = _d(request)
+    tracker = _tracker_id(request.query_params.get("tracker", ""))
+    found = await find_entries(d.client, d.settings.prefix, tracker, scan=_scan(request), url=d.url)
+    return JSONResponse({"tracker_id": tracker, **found})
+
+
+async def workers(request: Request) -> Response:
+    from streams.monitor import stage_status
+
+    d = _d(request)
+    now_ms = time.time_ns() // 1_000_000
+    rows: list[dict[str, Any]] = []
+    for stage, shard_keys in d.keys.items():
+        statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in shard_keys))
+        names: dict[str, dict[str, Any]] = {}
+        for st in statuses:
+            for c in st.consumers:
+                row = names.setdefault(
+                    c.name,
+                    {"stage": stage, "name": c.name, "pending": 0, "heartbeat_age_ms": None},
+                )
+                row["pending"] += c.pending
+                if c.heartbeat_age_ms is not None:
+                    age = row["heartbeat_age_ms"]
+                    row["heartbeat_age_ms"] = (
+                        c.heartbeat_age_ms if age is None else min(age, c.heartbeat_age_ms)
+                    )
+        infos = await read_infos(d.client, shard_keys[0], list(names))
+        for name, row in names.items():
+            info = infos.get(name)
+            if info:
+                # up to its last heartbeat: a dead worker's uptime stops growing
+                last_ms = min(now_ms, info.get("updated_ms", now_ms))
+                uptime_s = max(0.0, (last_ms - info["started_ms"]) / 1000)
+                row.update(
+                    host=info.get("host"),
+                    pid=info.get("pid"),
+                    version=info.get("version"),
+                    uptime_s=round(uptime_s, 1),
+                    processed=info.get("processed", 0),
+                    failed=info.get("failed", 0),
+                    dead_lettered=info.get("dead_lettered", 0),
+                    in_flight=info.get("in_flight", 0),
+                    updated_ms=info.get("updated_ms"),
+                    rate_per_s=round(info.get("processed", 0) / uptime_s, 2) if uptime_s else None,
+                )
+            row["live"] = (
+                row["heartbeat_age_ms"] is not None
+                and row["heartbeat_age_ms"] < d.settings.consumer_dead_after_ms
+            )
+            rows.append(row)
+    state = await runstate.read(d.client, d.settings.prefix)
+    return JSONResponse({"now_ms": now_ms, "workers": rows, **state})
+
+
+async def history(request: Request) -> Response:
+    d = _d(request)
+    now_ms = time.time_ns() // 1_000_000
+    out = {}
+    for stage, shard_keys in d.keys.items():
+        out[stage] = await read_history(d.client, shard_keys[0], now_ms)
+    return JSONResponse({"now_ms": now_ms, "minutes": 60, "stages": out})
+
+
+async def bulk(request: Request) -> Response:
+    """``{"action": "redrive"|"purge", "category"?, "since"?, "until"?}``: every dead
+    letter of the stage that matches (failed-at time between since and until)."""
+    d = _d(request)
+    d.authorize(request)
+    stage = request.path_params["stage"]
+    shard_keys = d.stage_keys(stage)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or body.get("action") not in ("redrive", "purge"):
+        raise HTTPException(400, 'the body must be JSON: {"action": "redrive" | "purge", ...}')
+    category = body.get("category") or None
+    if category is not None and category not in CATEGORIES:
+        raise HTTPException(400, f"category must be one of: {', '.join(CATEGORIES)}")
+    bounds = []
+    for name in ("since", "until"):
+        value = body.get(name) or None
+        if value is None:
+            bounds.append(None)
+            continue
+        from ops.timeparse import parse_time
+
+        try:
+            bounds.append(int(parse_time(str(value)).timestamp() * 1000))
+        except ValueError as exc:
+            raise HTTPException(400, f"{name}: {exc}") from None
+    since_ms, until_ms = bounds
+    done: list[str] = []
+    skipped = 0
+    for keys in shard_keys:
+        dl = d.dead_letters(keys)
+        letters = await dl.list(category=category, since_ms=since_ms, limit=100_000)
+        ids = [x.id for x in letters if until_ms is None or x.failed_ms <= until_ms]
+        if not ids:
+            continue
+        if body["action"] == "redrive":
+            result = await dl.redrive(ids)
+            done += [i for i, new in result.items() if new is not None]
+            skipped += sum(1 for new in result.values() if new is None)
+        else:
+            if await dl.purge(ids):
+                done += ids
+    verb = "redriven" if body["action"] == "redrive" else "purged"
+    return JSONResponse({"stage": stage, verb: done, "count": len(done), "skipped": skipped})
