@@ -426,7 +426,7 @@ async def test_workers_report_counts_and_history_per_minute(env):
 
 
 async def test_bulk_redrive_and_purge_by_category_and_time(api, env):
-    settings, client, codec, routes = env
+    _, client, _, routes = env
     await poisoned_geocode(env)  # two dead letters, category "handler"
     dlq = routes[topology.GEOCODE].keys().dlq
     url = "/api/stages/geocode/dlq/bulk"
