@@ -772,6 +772,8 @@ class Consumer:
                 len(outcome.letters),
             )
             self._held.append(outcome)
+            if self._outage_since is None:  # the next step that succeeds says it is back
+                self._outage_since = time.monotonic()
 
     async def _finish(self, outcome: _Outcome) -> None:
         """Publish, ack, move dead letters; on an error the outcome holds what is left.
