@@ -5,12 +5,13 @@ Database errors are classified here, in one place (:func:`classify`):
 
 - ``"down"``: the database cannot be reached or is going away (connection refused or
   reset, server closed the connection, admin/crash shutdown, starting up, too many
-  connections, pool exhausted). :meth:`Database.run` raises
+  connections). :meth:`Database.run` raises
   :class:`DatabaseUnavailable`, a :class:`~streams.errors.Defer` (the entry is
   redelivered without spending a delivery), and the gate :meth:`Database.ready` holds
   every worker's reads until a probe (``SELECT 1``, backoff up to 5 s) succeeds, so an
   outage of any length dead-letters nothing.
-- ``"conflict"``: serialization failure, deadlock detected, lock not available. Also
+- ``"conflict"``: serialization failure, deadlock detected, lock not available, no
+  pooled connection free in time. Also
   :class:`DatabaseUnavailable` (retried soon, no delivery spent); the gate stays open.
 - anything else (``None``): a real failure, retried with backoff and dead-lettered in
   the end like any handler error.
@@ -105,8 +106,10 @@ def classify(exc: BaseException) -> Kind | None:
     for e in _causes(exc):
         if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
             return "down"
-        if isinstance(e, sa_exc.PendingRollbackError | sa_exc.TimeoutError):
-            return "down"  # a dead session / the pool is exhausted
+        if isinstance(e, sa_exc.PendingRollbackError):
+            return "down"  # a session whose connection died
+        if isinstance(e, sa_exc.TimeoutError):
+            return "conflict"  # no pooled connection free in time: busy, not down
         state = _sqlstate(e)
         if state is not None:
             if state in _CONFLICT_CODES:

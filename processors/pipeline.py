@@ -99,8 +99,10 @@ class Pipeline:
         self.codec = topology.codec(streams.max_message_bytes)
         self.routes = topology.routes(streams.prefix)
         self.producer = Producer(self.client, self.codec, streams.redis_url)
-        # a statement never outlives its handler's timeout (see processors.database)
-        self.db = db or Database(app.database_url, statement_timeout_ms=streams.handler_timeout_ms)
+        # a statement never runs much past its handler's timeout (see processors.database)
+        self.db = db or Database(
+            app.database_url, statement_timeout_ms=max(5_000, streams.handler_timeout_ms)
+        )
         self.fleet: SimulatedFleet | None = None
         if source is None:
             # a request waits at most a third of its handler timeout for a slot, then

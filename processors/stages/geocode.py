@@ -43,13 +43,13 @@ class GeocodeStage:
         geocoder's place index, also behind a cache) before anything is read."""
         if self.warm:
             return
+        self.warm = True  # once: a failed load is retried by the first batch instead
         geocoder: Any = self.geocoder
         while geocoder is not None:
             if (warm_up := getattr(geocoder, "warm_up", None)) is not None:
                 await warm_up()
-                break
+                return
             geocoder = getattr(geocoder, "inner", None)
-        self.warm = True
 
     async def _addresses(
         self, reports: Sequence[LocationReported]
