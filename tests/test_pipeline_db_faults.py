@@ -195,7 +195,6 @@ async def _all_idle(h: Harness) -> bool:
         except ValueError:  # monitor race: pending counted, then acked before XPENDING
             return False
         if st.lag or st.pending:
-            print(f"{s}: lag {st.lag}, pending {st.pending}")
             return False
     return True
 
