@@ -33,6 +33,7 @@ from typing import Any
 from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable, classify
 from processors.resilience import CircuitOpen
+from processors.revalidate import FetchRevalidator
 from processors.sources import LocationSource, SourceRejected, SourceUnavailable
 from processors.topology import GEOCODE
 from schemas import store
@@ -47,12 +48,18 @@ log = logging.getLogger("trackstream.fetch")
 
 class FetchStage:
     def __init__(
-        self, db: Database, source: LocationSource, routes: dict[str, Route], clock: Clock
+        self,
+        db: Database,
+        source: LocationSource,
+        routes: dict[str, Route],
+        clock: Clock,
+        revalidator: FetchRevalidator | None = None,
     ):
         self.db = db
         self.source = source
         self.downstream = routes[GEOCODE]
         self.clock = clock
+        self.revalidator = revalidator
         self.reports_new = 0
 
     def _blocked_for_s(self) -> float:
@@ -72,6 +79,10 @@ class FetchStage:
 
     async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
         request = msg.payload
+        if self.revalidator is not None:  # the 5-minute floor and runs, now (revalidate.py)
+            if (admitted := await self.revalidator.admit(request)) is None:
+                return
+            request = admitted
         ids = list(dict.fromkeys(request.tracker_ids))
         if bad := [t for t in ids if "\x00" in t]:
             log.error("skipping %d tracker id(s) with a NUL byte: %r", len(bad), bad[:5])
@@ -123,6 +134,8 @@ class FetchStage:
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
+        if self.revalidator is not None:
+            await self.revalidator.fetched(request.tracker_ids, now)
 
 
 def _store(

@@ -86,6 +86,8 @@ class GeocodeStage:
                 country_code=addresses[i].country_code,
                 country=addresses[i].country,
                 address=addresses[i].address,
+                region=addresses[i].region,
+                district=addresses[i].district,
             )
             for i in todo
         ]
