@@ -14,6 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -465,32 +466,31 @@ async def test_a_fresh_geocode_workers_first_batch_is_in_time(
 
 
 async def test_a_bad_row_is_dead_lettered_alone(standalone_target, unique_prefix, pg_url):
-    """A NUL byte in a tracker id cannot be written to PostgreSQL: that report alone is
-    dead-lettered by geocode (the set-based write falls back to row by row), the rest
-    of its batch goes on; a fetch request naming such a tracker fetches the others."""
+    """A geocoder answer that cannot be stored (a NUL byte in the city) fails its report
+    alone: it is dead-lettered, the rest of its batch is geocoded."""
     h = Harness(standalone_target, unique_prefix, pg_url, trackers=6, batch_trackers=6)
+    stage = h.pipeline.stage(GEOCODE)
+    inner = stage.geocoder
+    poisoned: list[tuple[float, float]] = []
+
+    class OneBadAnswer:
+        async def reverse(self, points: Any) -> Any:
+            answers = await inner.reverse(points)
+            return [
+                replace(a, city="Bad\x00City") if p in poisoned else a
+                for p, a in zip(points, answers, strict=True)
+            ]
+
+    stage.geocoder = OneBadAnswer()
     try:
         await h.scheduler.tick()
         await h.drain([FETCH])
-        bad = LocationReported(
-            tracker_id="SIM-00001\x00",
-            observed_at=START,
-            lat=51.9,
-            lon=4.4,
-            accuracy_m=5.0,
-            source="simulated",
-            fetched_at=START,
-        )
-        await h.pipeline.producer.publish(h.pipeline.routes[GEOCODE], [bad])
+        first = h.reports()[0]
+        poisoned.append((first.lat, first.lon))
         await h.pump([GEOCODE])
         assert await DeadLetters(h.client, h.keys(GEOCODE)).count() == 1
-        assert _counts(h)[:2] == (6, 6)  # the batch's good reports are geocoded
-
-        h.clock.advance(minutes=30)
-        ids = ["SIM-00002\x00", *[f"SIM-{i:05d}" for i in range(1, 7)]]
-        await _publish_round(h, ids, 7)
-        await h.drain([FETCH])
-        assert _counts(h)[0] == 6 * 7  # the 6 reports since, for every good tracker
-        assert await DeadLetters(h.client, h.keys(FETCH)).count() == 0
+        assert _counts(h)[:2] == (6, 5)  # the batch's 5 good reports are geocoded
+        assert [r.geocoded_at for r in h.reports()].count(None) == 1
+        assert h.reports()[0].geocoded_at is None
     finally:
         await h.aclose()

@@ -3,8 +3,9 @@
 Per batch: one geocoder call and one set-based write (:func:`schemas.store.set_addresses`,
 rows locked in id order). A batch whose write fails for a reason other than the
 database being unavailable is written again report by report (each in a savepoint), so
-one bad row (a NUL byte in a tracker id) is dead-lettered alone and the rest go on; a
-geocoder call that fails on a bad point is likewise retried point by point.
+one bad row is dead-lettered alone and the rest go on; so is a report whose address the
+geocoder answered unusable (a control character, too long), and a geocoder call that
+fails on a bad point is retried point by point.
 
 The worker's gate (:meth:`GeocodeStage.ready`) loads the geocoder's data before the
 first entry is read, so the first batch does not pay for it inside its timeout.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from pydantic import ValidationError
 
 from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable, is_permanent
@@ -75,22 +78,28 @@ class GeocodeStage:
     ) -> Mapping[str, BaseException] | None:
         reports = [m.payload for m in msgs]
         addresses, failed = await self._addresses(reports)
-        todo = sorted(addresses)
-        geocoded = [
-            LocationGeocoded(
-                tracker_id=reports[i].tracker_id,
-                observed_at=reports[i].observed_at,
-                lat=reports[i].lat,
-                lon=reports[i].lon,
-                city=addresses[i].city,
-                country_code=addresses[i].country_code,
-                country=addresses[i].country,
-                address=addresses[i].address,
-                region=addresses[i].region,
-                district=addresses[i].district,
-            )
-            for i in todo
-        ]
+        todo: list[int] = []
+        geocoded: list[LocationGeocoded] = []
+        for i in sorted(addresses):
+            r, a = reports[i], addresses[i]
+            try:
+                g = LocationGeocoded(
+                    tracker_id=r.tracker_id,
+                    observed_at=r.observed_at,
+                    lat=r.lat,
+                    lon=r.lon,
+                    city=a.city,
+                    country_code=a.country_code,
+                    country=a.country,
+                    address=a.address,
+                    region=a.region,
+                    district=a.district,
+                )
+            except ValidationError as exc:  # the geocoder's answer for this point is unusable
+                failed[i] = Reject(f"unusable address for ({r.lat}, {r.lon}): {exc}")
+                continue
+            todo.append(i)
+            geocoded.append(g)
         now = self.clock()
         try:
             await self.db.run(store.set_addresses, geocoded, now)
