@@ -101,7 +101,10 @@ class Pipeline:
         self.codec = topology.codec(streams.max_message_bytes)
         self.routes = topology.routes(streams.prefix)
         self.producer = Producer(self.client, self.codec, streams.redis_url)
-        self.db = db or Database(app.database_url)
+        # a statement never runs much past its handler's timeout (see processors.database)
+        self.db = db or Database(
+            app.database_url, statement_timeout_ms=max(5_000, streams.handler_timeout_ms)
+        )
         self.fleet: SimulatedFleet | None = None
         if source is None:
             # a request waits at most a third of its handler timeout for a slot, then
@@ -200,6 +203,7 @@ class Pipeline:
             topology.input_type(name),
             getattr(stage, "handle", None),
             getattr(stage, "handle_batch", None),
+            self.db,
         )
         return Worker(
             self.client,
@@ -210,7 +214,7 @@ class Pipeline:
             batch_handler=batch_handler,
             consumer=consumer,
             middleware=self.middleware,
-            gate=getattr(stage, "ready", None),
+            gate=_gate(self.db, getattr(stage, "ready", None)),
         )
 
     def scheduler(self, *, use_lock: bool = True) -> Scheduler:
@@ -266,14 +270,34 @@ def _wrong_type(msg: Message[Any], expected: type) -> Reject | None:
     )
 
 
-def _typed(expected: type, handler: Any, batch_handler: Any) -> tuple[Any, Any]:
-    """Wrap a stage's handler so that a valid event of the wrong type is rejected."""
+def _gate(db: Database, stage_ready: Any) -> Any:
+    """The worker's gate: the database is up (see :meth:`Database.ready`), then whatever
+    the stage itself waits for (its source's circuit, loading its data)."""
+
+    async def gate() -> None:
+        await db.ready()
+        if stage_ready is not None:
+            await stage_ready()
+
+    return gate
+
+
+def _typed(expected: type, handler: Any, batch_handler: Any, db: Database) -> tuple[Any, Any]:
+    """Wrap a stage's handler so that a valid event of the wrong type is rejected, and
+    a database outage or conflict anywhere in the stage is deferred, not failed
+    (:meth:`Database.translate`: one classification for every stage)."""
     if handler is not None:
 
         async def checked(msg: Message[Any], ctx: Context) -> None:
             if (bad := _wrong_type(msg, expected)) is not None:
                 raise bad
-            await handler(msg, ctx)
+            try:
+                await handler(msg, ctx)
+            except Exception as exc:
+                translated = db.translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
 
         return checked, None
 
@@ -288,7 +312,14 @@ def _typed(expected: type, handler: Any, batch_handler: Any) -> tuple[Any, Any]:
             else:
                 good.append(m)
         if good:
-            failures.update(await batch_handler(good, ctx) or {})
+            try:
+                failed = await batch_handler(good, ctx) or {}
+            except Exception as exc:
+                translated = db.translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
+            failures.update({k: db.translate(e) for k, e in failed.items()})
         return failures
 
     return None, checked_batch

@@ -11,20 +11,29 @@ Two guards keep it from making things worse:
   would only grow the backlog;
 - a report is re-sent at most ``max_republish`` times, ``grace_s`` apart. One whose
   message keeps being dead-lettered (poison) therefore stops coming back; it stays
-  incomplete in the database and its dead letters say why.
+  incomplete in the database and its dead letters say why. The count is taken in
+  the transaction that selects the reports (``FOR UPDATE SKIP LOCKED``: the reconciler
+  never waits for a row a stage is writing, so it is in no deadlock), before they are
+  sent: a re-send is never uncounted.
+
+It also keeps the views from staying stale: trackers checked between ``3 x grace_s``
+and ``grace_s`` ago that ``latest_location`` does not show yet (their ViewsChanged
+notice was lost, e.g. a commit whose acknowledgement was lost and whose entry was then
+dead-lettered) get a new notice.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from processors.clock import Clock
-from processors.database import Database
-from processors.topology import GEOCODE, GEOFENCE
+from processors.database import Database, DatabaseUnavailable
+from processors.topology import GEOCODE, GEOFENCE, VIEW_REFRESH
 from schemas import store
-from schemas.events import LocationGeocoded, LocationReported
+from schemas.events import LocationGeocoded, LocationReported, ViewsChanged
+from schemas.views import VIEW_NAMES
 from streams.monitor import unfinished_age_ms
 from streams.producer import Producer, Route
 
@@ -38,6 +47,7 @@ class Round:
     geocode: int  # reports re-sent to geocode
     geofence: int  # reports re-sent to geofence
     skipped: tuple[str, ...] = ()  # stages left alone because they are behind
+    views: int = 0  # trackers whose views were stale: notice re-sent
 
 
 class Reconciler:
@@ -77,13 +87,16 @@ class Reconciler:
         skipped = tuple([s for s in (GEOCODE, GEOFENCE) if await self._behind(s)])
         if len(skipped) == 2:
             return Round(0, 0, skipped)
+        # counted before sent (one transaction): a failed send costs one of the re-sends
         not_geocoded, not_checked = await self.db.run(
-            store.incomplete_reports, older_than, self.limit, self.max_republish
+            store.claim_incomplete,
+            older_than,
+            self.limit,
+            self.max_republish,
+            now,
+            geocode=GEOCODE not in skipped,
+            geofence=GEOFENCE not in skipped,
         )
-        if GEOCODE in skipped:
-            not_geocoded = []
-        if GEOFENCE in skipped:
-            not_checked = []
         box = self.producer.outbox()
         # the events are read off the stored rows: every field they carry is a column
         for r in not_geocoded:
@@ -92,10 +105,15 @@ class Reconciler:
         for r in not_checked:
             geocoded = LocationGeocoded.model_validate(r, from_attributes=True)
             box.add(self.routes[GEOFENCE], geocoded, partition_key=r.tracker_id)
+        stale = await self._stale_views(now)
+        if stale:
+            log.warning("views stale for %d trackers: refresh notice re-sent", len(stale))
+            box.add(
+                self.routes[VIEW_REFRESH],
+                ViewsChanged(views=list(VIEW_NAMES), changed_at=now, tracker_ids=stale),
+            )
         await box.flush(self.producer.client, self.producer.url)
-        sent = [r.id for r in (*not_geocoded, *not_checked)]
-        if sent:
-            await self.db.run(store.mark_republished, sent, now)
+        if not_geocoded or not_checked:
             abandoned = await self.db.run(store.count_abandoned, self.max_republish)
             if abandoned:
                 log.error(
@@ -104,4 +122,16 @@ class Reconciler:
                     abandoned,
                     self.max_republish,
                 )
-        return Round(len(not_geocoded), len(not_checked), skipped)
+        return Round(len(not_geocoded), len(not_checked), skipped, len(stale))
+
+    async def _stale_views(self, now: datetime) -> list[str]:
+        grace = timedelta(seconds=self.grace_s)
+        try:
+            return await self.db.run(
+                store.stale_view_trackers, now - 3 * grace, now - grace, self.limit
+            )
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # a missing or unpopulated view: view-refresh rebuilds it
+            log.warning("could not compare the views with the history: %s", exc)
+            return []

@@ -10,6 +10,13 @@ Adapters: :class:`SimulatedFleet` (deterministic trackers moving around real cit
 for demos and tests), :class:`HttpLocationSource` (a real batch API) and
 :class:`ResilientSource`, which wraps either with a circuit breaker, a rate limit and
 retries.
+
+Where a fetch starts (the rule every adapter follows): the caller passes ``since``,
+tracker -> ``observed_at`` of its latest report *stored in the database* (None: none
+stored yet), and the source returns the reports observed after it. The position
+therefore derives from what the database holds, never from what a process handed out:
+a batch whose store failed is simply fetched again. Without ``since`` (a tool calling
+the source directly) :class:`SimulatedFleet` falls back to its in-memory cursor.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import math
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -59,9 +66,13 @@ class Fix:
         object.__setattr__(self, "observed_at", self.observed_at.astimezone(UTC))
 
 
+Since = Mapping[str, datetime | None]
+
+
 class LocationSource(Protocol):
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
-        """Reports for these trackers (any number per tracker, possibly none)."""
+    async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
+        """Reports for these trackers (any number per tracker, possibly none), observed
+        after ``since[tracker]`` (see the module docstring)."""
         ...
 
 
@@ -148,9 +159,10 @@ class SimulatedFleet:
     at 30-50 km/h along a bent road to the port, dwells 1-3 h inside the port geofence,
     and drives back another way. Where it is at a time is a pure function of (seed,
     tracker, time). It reports every ``report_interval_s`` at a per-tracker offset;
-    ``fetch`` returns the reports observed since the tracker's previous fetch (at most
-    ``max_reports_per_call``, the latest ones; only the latest on a first fetch). The
-    cursor lives in this object: a second instance starts afresh.
+    ``fetch`` returns the reports observed after ``since[tracker]`` (at most
+    ``max_reports_per_call``, the latest ones; only the latest when ``since`` is None).
+    Called without ``since``, it uses the position of the previous call instead (an
+    in-memory cursor: a second instance starts afresh).
     """
 
     source_name = "simulated"
@@ -188,7 +200,7 @@ class SimulatedFleet:
 
     # -- the port
 
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+    async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
         self.calls += 1
         if self._outage or self._fail_next > 0:
             self._fail_next = max(0, self._fail_next - 1)
@@ -199,7 +211,13 @@ class SimulatedFleet:
         fixes: list[Fix] = []
         for tracker_id in dict.fromkeys(tracker_ids):
             latest = self._report_index(tracker_id, now_s)
-            last = self._cursor.get(tracker_id)
+            if since is None:
+                last = self._cursor.get(tracker_id)
+            else:
+                stored = since.get(tracker_id)
+                last = (
+                    None if stored is None else self._report_index(tracker_id, stored.timestamp())
+                )
             if last is None:  # first fetch: only the latest report
                 first = latest
             else:  # everything since the last fetch, at most the latest K
@@ -349,13 +367,16 @@ class HttpLocationSource:
     """A batch location API over HTTP.
 
     ``POST {base_url}/locations/batch`` with ``{"tracker_ids": [...]}`` (and
-    ``Authorization: Bearer <api_key>`` when given) must answer 200 with::
+    ``Authorization: Bearer <api_key>`` when given; with ``"since": {"T1":
+    "2024-05-01T11:55:00+00:00", ...}``, the latest stored report per tracker, see the
+    module docstring) must answer 200 with::
 
         {"reports": [{"tracker_id": "T1", "observed_at": "2024-05-01T12:00:00Z",
                       "lat": 51.92, "lon": 4.48, "accuracy_m": 12.5}, ...]}
 
     ``observed_at`` is ISO-8601 with an offset; ``accuracy_m`` may be missing or null;
-    unknown fields are ignored; reports for trackers not asked for are dropped. A client
+    unknown fields are ignored; reports for trackers not asked for are dropped, and so
+    are reports at or before a tracker's ``since`` (already stored). A client
     passed in is left open; one made here is closed by :meth:`aclose`.
     """
 
@@ -383,11 +404,16 @@ class HttpLocationSource:
         if self._owns_client:
             await self._client.aclose()
 
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+    async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
         ids = list(tracker_ids)
+        body: dict[str, Any] = {"tracker_ids": ids}
+        if since:
+            body["since"] = {
+                t: at.astimezone(UTC).isoformat() for t, at in since.items() if at is not None
+            }
         try:
             response = await self._client.post(
-                self.url, json={"tracker_ids": ids}, headers=self._headers, timeout=self.timeout_s
+                self.url, json=body, headers=self._headers, timeout=self.timeout_s
             )
         except (httpx.UnsupportedProtocol, httpx.DecodingError, httpx.TooManyRedirects) as exc:
             raise SourceRejected(f"POST {self.url}: {exc!r}") from exc
@@ -415,6 +441,10 @@ class HttpLocationSource:
                 self.url,
                 len(batch.reports) - len(fixes),
             )
+        if since:
+            fixes = [
+                f for f in fixes if (at := since.get(f.tracker_id)) is None or f.observed_at > at
+            ]
         return fixes
 
 
@@ -471,13 +501,13 @@ class ResilientSource:
         self._sleep = sleep
         self._rng = rng
 
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
+    async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
         if len(tracker_ids) > self.max_batch:
             raise ValueError(f"at most {self.max_batch} trackers per call, got {len(tracker_ids)}")
         if not tracker_ids:
             return []
         return await retry_async(
-            lambda: self._attempt(tracker_ids),
+            lambda: self._attempt(tracker_ids, since),
             attempts=self.attempts,
             base_delay_s=self.base_delay_s,
             max_delay_s=self.max_delay_s,
@@ -490,11 +520,13 @@ class ResilientSource:
         """Seconds until the breaker would let a call through (0: now)."""
         return self.breaker.blocked_for_s()
 
-    async def _attempt(self, tracker_ids: Sequence[str]) -> list[Fix]:
+    async def _attempt(self, tracker_ids: Sequence[str], since: Since | None) -> list[Fix]:
         if (wait_s := self.breaker.blocked_for_s()) > 0:  # spend no rate-limit slot on it
             raise CircuitOpen(wait_s, self.breaker.name)
         # waiting for a slot (or being told to come back later) is not the source failing
         await self.rate_limiter.acquire()
         # a rejection means the source answered: it must not trip the breaker
         async with self.breaker.guard(success_on=(SourceRejected,)):
-            return await self.inner.fetch(tracker_ids)
+            if since is None:  # sources written before ``since`` existed take one argument
+                return await self.inner.fetch(tracker_ids)
+            return await self.inner.fetch(tracker_ids, since)

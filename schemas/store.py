@@ -22,7 +22,21 @@ from typing import Any, TypeVar, cast
 import shapely
 from shapely.geometry import shape
 from shapely.validation import explain_validity
-from sqlalchemy import Select, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Select,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -36,12 +50,14 @@ __all__ = [
     "InvalidGeofence",
     "active_geofences",
     "add_geofence",
+    "claim_incomplete",
     "count_abandoned",
     "count_not_checked",
     "count_not_geocoded",
     "deactivate_geofence",
     "eligible_trackers",
     "events_for",
+    "fetch_positions",
     "geofences_version",
     "incomplete_reports",
     "insert_reports",
@@ -54,6 +70,8 @@ __all__ = [
     "report_with_neighbours",
     "reports_for",
     "set_addresses",
+    "set_addresses_each",
+    "stale_view_trackers",
     "stalest_active_tracker_age_s",
     "update_geofence",
     "upsert_trackers",
@@ -92,6 +110,14 @@ def _insert(session: Session, table: Any) -> Any:
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _in_list(session: Session, column: Any, values: Sequence[str]) -> Any:
+    """``column IN values`` with one statement text whatever the count: ``= ANY(array)``
+    on PostgreSQL (compiled and prepared once), an expanding IN on SQLite."""
+    if _dialect(session) == "postgresql":
+        return column == any_(bindparam("ids", list(values), type_=ARRAY(String)))
+    return column.in_(list(values))
 
 
 def _in_run(now: datetime) -> Any:
@@ -176,12 +202,26 @@ def _take_sqlite_write_lock(session: Session) -> None:
 def mark_processed(session: Session, external_ids: Sequence[str], at: datetime) -> None:
     """Sets ``last_processed_at`` of these trackers to ``at``."""
     ids = sorted(set(external_ids))  # a stable order keeps row locks deadlock-free
+    if not ids:
+        return
+    if _dialect(session) == "postgresql":
+        session.execute(_MARK_PROCESSED_PG, {"ids": ids, "at": at})
+        return
     for chunk in _chunks(ids, 5000):
         session.execute(
             update(_trackers)
             .where(_trackers.c.external_id.in_(list(chunk)))
             .values(last_processed_at=at)
         )
+
+
+# ORDER BY id FOR UPDATE: rows are locked in id order (every writer of a table locks
+# in id order, so writers never wait on each other in a cycle)
+_MARK_PROCESSED_PG = text(
+    "UPDATE trackers SET last_processed_at = :at FROM ("
+    " SELECT id FROM trackers WHERE external_id = ANY(CAST(:ids AS text[]))"
+    " ORDER BY id FOR UPDATE) AS l WHERE trackers.id = l.id"
+).bindparams(bindparam("at", type_=UTCDateTime()))
 
 
 def lock_tracker(session: Session, tracker_id: str) -> None:
@@ -222,13 +262,62 @@ def _report_row(r: LocationReported) -> dict[str, Any]:
     }
 
 
-def insert_reports(session: Session, reports: Sequence[LocationReported]) -> list[LocationReported]:
+def fetch_positions(session: Session, tracker_ids: Sequence[str]) -> dict[str, datetime | None]:
+    """Where fetching these trackers starts: each known tracker's latest stored
+    ``observed_at`` (None: nothing stored yet). Trackers not in ``trackers`` are left
+    out. One statement."""
+    ids = sorted(set(tracker_ids))
+    if not ids:
+        return {}
+    latest = (
+        select(func.max(_reports.c.observed_at))
+        .where(_reports.c.tracker_id == _trackers.c.external_id)
+        .scalar_subquery()
+    )
+    stmt = select(_trackers.c.external_id, latest).where(
+        _in_list(session, _trackers.c.external_id, ids)
+    )
+    return {t: at for t, at in session.execute(stmt)}
+
+
+def _known_trackers(session: Session, tracker_ids: Sequence[str]) -> set[str]:
+    stmt = select(_trackers.c.external_id).where(
+        _in_list(session, _trackers.c.external_id, tracker_ids)
+    )
+    return set(session.scalars(stmt))
+
+
+# One statement text for any batch (arrays, not a VALUES list per row count), so it is
+# compiled once and psycopg prepares it. The join skips trackers deleted meanwhile.
+_INSERT_REPORTS_PG = text(
+    "INSERT INTO location_history"
+    " (tracker_id, observed_at, lat, lon, accuracy_m, source, fetched_at)"
+    " SELECT u.tracker_id, u.observed_at, u.lat, u.lon, u.accuracy_m, u.source, u.fetched_at"
+    " FROM unnest(CAST(:t AS text[]), CAST(:o AS timestamptz[]), CAST(:lat AS float8[]),"
+    " CAST(:lon AS float8[]), CAST(:acc AS float8[]), CAST(:src AS text[]),"
+    " CAST(:fa AS timestamptz[])) WITH ORDINALITY"
+    " AS u(tracker_id, observed_at, lat, lon, accuracy_m, source, fetched_at, n)"
+    " JOIN trackers ON trackers.external_id = u.tracker_id"
+    " ORDER BY u.n"
+    " ON CONFLICT (tracker_id, observed_at) DO NOTHING"
+    " RETURNING location_history.tracker_id, location_history.observed_at"
+).columns(tracker_id=String(), observed_at=UTCDateTime())
+
+
+def insert_reports(
+    session: Session, reports: Sequence[LocationReported], known: set[str] | None = None
+) -> list[LocationReported]:
     """Stores the reports; returns those that were new, in input order.
 
     A report already stored (same ``tracker_id`` and ``observed_at``) is ignored, also
     when it appears twice in ``reports`` (the first one counts). A report of a tracker
     that is not in ``trackers`` is skipped with a warning (it cannot satisfy the foreign
-    key, and failing the batch would only make it fail again on redelivery).
+    key, and failing the batch would only make it fail again on redelivery); ``known``
+    (the trackers the caller already found stored) saves looking them up.
+
+    Rows are written in (tracker, observed_at) order, so two writers whose batches
+    overlap take the unique index's locks in the same order. On PostgreSQL this is one
+    prepared statement per batch.
     """
     unique: dict[tuple[str, datetime], LocationReported] = {}
     for r in reports:
@@ -236,9 +325,8 @@ def insert_reports(session: Session, reports: Sequence[LocationReported]) -> lis
     if not unique:
         return []
     tracker_ids = sorted({t for t, _ in unique})
-    known = set(
-        session.scalars(select(Tracker.external_id).where(Tracker.external_id.in_(tracker_ids)))
-    )
+    if known is None:
+        known = _known_trackers(session, tracker_ids)
     unknown = [t for t in tracker_ids if t not in known]
     if unknown:
         log.warning(
@@ -246,50 +334,120 @@ def insert_reports(session: Session, reports: Sequence[LocationReported]) -> lis
             len(unknown),
             ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""),
         )
-    rows = [_report_row(r) for (t, _), r in unique.items() if t in known]
+    ordered = sorted((key for key in unique if key[0] in known), key=lambda k: (k[0], k[1]))
+    rows = [unique[k] for k in ordered]
     inserted: set[tuple[str, datetime]] = set()
-    for chunk in _chunks(rows):
-        stmt = (
-            _insert(session, _reports)
-            .values(list(chunk))
-            .on_conflict_do_nothing(index_elements=["tracker_id", "observed_at"])
-            .returning(_reports.c.tracker_id, _reports.c.observed_at)
-        )
-        inserted.update((t, o) for t, o in session.execute(stmt))
+    if rows and _dialect(session) == "postgresql":
+        params = {
+            "t": [r.tracker_id for r in rows],
+            "o": [r.observed_at for r in rows],
+            "lat": [r.lat for r in rows],
+            "lon": [r.lon for r in rows],
+            "acc": [r.accuracy_m for r in rows],
+            "src": [r.source for r in rows],
+            "fa": [r.fetched_at for r in rows],
+        }
+        inserted.update((t, o) for t, o in session.execute(_INSERT_REPORTS_PG, params))
+    else:
+        for chunk in _chunks([_report_row(r) for r in rows]):
+            stmt = (
+                _insert(session, _reports)
+                .values(list(chunk))
+                .on_conflict_do_nothing(index_elements=["tracker_id", "observed_at"])
+                .returning(_reports.c.tracker_id, _reports.c.observed_at)
+            )
+            inserted.update((t, o) for t, o in session.execute(stmt))
     return [r for key, r in unique.items() if key in inserted]
 
 
-def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: datetime) -> None:
-    """Stores the address of each report and sets ``geocoded_at`` (rewrites on repeat)."""
-    if not geocoded:
-        return
-    stmt = (
-        update(_reports)
-        .where(
-            _reports.c.tracker_id == bindparam("b_tracker"),
-            _reports.c.observed_at == bindparam("b_observed", type_=UTCDateTime()),
-        )
-        .values(
-            city=bindparam("b_city"),
-            country_code=bindparam("b_cc"),
-            country=bindparam("b_country"),
-            address=bindparam("b_address"),
-            geocoded_at=bindparam("b_at", type_=UTCDateTime()),
-        )
+def _address_rows(geocoded: Sequence[LocationGeocoded]) -> list[LocationGeocoded]:
+    """One per report (the last one counts), in (tracker, observed_at) order."""
+    by_key = {(g.tracker_id, g.observed_at): g for g in geocoded}
+    return [by_key[k] for k in sorted(by_key)]
+
+
+# Locks the rows in id order first (ORDER BY ... FOR UPDATE locks after sorting), then
+# updates them: one statement per batch, the same lock order as every other writer.
+_SET_ADDRESSES_PG = text(
+    "UPDATE location_history AS h SET city = v.city, country_code = v.country_code,"
+    " country = v.country, address = v.address, geocoded_at = :at"
+    " FROM (SELECT l.id, u.city, u.country_code, u.country, u.address"
+    " FROM location_history AS l"
+    " JOIN unnest(CAST(:t AS text[]), CAST(:o AS timestamptz[]), CAST(:city AS text[]),"
+    " CAST(:cc AS text[]), CAST(:country AS text[]), CAST(:address AS text[]))"
+    " AS u(tracker_id, observed_at, city, country_code, country, address)"
+    " ON l.tracker_id = u.tracker_id AND l.observed_at = u.observed_at"
+    " ORDER BY l.id FOR UPDATE OF l) AS v"
+    " WHERE h.id = v.id"
+).bindparams(bindparam("at", type_=UTCDateTime()))
+
+_SET_ADDRESS = (
+    update(_reports)
+    .where(
+        _reports.c.tracker_id == bindparam("b_tracker"),
+        _reports.c.observed_at == bindparam("b_observed", type_=UTCDateTime()),
     )
-    params = [
-        {
-            "b_tracker": g.tracker_id,
-            "b_observed": g.observed_at,
-            "b_city": g.city,
-            "b_cc": g.country_code,
-            "b_country": g.country,
-            "b_address": g.address,
-            "b_at": at,
+    .values(
+        city=bindparam("b_city"),
+        country_code=bindparam("b_cc"),
+        country=bindparam("b_country"),
+        address=bindparam("b_address"),
+        geocoded_at=bindparam("b_at", type_=UTCDateTime()),
+    )
+)
+
+
+def _address_params(g: LocationGeocoded, at: datetime) -> dict[str, Any]:
+    return {
+        "b_tracker": g.tracker_id,
+        "b_observed": g.observed_at,
+        "b_city": g.city,
+        "b_cc": g.country_code,
+        "b_country": g.country,
+        "b_address": g.address,
+        "b_at": at,
+    }
+
+
+def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: datetime) -> None:
+    """Stores the address of each report and sets ``geocoded_at`` (rewrites on repeat).
+
+    One statement per batch on PostgreSQL (``UPDATE ... FROM unnest(...)``, rows locked
+    in id order); on SQLite one executemany in (tracker, observed_at) order."""
+    rows = _address_rows(geocoded)
+    if not rows:
+        return
+    if _dialect(session) == "postgresql":
+        params = {
+            "t": [g.tracker_id for g in rows],
+            "o": [g.observed_at for g in rows],
+            "city": [g.city for g in rows],
+            "cc": [g.country_code for g in rows],
+            "country": [g.country for g in rows],
+            "address": [g.address for g in rows],
+            "at": at,
         }
-        for g in geocoded
-    ]
-    session.execute(stmt, params)
+        session.execute(_SET_ADDRESSES_PG, params)
+        return
+    session.execute(_SET_ADDRESS, [_address_params(g, at) for g in rows])
+
+
+def set_addresses_each(
+    session: Session, geocoded: Sequence[LocationGeocoded], at: datetime
+) -> dict[int, Exception]:
+    """:func:`set_addresses` one report at a time, each in a savepoint: for a batch
+    whose set-based write failed. Returns the failures by index into ``geocoded``."""
+    failed: dict[int, Exception] = {}
+    order = sorted(
+        range(len(geocoded)), key=lambda i: (geocoded[i].tracker_id, geocoded[i].observed_at)
+    )
+    for i in order:
+        try:
+            with session.begin_nested():
+                session.execute(_SET_ADDRESS, [_address_params(geocoded[i], at)])
+        except Exception as exc:
+            failed[i] = exc
+    return failed
 
 
 def mark_geofence_checked(
@@ -376,8 +534,109 @@ def incomplete_reports(
     return not_geocoded, not_checked
 
 
+def claim_incomplete(
+    session: Session,
+    older_than: datetime,
+    limit: int,
+    max_republish: int,
+    at: datetime,
+    *,
+    geocode: bool = True,
+    geofence: bool = True,
+) -> tuple[list[LocationReport], list[LocationReport]]:
+    """:func:`incomplete_reports`, marked re-published (:func:`mark_republished`) in the
+    same transaction, so a report is never re-sent without being counted.
+
+    On PostgreSQL the rows are selected ``FOR UPDATE SKIP LOCKED``: rows a stage is
+    writing right now are left for the next round, and the reconciler never waits for a
+    row lock (so it can take part in no deadlock); two reconcilers get disjoint sets.
+    ``geocode``/``geofence`` False leaves that stage's reports alone."""
+    skip_locked = _dialect(session) == "postgresql"
+    due = [
+        LocationReport.republish_count < max_republish,
+        or_(LocationReport.republished_at.is_(None), LocationReport.republished_at <= older_than),
+    ]
+
+    def pick(*where: Any, order: Any) -> list[LocationReport]:
+        stmt = select(LocationReport).where(*where, *due).order_by(order, LocationReport.id)
+        stmt = stmt.limit(limit)
+        if skip_locked:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(session.scalars(stmt))
+
+    not_geocoded = (
+        pick(
+            LocationReport.geocoded_at.is_(None),
+            LocationReport.fetched_at <= older_than,
+            order=LocationReport.fetched_at,
+        )
+        if geocode
+        else []
+    )
+    not_checked = (
+        pick(
+            LocationReport.geofence_checked_at.is_(None),
+            LocationReport.geocoded_at.is_not(None),
+            LocationReport.geocoded_at <= older_than,
+            order=LocationReport.geocoded_at,
+        )
+        if geofence
+        else []
+    )
+    mark_republished(session, [r.id for r in (*not_geocoded, *not_checked)], at)
+    for r in (*not_geocoded, *not_checked):
+        session.expunge(r)  # keep the values read (the UPDATE must not expire them)
+    return not_geocoded, not_checked
+
+
+def stale_view_trackers(
+    session: Session, changed_from: datetime, changed_until: datetime, limit: int = 10_000
+) -> list[str]:
+    """Trackers with a report checked in ``[changed_from, changed_until]`` that
+    ``latest_location`` does not show yet (no row, an older report, or the report
+    without its address): their refresh notice was lost. Sorted."""
+    from schemas.views import LATEST_LOCATION as view
+
+    changed = (
+        select(
+            _reports.c.tracker_id,
+            func.max(_reports.c.observed_at).label("observed_at"),
+        )
+        .where(
+            _reports.c.geofence_checked_at >= changed_from,
+            _reports.c.geofence_checked_at <= changed_until,
+        )
+        .group_by(_reports.c.tracker_id)
+        .subquery()
+    )
+    h = _reports.alias("h")
+    stmt = (
+        select(changed.c.tracker_id)
+        .join(
+            h,
+            and_(h.c.tracker_id == changed.c.tracker_id, h.c.observed_at == changed.c.observed_at),
+        )
+        .outerjoin(view, view.c.tracker_id == changed.c.tracker_id)
+        .where(
+            or_(
+                view.c.tracker_id.is_(None),
+                view.c.observed_at < changed.c.observed_at,
+                and_(
+                    view.c.observed_at == changed.c.observed_at,
+                    h.c.geocoded_at.is_not(None),
+                    or_(view.c.geocoded_at.is_(None), view.c.geocoded_at < h.c.geocoded_at),
+                ),
+            )
+        )
+        .order_by(changed.c.tracker_id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
 def mark_republished(session: Session, report_ids: Sequence[int], at: datetime) -> None:
-    """Records that the reconciler re-published these reports (by row id) at ``at``."""
+    """Records that the reconciler re-published these reports (by row id) at ``at``;
+    rows in id order, like every writer of ``location_history``."""
     for chunk in _chunks(sorted(set(report_ids)), 5000):
         session.execute(
             update(_reports)

@@ -39,8 +39,8 @@ class RecordingSource:
         self.inner = inner
         self.returned: list[Fix] = []
 
-    async def fetch(self, tracker_ids: Sequence[str]) -> list[Fix]:
-        fixes = await self.inner.fetch(tracker_ids)
+    async def fetch(self, tracker_ids: Sequence[str], since: Any = None) -> list[Fix]:
+        fixes = await self.inner.fetch(tracker_ids, since)
         self.returned.extend(fixes)
         return fixes
 

@@ -1,13 +1,22 @@
 """A real stage worker in its own process, for SIGKILL tests: the pipeline's own
 worker for STAGE, throttled by a middleware that sleeps before each batch so a test
 can kill it mid-run. Settings come from TRACKSTREAM_* like any worker.
-Usage: python -m tests.pipeline_worker STAGE CONSUMER DELAY_S"""
+Usage: python -m tests.pipeline_worker STAGE CONSUMER DELAY_S
+
+Test knobs (environment): TS_TEST_CLOCK="ISO-START,SPEED" runs the pipeline on an
+accelerated clock (SPEED 0: stopped at START); TS_TEST_GEOCODER=offline uses the real
+offline geocoder instead of the fixed stand-in."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sys
+from datetime import datetime
+from typing import Any
 
+from processors.clock import AcceleratedClock, system_clock
 from processors.config import load
 from processors.pipeline import Pipeline
 from streams.middleware import Middleware
@@ -24,8 +33,15 @@ class Throttle(Middleware):
 
 
 async def main(stage: str, consumer: str, delay_s: float) -> None:
+    if level := os.environ.get("TS_TEST_LOG_LEVEL"):
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     streams, app = load()
-    pipeline = Pipeline(streams, app, geocoder=FixedGeocoder())
+    clock: Any = system_clock
+    if spec := os.environ.get("TS_TEST_CLOCK"):
+        start, speed = spec.split(",")
+        clock = AcceleratedClock(float(speed), datetime.fromisoformat(start))
+    offline = os.environ.get("TS_TEST_GEOCODER") == "offline"
+    pipeline = Pipeline(streams, app, clock=clock, geocoder=None if offline else FixedGeocoder())
     pipeline.middleware.append(Throttle(delay_s))
     await pipeline.worker(stage, consumer=consumer).run()
 

@@ -400,6 +400,11 @@ class PostgresServer:
     dir: Path
     bindir: Path
     proc_pid: int | None = None
+    opts: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir.parent / "postgres.log"
 
     @property
     def url(self) -> str:
@@ -424,7 +429,9 @@ class PostgresServer:
         return args
 
     @classmethod
-    def start(cls, root: Path, timeout_s: float = 60) -> PostgresServer:
+    def start(cls, root: Path, timeout_s: float = 60, *, durable: bool = False) -> PostgresServer:
+        """``durable``: commits survive a crash of the server (``synchronous_commit=on``;
+        the default trades that for speed), for tests that stop it ``-m immediate``."""
         server = cls(free_port(), root / "pgdata", cls.find_bindir())
         root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -439,24 +446,44 @@ class PostgresServer:
         )
         if init.returncode != 0:
             raise ServerUnavailable(f"initdb failed: {init.stderr[-1500:]}")
-        opts = (
+        server.opts = (
             f"-p {server.port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f"-c synchronous_commit={'on' if durable else 'off'} -c full_page_writes=off "
+            "-c max_connections=200"
         )
+        server._pg_ctl_start(timeout_s)
+        return server
+
+    def _pg_ctl_start(self, timeout_s: float) -> None:
         started = subprocess.run(
-            server._as_owner([
-                str(server.bindir / "pg_ctl"), "-D", str(server.dir), "-l",
-                str(root / "postgres.log"), "-o", opts, "-w", "-t", str(int(timeout_s)), "start",
+            self._as_owner([
+                str(self.bindir / "pg_ctl"), "-D", str(self.dir), "-l",
+                str(self.log_path), "-o", self.opts, "-w", "-t", str(int(timeout_s)), "start",
             ]),
             capture_output=True, text=True, timeout=timeout_s + 10,
         )
         if started.returncode != 0:
-            log = root / "postgres.log"
+            log = self.log_path
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else started.stderr
             raise ServerUnavailable(f"pg_ctl start failed: {tail}")
-        pidfile = server.dir / "postmaster.pid"
-        server.proc_pid = int(pidfile.read_text().split()[0])
-        return server
+        pidfile = self.dir / "postmaster.pid"
+        self.proc_pid = int(pidfile.read_text().split()[0])
+
+    def stop_immediate(self, timeout_s: float = 30) -> None:
+        """``pg_ctl stop -m immediate``: every backend dies at once, as in a crash (the
+        next start runs crash recovery). Same port and data directory for :meth:`restart`."""
+        subprocess.run(
+            self._as_owner([
+                str(self.bindir / "pg_ctl"), "-D", str(self.dir), "-m", "immediate", "-w",
+                "-t", str(int(timeout_s)), "stop",
+            ]),
+            capture_output=True, text=True, timeout=timeout_s + 10, check=True,
+        )
+        self.proc_pid = None
+
+    def restart(self, timeout_s: float = 60) -> None:
+        """Start the cluster again on the same port and directory (after a stop)."""
+        self._pg_ctl_start(timeout_s)
 
     def create_database(self, name: str) -> str:
         import psycopg

@@ -463,9 +463,9 @@ async def test_more_fetch_workers_never_call_the_source_more_often(
             p = Pipeline(streams, app, clock=h.clock, geocoder=h.pipeline.geocoder)
             real_fetch = p.fleet.fetch
 
-            async def counted(ids, real_fetch=real_fetch):
+            async def counted(ids, since=None, real_fetch=real_fetch):
                 calls.append(time.monotonic())
-                return await real_fetch(ids)
+                return await real_fetch(ids, since)
 
             p.fleet.fetch = counted
             pipelines.append(p)

@@ -707,3 +707,20 @@ def test_refresh_of_an_unpopulated_materialized_view(pg_url: str) -> None:
 def test_session_type_is_usable(engine: Engine) -> None:
     with session_factory(engine)() as s:
         assert isinstance(s, Session)
+
+
+def test_claim_incomplete_counts_every_resend_it_hands_out(tx: Tx) -> None:
+    tx(store.upsert_trackers, [tracker("A")])
+    tx(store.insert_reports, [report("A", m) for m in (0, 10)])
+
+    def claim(at: datetime, max_republish: int = 2, **kw: Any) -> Any:  # grace: 5 min
+        return tx(store.claim_incomplete, at - timedelta(minutes=5), 100, max_republish, at, **kw)
+
+    late = T0 + timedelta(hours=1)
+    got, _ = claim(late)
+    assert [r.republish_count for r in got] == [0, 0]  # as read, before the mark
+    assert claim(late + timedelta(minutes=1)) == ([], [])  # counted: not due again yet
+    assert len(claim(late + timedelta(hours=1))[0]) == 2
+    assert claim(late + timedelta(hours=2)) == ([], [])  # 2 re-sends: given up
+    assert tx(store.count_abandoned, 2) == 2
+    assert claim(late + timedelta(hours=3), 5, geocode=False) == ([], [])

@@ -1,9 +1,22 @@
 """fetch: FetchRequested -> location source -> location_history -> LocationReported.
 
+No loss between source and store: the source is asked for the reports observed after
+each tracker's latest report *stored in the database* (``since``; see
+:mod:`processors.sources`), never after what some process was handed. A batch whose
+store failed (database down, the process died) is therefore fetched again by the retry,
+whichever worker runs it.
+
 Writes are idempotent on (tracker, observed_at); only reports new to the database are
 published. If the process dies after the insert and before publishing, the redelivered
 request finds nothing new: the reconciler publishes those reports after its grace
 period (the database shows them as not geocoded).
+
+Per batch: one statement for the positions, then one transaction with one bulk
+``INSERT ... ON CONFLICT DO NOTHING RETURNING`` and one ``UPDATE`` of the trackers. If
+that fails for a reason other than the database being unavailable, the reports are
+stored one by one (each in a savepoint): a bad row is logged and skipped, the rest are
+stored and published. A tracker id the database cannot hold (a NUL byte) is skipped
+before any query.
 
 A source outage: once the source's circuit breaker opens, the worker's gate
 (:meth:`FetchStage.ready`) stops reading, and requests that hit the open circuit are
@@ -18,7 +31,7 @@ import logging
 from typing import Any
 
 from processors.clock import Clock
-from processors.database import Database
+from processors.database import Database, DatabaseUnavailable, classify
 from processors.resilience import CircuitOpen
 from processors.revalidate import FetchRevalidator
 from processors.sources import LocationSource, SourceRejected, SourceUnavailable
@@ -70,8 +83,20 @@ class FetchStage:
             if (admitted := await self.revalidator.admit(request)) is None:
                 return
             request = admitted
+        ids = list(dict.fromkeys(request.tracker_ids))
+        if bad := [t for t in ids if "\x00" in t]:
+            log.error("skipping %d tracker id(s) with a NUL byte: %r", len(bad), bad[:5])
+            ids = [t for t in ids if "\x00" not in t]
+        positions = await self.db.run(store.fetch_positions, ids)
+        if unknown := [t for t in ids if t not in positions]:
+            log.warning(
+                "not fetching %d unknown tracker(s): %s", len(unknown), ", ".join(unknown[:10])
+            )
+        ids = [t for t in ids if t in positions]
+        if not ids:
+            return
         try:
-            fixes = await self.source.fetch(request.tracker_ids)
+            fixes = await self.source.fetch(ids, positions)
         except CircuitOpen as exc:
             # not tried at all: no delivery spent (the gate holds further reads)
             raise Defer("location source circuit is open", delay_ms=_ms(exc.retry_after_s)) from exc
@@ -98,7 +123,14 @@ class FetchStage:
             )
             for f in fixes
         ]
-        new = await self.db.run(_store, reports, list(request.tracker_ids), now)
+        known = set(positions)
+        try:
+            new = await self.db.run(_store, reports, ids, now, known)
+        except DatabaseUnavailable:
+            raise  # deferred: the retry fetches these reports again (see the docstring)
+        except Exception as exc:
+            log.warning("storing the batch failed (%s): storing its reports one by one", exc)
+            new = await self.db.run(_store_each, reports, ids, now, known)
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
@@ -106,10 +138,37 @@ class FetchStage:
             await self.revalidator.fetched(request.tracker_ids, now)
 
 
-def _store(session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any) -> Any:
-    new = store.insert_reports(session, reports)
+def _store(
+    session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any, known: Any
+) -> Any:
+    new = store.insert_reports(session, reports, known)
     store.mark_processed(session, tracker_ids, now)
     return new
+
+
+def _store_each(
+    session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any, known: Any
+) -> list[LocationReported]:
+    """:func:`_store` row by row, each in a savepoint; bad rows are logged and skipped."""
+    new: list[LocationReported] = []
+    for r in sorted(reports, key=lambda r: (r.tracker_id, r.observed_at)):
+        try:
+            with session.begin_nested():
+                new += store.insert_reports(session, [r], known)
+        except Exception as exc:
+            if classify(exc) is not None:
+                raise
+            log.error("skipping report %s@%s: %s", r.tracker_id, r.observed_at, exc)
+    for t in sorted(tracker_ids):
+        try:
+            with session.begin_nested():
+                store.mark_processed(session, [t], now)
+        except Exception as exc:
+            if classify(exc) is not None:
+                raise
+            log.error("could not mark tracker %r processed: %s", t, exc)
+    order = {(r.tracker_id, r.observed_at): i for i, r in enumerate(reports)}
+    return sorted(new, key=lambda r: order[(r.tracker_id, r.observed_at)])
 
 
 def _ms(seconds: float | None) -> int | None:
