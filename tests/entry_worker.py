@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+
 from streams.connection import connect
 from streams.message import Codec
 from streams.producer import Route
 from streams.settings import StreamSettings
 from streams.worker import Worker, run_until_signal
 from tests.support import Ping
-
 
 # normalised to UTC with no guard on purpose: a time that overflows raises a raw
 # OverflowError inside validation, which the runtime must turn into a dead letter
