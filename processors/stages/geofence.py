@@ -37,7 +37,7 @@ from processors.crossings import (
     state_prefix,
     to_us,
 )
-from processors.database import Database
+from processors.database import Database, classify
 from processors.geofencing import GeofenceIndex
 from processors.topology import NOTIFY, VIEW_REFRESH
 from schemas import geofence_store, store
@@ -159,10 +159,11 @@ class GeofenceStage:
 
 
 def _transient(exc: BaseException) -> bool:
-    """A database that is away or busy, not a bad row: retry the batch as a whole."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+    """A database that is away or busy, not a bad row: retry the batch as a whole
+    (:func:`processors.database.classify` decides, as for every stage)."""
+    return classify(exc) is not None or isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError
+    )
 
 
 def check_batch(
