@@ -1,4 +1,4 @@
-# trackstream developer commands. `make test` is what CI runs (.ci/run).
+# trackstream developer commands. `make test` is what CI runs (.ci/run, through ops/bootstrap.sh test).
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)

@@ -2,9 +2,22 @@
 # Prepares a Debian/Ubuntu machine for trackstream: the servers the tests and the demo
 # start (redis-server, redis-cli, PostgreSQL binaries), Chromium for the browser test,
 # a virtualenv in .venv with the project and its dev tools. Safe to run again.
-#   usage: ops/bootstrap.sh [--no-system]     (--no-system: skip apt-get)
+#   usage: ops/bootstrap.sh [--no-system] [demo|test]
+#     --no-system  skip apt-get
+#     demo         then run the demo pipeline (what `make demo` does)
+#     test         then run lint, type check and the whole suite (what `make test` and CI do)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+system=1
+action=""
+for arg in "$@"; do
+  case "$arg" in
+    --no-system) system=0 ;;
+    demo|test) action=$arg ;;
+    *) echo "usage: ops/bootstrap.sh [--no-system] [demo|test]" >&2; exit 2 ;;
+  esac
+done
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -13,7 +26,7 @@ need_packages=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || have initdb; }
 
-if [[ "${1:-}" != "--no-system" ]]; then
+if ((system)); then
   have redis-server || need_packages+=(redis-server)
   have redis-cli || need_packages+=(redis-tools)
   pg_bin || need_packages+=(postgresql)
@@ -49,3 +62,8 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$VENV/bin/python" -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+case "$action" in
+  demo) exec make demo ;;
+  test) exec make test ;;
+esac

@@ -18,6 +18,14 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"trackstream {version('trackstream')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -33,6 +41,12 @@ def main_options(
     prefix: Annotated[
         str | None, typer.Option(help="key prefix of this deployment [env TRACKSTREAM_PREFIX]")
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
     database_url: Annotated[
         str | None,
         typer.Option(

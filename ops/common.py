@@ -4,7 +4,9 @@ and turning known errors into a clear message and exit code (never a traceback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import DBAPIError
 
 from processors.config import AppSettings, load
 from streams.connection import Client, connect, redact
@@ -53,6 +56,28 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# the database URL itself is wrong (no such database, bad login): psycopg gives no
+# SQLSTATE for a failed connection, only the server's message
+_DB_CONFIG = re.compile(
+    r'(database|role) "[^"]*" does not exist|password authentication failed|no password supplied'
+)
+
+
+def database_failure(exc: DBAPIError, ctx: Any) -> typer.Exit:
+    """A database error as one line: a wrong URL exits 2, an unreachable database 3."""
+    url = ""
+    if ctx is not None:
+        with contextlib.suppress(StreamsError):
+            url = redact(options(ctx).settings()[1].database_url)
+    text = str(exc.orig or exc).strip()
+    cause = " ".join(text.split()) or type(exc).__name__
+    if _DB_CONFIG.search(text):
+        return fail(f"setting database_url (TRACKSTREAM_DATABASE_URL) {url}: {cause}", EXIT_CONFIG)
+    return fail(
+        f"the database at {url or 'the configured URL'} is unavailable: {cause}", EXIT_UNAVAILABLE
+    )
+
+
 def handle_errors(fn: Callable[P, T]) -> Callable[P, T]:
     """Known failures become one clear line and a distinct exit code."""
 
@@ -60,6 +85,9 @@ def handle_errors(fn: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
+        except DBAPIError as exc:
+            ctx = next((a for a in (*args, *kwargs.values()) if hasattr(a, "find_root")), None)
+            raise database_failure(exc, ctx) from None
         except ConfigError as exc:
             raise fail(str(exc), EXIT_CONFIG) from None
         except RedisUnavailable as exc:

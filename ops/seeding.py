@@ -36,6 +36,7 @@ def _time(value: str, where: str) -> datetime | None:
 
 def load_trackers_csv(session: Any, path: Path) -> int:
     rows = []
+    first_line: dict[str, int] = {}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "external_id" not in reader.fieldnames:
@@ -48,13 +49,25 @@ def load_trackers_csv(session: Any, path: Path) -> int:
             active = (row.get("active") or "true").strip().lower()
             if active not in ("true", "false", "1", "0", "yes", "no"):
                 raise SeedError(f"{where}: active must be true or false, not {active!r}")
+            if ext in first_line:
+                raise SeedError(
+                    f"{where}: external_id {ext!r} is already on line {first_line[ext]}"
+                )
+            first_line[ext] = line
+            starts = _time(row.get("run_starts_at") or "", where)
+            ends = _time(row.get("run_ends_at") or "", where)
+            if starts is not None and ends is not None and ends <= starts:
+                raise SeedError(
+                    f"{where}: run_ends_at {ends.isoformat()} is not after run_starts_at "
+                    f"{starts.isoformat()} (the tracker would never be fetched)"
+                )
             rows.append(
                 {
                     "external_id": ext,
                     "name": (row.get("name") or ext).strip(),
                     "active": active in ("true", "1", "yes"),
-                    "run_starts_at": _time(row.get("run_starts_at") or "", where),
-                    "run_ends_at": _time(row.get("run_ends_at") or "", where),
+                    "run_starts_at": starts,
+                    "run_ends_at": ends,
                 }
             )
     store.upsert_trackers(session, rows)
@@ -92,7 +105,9 @@ def load_geofences_geojson(session: Any, path: Path) -> int:
                     session, name=name, kind="polygon", geometry_geojson=json.dumps(geometry)
                 )
             else:
-                raise SeedError(f"{where}: geometry must be Point (with radius_m) or Polygon")
+                raise SeedError(
+                    f"{where}: geometry must be Point (with radius_m), Polygon or MultiPolygon"
+                )
         except (ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, SeedError):
                 raise

@@ -51,13 +51,15 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
 def parse_position(value: str, *, end: bool = False, now: datetime | None = None) -> str:
     """An entry id for ``value`` (an id, ``-``/``+``, or a time).
 
-    A time as an ``end`` position covers the whole millisecond (``MS-<max seq>``), so
-    ``--to`` is inclusive; as a start it is ``MS-0``.
+    A time or a bare ``MS`` id as an ``end`` position covers the whole millisecond
+    (``MS-<max seq>``), so ``--to`` is inclusive; as a start it is ``MS-0``.
     """
     text = value.strip()
     if text in ("-", "+"):
         return text
     if _ID.match(text):
+        if end and "-" not in text:
+            return f"{int(text)}-{MAX_SEQ}"
         return normalize_id(text)
     ms = int(parse_time(text, now=now).timestamp() * 1000)
     if ms < 0:

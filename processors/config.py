@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.settings import ENV_PREFIX, StreamSettings, config_error
@@ -50,6 +50,21 @@ class AppSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
     dashboard_token: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.exc import ArgumentError
+
+        from schemas.db import normalize_url
+
+        try:
+            normalize_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL: use sqlite:///path.db or postgresql+psycopg://user@host/db"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _urls(self) -> Self:

@@ -51,9 +51,14 @@ def id_after(entry_id: str) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
+_MAX_PART = 2**64 - 1
+
+
 def normalize_id(value: str) -> str:
     """Accept 'ms' or 'ms-seq'; raise ValueError with the bad value otherwise."""
     ms, sep, seq = value.partition("-")
     if not ms.isdigit() or (sep and not seq.isdigit()):
         raise ValueError(f"{value!r} is not a stream id (expected MS or MS-SEQ)")
+    if int(ms) > _MAX_PART or (sep and int(seq) > _MAX_PART):
+        raise ValueError(f"{value!r} is not a stream id (each part is at most {_MAX_PART})")
     return f"{int(ms)}-{int(seq) if sep else 0}"

@@ -111,6 +111,13 @@ class Worker:
             for s in self.shards
         ]
         await self._heartbeat_once()
+        log.info(
+            "%s: consumer %s started (pid %d), reading %s",
+            self.route.stage,
+            self.name,
+            os.getpid(),
+            ", ".join(c.keys.stream for c in self.consumers),
+        )
         done = asyncio.Event()
         beat = asyncio.create_task(self._heartbeats(done))
         try:

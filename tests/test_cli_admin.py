@@ -205,6 +205,26 @@ def test_status_json_numbers_and_health_exit_codes(redis_target, unique_prefix):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["healthy"] for line in lines)
+    # --watch into a pipe: every frame is printed, 80 columns show every header whole
+    args = ("status", "--watch", "--count", "3", "--interval", "0.05", "--no-require-consumers")
+    result = cli(redis_target, unique_prefix, *args, COLUMNS="80")
+    assert result.exit_code == 0, result.output
+    headers = [line.split() for line in result.stdout.splitlines() if "acked/s" in line]
+    assert (
+        headers
+        == [["stage", "state", "length", "lag", "pending", "oldest", "live", "dlq", "acked/s"]] * 3
+    )
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_dlq_list_is_readable_at_80_columns(redis_target, unique_prefix):
+    dead_letter(redis_target, unique_prefix, [1, 2], poison={1, 2})
+    result = cli(redis_target, unique_prefix, "dlq", "list", STAGE, COLUMNS="80")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in "".join(lines[:4])
+    assert flat(result.stdout).count("tracker 1 is [not] known") == 1
+    assert "ping · failed" in result.stdout
 
 
 # ---------------------------------------------------------------------------- replay
@@ -272,6 +292,31 @@ def test_replay_dry_run_copy_by_id_and_time_and_rewind(redis_target, unique_pref
     assert redis(redis_target, unique_prefix, group_position) == expected
 
 
+def test_replay_to_a_bare_millisecond_takes_all_of_it_and_skips_dead_letters(
+    redis_target, unique_prefix
+):
+    async def add(client: Client) -> None:
+        for i in range(30):  # 30 entries in one millisecond, then one in the next
+            await client.xadd(keys(unique_prefix).stream, CODEC.encode(Ping(n=i)), id=f"5000-{i}")
+        await client.xadd(keys(unique_prefix).stream, CODEC.encode(Ping(n=99)), id="5001-0")
+
+    redis(redis_target, unique_prefix, add)
+    args = ("replay", STAGE, "--from", "5000", "--to", "5000")
+    result = cli(redis_target, unique_prefix, *args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "dry run: 30 entries" in flat(result.stdout)
+
+    dead_letter(redis_target, unique_prefix, [], poison={3, 7})  # the stage runs once
+    result = cli(redis_target, unique_prefix, *args, "--dry-run")
+    assert "dry run: 28 entries" in flat(result.stdout)
+    assert "2 dead-lettered entries in the range are skipped" in flat(result.stdout)
+    result = cli(redis_target, unique_prefix, *args, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "replayed 28 entries" in flat(result.stdout)
+    copied = stream_numbers(redis_target, unique_prefix)[31:]
+    assert copied == [n for n in range(30) if n not in (3, 7)]
+
+
 def test_replay_rejects_bad_positions(redis_target, unique_prefix):
     for args, name in [
         (["--from", "12x"], "--from"),
@@ -312,11 +357,14 @@ def test_dlq_list_show_redrive_once_and_purge_confirmation(redis_target, unique_
     missing = cli(redis_target, unique_prefix, "dlq", "show", STAGE, "1-1")
     assert missing.exit_code == 1 and "no dead letter 1-1" in flat(missing.stderr)
     assert cli(redis_target, unique_prefix, "dlq", "show", STAGE, "x-1").exit_code == 2
+    huge = cli(redis_target, unique_prefix, "dlq", "show", STAGE, "99999999999999999999-1")
+    assert huge.exit_code == 2 and "at most 18446744073709551615" in flat(huge.output)
 
     # redrive needs ids or --all; declining changes nothing
     assert cli(redis_target, unique_prefix, "dlq", "redrive", STAGE).exit_code == 2
     no = cli(redis_target, unique_prefix, "dlq", "redrive", STAGE, letter["id"], input="n\n")
     assert no.exit_code == 1 and stream_numbers(redis_target, unique_prefix) == [1, 2, 3]
+    assert "declined: nothing done" in no.output and "error" not in no.output
 
     result = cli(redis_target, unique_prefix, "dlq", "redrive", STAGE, letter["id"], "--yes")
     assert result.exit_code == 0, result.output
@@ -413,6 +461,8 @@ def test_positions_accept_ids_times_dates_and_durations():
     now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     ms = int(now.timestamp() * 1000)
     assert parse_position("17") == "17-0" and parse_position("17-3") == "17-3"
+    assert parse_position("17", end=True) == f"17-{MAX_SEQ}"
+    assert parse_position("17-3", end=True) == "17-3"
     assert parse_position("-") == "-" and parse_position("+", end=True) == "+"
     assert parse_position("2024-05-01T12:00:00Z") == f"{ms}-0"
     assert parse_position("2024-05-01T14:00+02:00", end=True) == f"{ms}-{MAX_SEQ}"
@@ -422,6 +472,22 @@ def test_positions_accept_ids_times_dates_and_durations():
     for bad in ("12x", "2024-05-01T12:00", "soon", "1-2-3"):
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             parse_position(bad)
+
+
+def test_acked_count_is_known_when_the_priority_lane_never_had_an_entry(
+    redis_target, unique_prefix
+):
+    from ops.commands.status import _acked
+
+    publish(redis_target, unique_prefix, range(5))
+    read_some(redis_target, unique_prefix, "c1", count=5, ack=3)
+
+    async def go(client: Client) -> int | None:
+        k = keys(unique_prefix)
+        await client.xgroup_create(k.priority, k.group, id="0", mkstream=True)
+        return await _acked(client, k)
+
+    assert redis(redis_target, unique_prefix, go) == 3
 
 
 def test_throughput_is_the_acked_rate_between_two_samples():

@@ -76,6 +76,19 @@ def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
     assert result.exit_code == 0, result.output
     assert count(db_url, Tracker) == 2
 
+    for text, expected in [
+        ("external_id\nC1\nC2\nC1\n", "external_id 'C1' is already on line 2"),
+        (
+            "external_id,run_starts_at,run_ends_at\nC3,2026-02-01T00:00:00Z,2026-01-01T00:00:00Z\n",
+            "would never be fetched",
+        ),
+    ]:
+        wrong = tmp_path / "wrong.csv"
+        wrong.write_text(text)
+        result = cli("seed", "--trackers", str(wrong), db=db_url)
+        assert result.exit_code == 2 and expected in " ".join(result.output.split())
+        assert count(db_url, Tracker) == 2
+
     bad = tmp_path / "bad.csv"
     bad.write_text("external_id,run_starts_at\nB1,yesterday\n")
     result = cli("seed", "--trackers", str(bad), db=db_url)
@@ -95,6 +108,38 @@ def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
     fences.write_text(json.dumps(collection))
     assert cli("seed", "--geofences", str(fences), db=db_url).exit_code == 0
     assert count(db_url, Geofence) == 1
+
+
+def test_database_errors_are_one_line_with_a_documented_exit_code(pg_server):
+    dead = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/x"
+    result = cli("db", "upgrade", db=dead)
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "is unavailable" in text and "Connection refused" in text
+    assert "Traceback" not in text and text.count("error:") == 1
+    assert "secret" not in text and "postgres:***@127.0.0.1" in text
+
+    missing = pg_server.url_for("no_such_database")
+    result = cli("db", "upgrade", db=missing)
+    assert result.exit_code == 2, result.output
+    assert "database_url" in result.output and "does not exist" in " ".join(result.output.split())
+
+    result = cli("db", "upgrade", db="mysql://u@h/d")
+    assert result.exit_code == 2, result.output
+    assert "setting database_url (TRACKSTREAM_DATABASE_URL)" in result.output
+
+
+def test_db_upgrade_says_what_it_did_and_version_is_shown(tmp_path):
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    first = cli("db", "upgrade", db=url)
+    assert first.exit_code == 0, first.output
+    assert "upgraded from an empty database to" in " ".join(first.output.split())
+    again = cli("db", "upgrade", db=url)
+    assert "already at" in " ".join(again.output.split())
+    version = cli("--version")
+    assert version.exit_code == 0 and re.fullmatch(
+        r"trackstream \d+\.\d+\.\d+\S*\n", version.output
+    )
 
 
 async def test_fetch_now_jumps_the_queue(standalone_target, unique_prefix, tmp_path):
@@ -189,6 +234,8 @@ async def test_worker_process_handles_then_stops_cleanly_on_sigterm(
             await wait_for(lambda: processed() == total, 20, "its metrics to count every entry")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
+            started = f"geocode: consumer cli-1 started (pid {proc.pid}), reading"
+            assert started in log.read_text(), "a worker says that it started"
         finally:
             if proc.poll() is None:
                 proc.kill()

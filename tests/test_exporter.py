@@ -363,3 +363,29 @@ def test_exporter_command_serves_metrics_and_stops_on_sigterm(
     # the default SQLite database does not exist here: Redis metrics only, nothing created
     assert "exporting Redis metrics only" in out
     assert not (tmp_path / ".trackstream").exists()
+
+
+def test_metrics_are_served_on_metrics_only():
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from ops.metrics_http import serve_metrics
+    from tests.servers import free_port
+
+    registry = CollectorRegistry()
+    Counter("probe_total", "a probe", registry=registry).inc()
+    port = free_port()
+    server, thread = serve_metrics(registry, "127.0.0.1", port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            assert answer.status == 200 and b"probe_total 1.0" in answer.read()
+        for path in ("/", "/metric", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            assert err.value.code == 404 and b"/metrics" in err.value.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from redis import exceptions as rex
 
-from ops.common import fail
+from ops.common import console, fail
 from processors import topology
 from streams.connection import Client, connect, redact
 from streams.errors import RedisUnavailable
@@ -71,7 +71,8 @@ def confirm(question: str, yes: bool) -> None:
     if yes:
         return
     if not typer.confirm(question, default=False):
-        raise fail("nothing done", 1)
+        console.print("declined: nothing done")
+        raise typer.Exit(1)
 
 
 def age_text(ms: int | float | None) -> str:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -125,23 +126,41 @@ def register(app: typer.Typer) -> None:
         table = Table(
             title=f"dead letters of {stage}: {len(letters)} shown, {total} in all",
             title_justify="left",
+            box=box.SIMPLE_HEAD,
         )
-        for col in ("id", "failed at", "category", "type", "origin id", "attempts", "error"):
+        wide = console.width >= 140
+        columns = (
+            ("id", "failed at", "category", "type", "origin id", "tries", "error")
+            if wide
+            else ("id", "category", "tries", "error")
+        )
+        for col in columns:
             table.add_column(
                 col,
-                justify="right" if col == "attempts" else "left",
-                no_wrap=col in ("id", "category", "origin id"),
+                justify="right" if col == "tries" else "left",
+                no_wrap=col != "error",
+                ratio=1 if col == "error" else None,
             )
         for keys, letter in letters:
-            table.add_row(
-                letter.id if keys.shards == 1 else f"{shard_label(keys)}/{letter.id}",
-                _when(letter.failed_ms),
-                letter.category,
-                Text(letter.type),
-                letter.origin_id,
-                str(letter.attempts),
-                Text(_one_line(letter.error)),
+            shown_id = letter.id if keys.shards == 1 else f"{shard_label(keys)}/{letter.id}"
+            error = Text(_one_line(letter.error))
+            if wide:
+                table.add_row(
+                    shown_id,
+                    _when(letter.failed_ms),
+                    letter.category,
+                    Text(letter.type),
+                    letter.origin_id,
+                    str(letter.attempts),
+                    error,
+                )
+                continue
+            # narrow terminal: the details under the error, dimmed
+            error.append(
+                f"\n{letter.type} · failed {_when(letter.failed_ms)} · origin {letter.origin_id}",
+                style="dim",
             )
+            table.add_row(shown_id, letter.category, str(letter.attempts), error)
         console.print(table)
 
     @dlq_app.command("show")

@@ -26,9 +26,9 @@ def _stage_arg(value: str) -> str:
 
 def _serve_metrics(port: int | None, host: str, registry: object) -> None:
     if port:
-        from prometheus_client import start_http_server
+        from ops.metrics_http import serve_metrics
 
-        start_http_server(port, addr=host, registry=registry)  # type: ignore[arg-type]
+        serve_metrics(registry, host, port)  # type: ignore[arg-type]
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 
@@ -165,12 +165,20 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
         """Create or upgrade the schema (tables and views) on SQLite or PostgreSQL."""
-        from schemas.db import upgrade
+        from schemas.db import current_revision, upgrade
         from streams.connection import redact
 
         _, app_settings = options(ctx).settings()
-        upgrade(app_settings.database_url, revision)
-        console.print(f"database {redact(app_settings.database_url)} is at {revision}")
+        url = app_settings.database_url
+        before = current_revision(url)
+        upgrade(url, revision)
+        after = current_revision(url)
+        if before == after:
+            console.print(f"database {redact(url)} is already at {after}: nothing to do")
+        else:
+            console.print(
+                f"database {redact(url)} upgraded from {before or 'an empty database'} to {after}"
+            )
 
     @app.command()
     @handle_errors
@@ -187,7 +195,7 @@ def register(app: typer.Typer) -> None:
         ] = 0,
     ) -> None:
         """Load trackers (CSV: external_id,name,run_starts_at,run_ends_at,active) and
-        geofences (GeoJSON: Point with radius_m, or Polygon; property name)."""
+        geofences (GeoJSON: Point with radius_m, Polygon or MultiPolygon; property name)."""
         from ops import seeding
         from processors.database import Database
 

@@ -103,16 +103,23 @@ def register(app: typer.Typer) -> None:
 
         planned = run(settings, counted)
         total = sum(r.count for _, r in planned)
+        skipped = sum(r.skipped for _, r in planned)
         span = f"[{_shown(lo)}, {_shown(hi)}]"
+        skip_note = (
+            f" ({skipped} dead-lettered entries in the range are skipped: use "
+            f"'trackstream dlq redrive {stage}' for those)"
+            if skipped
+            else ""
+        )
         if dry_run:
             verb = "copied to the tail of" if mode is ReplayMode.copy else "delivered again from"
             console.print(
                 f"dry run: {total} entries of stage {stage} in {span} would be {verb} "
-                f"{', '.join(k.stream for k, _ in planned)}"
+                f"{', '.join(k.stream for k, _ in planned)}{skip_note}"
             )
             return
         if total == 0:
-            console.print(f"nothing to replay: no entries of stage {stage} in {span}")
+            console.print(f"nothing to replay: no entries of stage {stage} in {span}{skip_note}")
             return
         if mode is ReplayMode.copy:
             question = f"Re-add {total} entries of stage {stage} in {span} to its stream?"
@@ -122,8 +129,10 @@ def register(app: typer.Typer) -> None:
         results = run(settings, done)
         for keys, r in results:
             if mode is ReplayMode.copy:
+                skipped_here = f" ({r.skipped} dead-lettered entries skipped)" if r.skipped else ""
                 console.print(
-                    f"replayed {r.count} entries of {keys.stream} in {span}", highlight=False
+                    f"replayed {r.count} entries of {keys.stream} in {span}{skipped_here}",
+                    highlight=False,
                 )
             else:
                 console.print(

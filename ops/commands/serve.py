@@ -92,9 +92,10 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
         """Serve Prometheus metrics of every stage (and the database) on /metrics."""
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         from ops.exporter import PipelineCollector
+        from ops.metrics_http import serve_metrics
 
         setup_logging(verbose)
         stream_settings, app_settings = options(ctx).settings()
@@ -102,7 +103,7 @@ def register(app: typer.Typer) -> None:
         collector = PipelineCollector(stream_settings, database_url=database_url)
         registry = CollectorRegistry()
         registry.register(collector)
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server, thread = serve_metrics(registry, host, port)
         console.print(
             f"metrics of {shown_url(stream_settings)} (prefix {stream_settings.prefix}"
             f"{', with database' if database_url else ', no database'}) on "

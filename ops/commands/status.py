@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from redis import exceptions as rex
+from rich import box
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
@@ -80,6 +81,8 @@ async def _acked(client: Client, keys: StageKeys) -> int | None:
             if as_str(g["name"]) != keys.group:
                 continue
             read = g.get("entries-read")
+            if read is None and as_str(g.get("last-delivered-id", "")) == "0-0":
+                read = 0  # Redis 7.0 reports null for a group that never read anything
             if read is None:
                 return None
             total += int(read) - int(g["pending"])
@@ -178,13 +181,16 @@ def _status_tables(
         title=f"trackstream {settings.prefix} @ {redact(settings.redis_url)}"
         + (" (cluster)" if settings.redis_cluster else ""),
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # fits 80 columns with every header whole
+        pad_edge=False,
+        collapse_padding=True,
     )
-    for col in ("stage", "state", "length", "lag", "pending", "oldest", "live/all", "dlq"):
+    for col in ("stage", "state", "length", "lag", "pending", "oldest", "live", "dlq"):
         stages.add_column(
             col, justify="left" if col in ("stage", "state") else "right", no_wrap=True
         )
     stages.add_column("acked/s", justify="right", no_wrap=True)
-    consumers = Table(title="consumers", title_justify="left")
+    consumers = Table(title="consumers", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("stage", "consumer", "idle", "pending", "heartbeat", "alive"):
         consumers.add_column(col, justify="left" if col in ("stage", "consumer") else "right")
     for view in views:
@@ -303,7 +309,9 @@ def register(app: typer.Typer) -> None:
             every = interval or 2.0
             previous: list[Sample] | None = None
             n = 0
-            live = None if as_json else Live(console=console, auto_refresh=False)
+            # not a terminal (a pipe, a log): print every frame instead of redrawing one
+            redraw = not as_json and console.is_terminal
+            live = Live(console=console, auto_refresh=False) if redraw else None
             try:
                 if live is not None:
                     live.start()
@@ -325,8 +333,11 @@ def register(app: typer.Typer) -> None:
                             ),
                             refresh=True,
                         )
-                    else:
+                    elif as_json:
                         echo_json(last["report"])
+                    else:
+                        console.print(_status_tables(views, limits, settings, show_breaches=True))
+                        console.print(Text(f"{datetime.now(UTC):%H:%M:%S}Z", style="dim"))
                     if count is None or n < count:
                         await asyncio.sleep(every)
             finally:
