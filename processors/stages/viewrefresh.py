@@ -10,7 +10,8 @@ A notice is satisfied once a refresh *started* after its trackers were recorded 
 refresh took them). A notice that arrives within the interval of the last refresh is
 deferred (no delivery spent) until the interval ends; by then a refresh covers it, so
 it is acked. When each notice was recorded, and the last refresh time of each view,
-are kept in Redis (stage state), so several view-refresh workers share the interval.
+are kept in Redis (stage state), so several view-refresh workers share the interval;
+a slot key taken with ``SET NX PX interval`` lets only one of them start a refresh.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class ViewRefreshStage:
             self.trackers_refreshed += done or 0
         await self.client.set(self.keys.state(f"refreshed:{view}"), started_ms)
         self.refreshes[view] = self.refreshes.get(view, 0) + 1
+
+    async def _take_slot(self, view: str) -> int:
+        """0 if this worker may refresh ``view`` now: at most one refresh starts per
+        interval across workers (``SET NX PX``); otherwise the ms until it may."""
+        if self.interval_ms <= 0:
+            return 0
+        key = self.keys.state(f"slot:{view}")
+        if await self.client.set(key, 1, nx=True, px=self.interval_ms):
+            return 0
+        return max(1, int(await self.client.pttl(key)))
 
     def _noted_key(self, msg: Message[ViewsChanged]) -> str:
         return self.keys.state(f"noted:{msg.entry_id}")
@@ -114,10 +125,12 @@ class ViewRefreshStage:
             if all(noted[m.entry_id] < last_ms for m in good if view in m.payload.views):
                 continue  # a refresh that started after these were recorded took them
             since = now_ms - last_ms
-            if since >= self.interval_ms:
-                await self.refresh(view)
-            else:
+            if since < self.interval_ms:
                 waits[view] = self.interval_ms - since
+            elif (wait_ms := await self._take_slot(view)) > 0:
+                waits[view] = wait_ms  # another worker is refreshing it now
+            else:
+                await self.refresh(view)
         done = []
         for m in good:
             pending = [waits[v] for v in m.payload.views if v in waits]
