@@ -19,8 +19,13 @@ def register(app: typer.Typer) -> None:
     def bench(
         ctx: typer.Context,
         messages: Annotated[
-            int, typer.Option(min=100, help="messages through the pass-through pipeline")
-        ] = 20_000,
+            int | None,
+            typer.Option(
+                min=100,
+                help="messages through the pass-through pipeline [default: 20,000; "
+                "with --pipeline 10,000, 3 rounds]",
+            ),
+        ] = None,
         batch: Annotated[int, typer.Option(min=1, max=10_000, help="entries per read")] = 200,
         rounds: Annotated[
             int, typer.Option(min=1, max=20, help="runs of each loop; the median is shown")
@@ -89,9 +94,10 @@ def register(app: typer.Typer) -> None:
             db_url = overrides.get("database_url")
             if db_url and not str(db_url).startswith("postgres"):
                 raise fail("--pipeline needs PostgreSQL: give a postgresql:// --database-url", 2)
-            _pipeline(overrides, trackers, history, counts, max_phase_s, messages, json_out)
+            passthrough = messages or 10_000
+            _pipeline(overrides, trackers, history, counts, max_phase_s, passthrough, json_out)
             return
-        _runtime(overrides, messages, batch, rounds, min_ratio, json_out)
+        _runtime(overrides, messages or 20_000, batch, rounds, min_ratio, json_out)
 
 
 def _runtime(
@@ -223,6 +229,11 @@ def pipeline_summary(results: dict[str, Any]) -> list[str]:
             f"{run['workers_per_stage']} worker(s) per stage: end to end "
             f"{e2e['reports_per_s']:,.0f} reports/s"
         )
+        if e2e.get("cpu_ceiling_reports_per_s"):
+            line += (
+                f" (CPU alone would allow {e2e['cpu_ceiling_reports_per_s']:,.0f}/s on "
+                f"{results['config']['cpus']} CPUs)"
+            )
         if rt:
             line += (
                 f"; the runtime alone passes {rt['runtime_per_s']:,.0f} messages/s through 4 "
