@@ -626,6 +626,10 @@ def run_pipeline_bench(
 
     started = time.monotonic()
     load_before = os.getloadavg()
+    # SIGTERM stops it like Ctrl-C: through the finally blocks that stop every worker
+    # and server it started
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     with servers(redis_url, database_url, progress) as srv:
         workdir = Path(tempfile.mkdtemp(prefix="trackstream-bench-"))
         bench = PipelineBench(
