@@ -69,26 +69,30 @@ def test_pipeline_bench_runs_every_phase_and_its_counts_add_up(tmp_path, redis_s
     [run] = data["runs"]
     alone, e2e = run["alone"], run["end_to_end"]
     assert list(alone) == ["fetch", "geocode", "geofence"]
+    # every tracker's latest report at least (more if a report came due meanwhile)
+    n = alone["fetch"]["reports"]
+    assert n >= trackers
     for stage, phase in alone.items():
         assert phase["complete"], (stage, phase)
-        assert phase["reports"] == trackers, (stage, phase)  # each stage handled them all
-        assert 0 < phase["measured_reports"] <= trackers  # after the first ones through
+        assert phase["reports"] == n, (stage, phase)  # each stage handled them all
+        assert 0 < phase["measured_reports"] <= n  # after the first ones through
         assert phase["reports_per_s"] > 0 and phase["seconds"] > 0
         assert set(phase["cpu_ms_per_report"]) == {stage, "redis", "postgres", "total"}
         assert phase["cpu_ms_per_report"]["postgres"] is not None  # the local postmaster
         assert 0 < phase["rss_mb_peak"][stage] < 2000
     assert alone["fetch"]["counts"] == {"trackers": trackers, "fetch_requests": 3}
-    # one new report per tracker (the latest), stored, geocoded and checked
+    # stored, geocoded and checked: each new report once
     assert alone["geofence"]["counts"] == dict.fromkeys(
-        ("fetched", "geocoded", "geofence_checked"), trackers
+        ("fetched", "geocoded", "geofence_checked"), n
     )
-    assert e2e["complete"] and e2e["reports"] == trackers
+    m = e2e["reports"]
+    assert e2e["complete"] and m >= trackers
     assert e2e["counts"] == {
         "trackers": trackers,
         "fetch_requests": 3,
-        "fetched": trackers,
-        "geocoded": trackers,
-        "geofence_checked": trackers,
+        "fetched": m,
+        "geocoded": m,
+        "geofence_checked": m,
     }
     per = e2e["cpu_ms_per_report"]
     stages = ("fetch", "geocode", "geofence", "view-refresh")
