@@ -44,7 +44,6 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from schemas.tables import UTCDateTime
@@ -372,8 +371,20 @@ def ensure_changes_table(engine: Engine) -> bool:
 
 
 def _note(conn: Connection, rows: list[dict[str, str]]) -> None:
-    insert = pg_insert if _is_pg(conn) else sqlite_insert
-    conn.execute(insert(VIEW_CHANGES).on_conflict_do_nothing(), rows)
+    if _is_pg(conn):  # one statement per view, in a fixed order (no deadlock between writers)
+        by_view: dict[str, list[str]] = {}
+        for r in rows:
+            by_view.setdefault(r["view"], []).append(r["tracker_id"])
+        for view, ids in sorted(by_view.items()):
+            conn.execute(
+                text(
+                    "INSERT INTO view_changes (view, tracker_id) "
+                    "SELECT :v, unnest(CAST(:ids AS varchar[])) ON CONFLICT DO NOTHING"
+                ),
+                {"v": view, "ids": sorted(ids)},
+            )
+        return
+    conn.execute(sqlite_insert(VIEW_CHANGES).on_conflict_do_nothing(), rows)
 
 
 def _take_changes(conn: Connection, name: str) -> list[str]:

@@ -90,10 +90,15 @@ class ViewRefreshStage:
         return noted
 
     def _record(self, msgs: Sequence[Message[ViewsChanged]]) -> None:
+        changed: dict[str, set[str]] = {}  # one statement per view for the whole batch
+        for m in msgs:
+            for view in m.payload.views:
+                changed.setdefault(view, set()).update(m.payload.tracker_ids or [views.ANY_TRACKER])
+
         def record() -> None:
             with self.db.engine.begin() as conn:
-                for m in msgs:
-                    views.note_changes(conn, m.payload.views, m.payload.tracker_ids)
+                for view, ids in sorted(changed.items()):
+                    views.note_changes(conn, [view], ids)
 
         try:
             record()
