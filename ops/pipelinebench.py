@@ -99,6 +99,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return now, peak
 
 
+def _delta_ms(first: float | None, last: float | None) -> float | None:
+    return (last - first) * 1000 if first is not None and last is not None else None
+
+
 # -- servers
 
 
@@ -179,7 +183,7 @@ class Phase:
     reports: int
     seconds: float
     complete: bool
-    cpu_ms: dict[str, float] = field(default_factory=dict)  # per stage, redis, postgres
+    cpu_ms: dict[str, float | None] = field(default_factory=dict)  # stages, redis, postgres
     rss_mb: dict[str, float] = field(default_factory=dict)  # peak per stage (max worker)
     counts: dict[str, int] = field(default_factory=dict)
     handled: dict[str, int] = field(default_factory=dict)  # reports each stage got through
@@ -416,7 +420,7 @@ class PipelineBench:
                 if time.monotonic() > deadline:
                     raise RuntimeError("workers did not get ready within 120 s")
                 await asyncio.sleep(0.05)
-            before = await self._cpu(client, procs)
+            before = start = await self._cpu(client, procs)
             t0 = time.time()
             await client.set(go_key, 1)
             # the clock and the counters restart once the first reports are through, so
@@ -424,6 +428,8 @@ class PipelineBench:
             # caches) is not charged to the reports
             warm_at = max(1, min(500, expected // 20))
             warm: tuple[float, dict[str, float | None], dict[str, int]] | None = None
+            # each stage's own mark: (its CPU, its count) when it first passed warm_at
+            marks: dict[str, tuple[float | None, int]] = {}
             complete = False
             done = 0
             stop_at = time.monotonic() + self.max_phase_s
@@ -443,6 +449,10 @@ class PipelineBench:
                     break
                 if warm is None and done >= warm_at:
                     warm = (time.time(), await self._cpu(client, procs), counts)
+                unmarked = [s for s in measured if s not in marks and counts[s] >= warm_at]
+                if unmarked:
+                    now_cpu = await self._cpu(client, procs)
+                    marks.update({s: (now_cpu[s], counts[s]) for s in unmarked})
                 if time.monotonic() >= stop_at:
                     break
                 if time.monotonic() - shown >= 0.5:
@@ -464,12 +474,19 @@ class PipelineBench:
             counts = await self._counts(client, routes, measured)
         finally:
             await self._stop(procs)
-        start_counts = dict.fromkeys(measured, 0)
+        window = done
         if warm is not None and counts[last] > warm[2][last] and t_end > warm[0]:
-            t0, before, start_counts = warm
-        handled = {s: counts[s] - start_counts[s] for s in measured}
-        window = handled[last]
-        cpu = {k: (after[k] - before[k]) * 1000 if after[k] is not None else None for k in after}
+            t0, before = warm[0], warm[1]
+            window = counts[last] - warm[2][last]
+        cpu: dict[str, float | None] = {k: _delta_ms(before[k], after[k]) for k in after}
+        # a stage's CPU and count from its own mark (from the start if it passed none)
+        handled = {}
+        for s in measured:
+            mark = marks.get(s)
+            if mark is not None and mark[0] is not None and counts[s] > mark[1]:
+                cpu[s], handled[s] = _delta_ms(mark[0], after[s]), counts[s] - mark[1]
+            else:
+                cpu[s], handled[s] = _delta_ms(start[s], after[s]), counts[s]
         t = max(t_end - t0, 1e-6)
         ph = Phase(name, workers, window, t, complete, cpu, rss, handled=handled)
         ph.total = done
@@ -480,7 +497,7 @@ class PipelineBench:
         out = {}
         for s in stages:
             if s == FETCH:
-                out[s] = int(await client.xlen(routes[GEOCODE].keys().stream))
+                out[s] = await self._added(client, routes[GEOCODE].keys().stream)
             else:
                 out[s] = await self._handled(client, routes[s].keys())
         return out
@@ -498,6 +515,15 @@ class PipelineBench:
                         pending += int(g["pending"])
                         finished += int(g.get("entries-read") or 0) - int(g["pending"])
         return lag, pending, finished
+
+    async def _added(self, client: Any, stream: str) -> int:
+        """Entries ever added to ``stream`` (so a trim of acked entries does not count)."""
+        try:
+            info = await client.xinfo_stream(stream)
+        except Exception:  # no stream yet
+            return 0
+        added = info.get("entries-added")
+        return int(added) if added is not None else int(info["length"])
 
     async def _handled(self, client: Any, keys: Any) -> int:
         return (await self._group(client, keys))[2]
