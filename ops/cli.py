@@ -30,7 +30,11 @@ def _print_version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     redis_url: Annotated[
-        str | None, typer.Option(help="Redis URL (redis://, rediss://) [env TRACKSTREAM_REDIS_URL]")
+        str | None,
+        typer.Option(
+            help="Redis URL (redis://, rediss://); for a cluster, seed nodes may be listed "
+            "comma-separated [env TRACKSTREAM_REDIS_URL]"
+        ),
     ] = None,
     cluster: Annotated[
         bool | None,

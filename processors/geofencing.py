@@ -5,17 +5,24 @@ Circles are tested by great-circle distance on a sphere of radius ``EARTH_RADIUS
 (``[lon, lat]`` order, holes supported) tested with shapely, boundary inclusive.
 Polygons that cross the antimeridian must be split into a MultiPolygon, as GeoJSON
 (RFC 7946) asks. A ``shapely.STRtree`` over polygon bounds and circle bounding boxes
-narrows each lookup to a few exact tests.
+narrows each lookup to a few exact tests. Coordinates are used as given: only a
+longitude outside [-180, 180] is wrapped (so 10.1 stays 10.1 and 180 stays 180).
 
-Events are a pure function of a tracker's reports sorted by time: the transition at
-a report depends only on the geofences containing it and its predecessor
-(:func:`transitions`); :func:`events_from_history` is the reference computation.
+:meth:`GeofenceIndex.probe` also gives each point's distance to a fence's boundary in
+metres (exact on the sphere for circles; for polygons in a local equirectangular plane
+around the fence, in which the halves of a fence split at the antimeridian are one
+shape again): the hysteresis in :mod:`processors.crossings` needs it.
+
+:func:`transitions` and :func:`events_from_history` are the plain point-in-fence rule
+(an event at each report whose membership changed); the geofence stage applies the
+rules of :mod:`processors.crossings` instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -50,7 +57,7 @@ def destination_point(
     l2 = l1 + math.atan2(
         math.sin(b) * math.sin(d) * math.cos(p1), math.cos(d) - math.sin(p1) * sin_p2
     )
-    return math.degrees(p2), _wrap_lon(math.degrees(l2))
+    return math.degrees(p2), (math.degrees(l2) + 180.0) % 360.0 - 180.0
 
 
 def circle_boxes(
@@ -93,8 +100,10 @@ class GeofenceIndex:
         boxes: list[shapely.Geometry] = []
         self._box_fence: list[int] = []  # tree index -> position in the arrays below
         ids: list[int] = []
+        fingerprint = zlib.crc32(b"")
         circles: list[tuple[float, float, float]] = []
         polygons: list[shapely.Geometry | None] = []
+        planes: list[tuple[int, float, float, float, shapely.Geometry]] = []
         for row in rows:
             gid, kind = int(_field(row, "id")), _field(row, "kind")
             pos = len(ids)
@@ -110,15 +119,21 @@ class GeofenceIndex:
                     geom = _polygon(_field(row, "geometry_geojson"))
                     circles.append((math.nan, math.nan, math.nan))
                     polygons.append(geom)
-                    fence_boxes = [geom]  # the tree indexes its envelope
+                    fence_boxes = [shapely.box(*b) for b in _polygon_boxes(geom)]
+                    planes.append((pos, *_local_plane(geom)))
                 else:
                     raise ValueError(f"unknown kind {kind!r}")
             except (TypeError, ValueError, KeyError, shapely.errors.ShapelyError) as exc:
                 raise ValueError(f"geofence {gid}: {exc}") from exc
             ids.append(gid)
+            shape_key = [gid, kind]
+            shape_key += [_field(row, k, None) for k in ("center_lat", "center_lon", "radius_m")]
+            shape_key.append(_field(row, "geometry_geojson", None) if kind == "polygon" else None)
+            fingerprint = zlib.crc32(repr(shape_key).encode(), fingerprint)
             boxes.extend(fence_boxes)
             self._box_fence.extend([pos] * len(fence_boxes))
         self._ids = np.array(ids, dtype=np.int64)
+        self.version = f"{fingerprint:08x}"  # changes with any fence's id or shape
         circle_arr = np.array(circles, dtype=float).reshape(-1, 3)
         self._c_lat = np.radians(circle_arr[:, 0])
         self._c_lon = np.radians(circle_arr[:, 1])
@@ -127,6 +142,65 @@ class GeofenceIndex:
         self._polygons = np.array(polygons, dtype=object)
         self._box_fence_arr = np.array(self._box_fence, dtype=np.int64)
         self._tree = shapely.STRtree(boxes)
+        n = len(ids)
+        # polygons: the local plane (lon0, lat0, metres per degree of longitude) and
+        # the boundary drawn in it
+        self._p_lon0 = np.zeros(n)
+        self._p_lat0 = np.zeros(n)
+        self._p_kx = np.ones(n)
+        boundaries: list[shapely.Geometry | None] = [None] * n
+        for pos, lon0, lat0, kx, boundary in planes:
+            self._p_lon0[pos], self._p_lat0[pos], self._p_kx[pos] = lon0, lat0, kx
+            boundaries[pos] = boundary
+        self._p_boundary = np.array(boundaries, dtype=object)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Geofence ids by position (positions are what :meth:`candidates` returns)."""
+        return self._ids
+
+    def candidates(self, boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
+        """``(box index, fence position)`` pairs, shape (2, n), whose boxes intersect:
+        a cheap first cut before :meth:`probe`. Boxes are (min_lon, min_lat, max_lon,
+        max_lat) within [-180, 180]."""
+        if len(self._ids) == 0 or len(boxes) == 0:
+            return np.zeros((2, 0), dtype=np.int64)
+        arr = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        box_idx, tree_idx = self._tree.query(
+            shapely.box(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
+        )
+        pairs = np.unique(np.stack([box_idx, self._box_fence_arr[tree_idx]]), axis=1)
+        return pairs.astype(np.int64)
+
+    def probe(
+        self, fence: np.ndarray, lat: np.ndarray, lon: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For each (fence position, lat, lon): whether the fence covers the point
+        (boundary inclusive) and the point's distance to the fence's boundary in metres.
+        Longitudes must be within [-180, 180]."""
+        n = len(fence)
+        covered = np.zeros(n, dtype=bool)
+        dist_m = np.zeros(n, dtype=float)
+        if n == 0:
+            return covered, dist_m
+        circ = self._is_circle[fence]
+        if circ.any():
+            f = fence[circ]
+            d = _haversine_np(
+                np.radians(lat[circ]), np.radians(lon[circ]), self._c_lat[f], self._c_lon[f]
+            )
+            r = self._c_radius_m[f]
+            covered[circ] = d <= r
+            dist_m[circ] = np.abs(r - d)
+        poly = ~circ
+        if poly.any():
+            f = fence[poly]
+            plat, plon = lat[poly], lon[poly]
+            covered[poly] = shapely.covers(self._polygons[f], shapely.points(plon, plat))
+            x = wrap_lon_np(plon - self._p_lon0[f], always=True) * self._p_kx[f]
+            y = (plat - self._p_lat0[f]) * M_PER_DEG
+            dist_m[poly] = shapely.distance(self._p_boundary[f], shapely.points(x, y))
+        return covered, dist_m
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -140,7 +214,7 @@ class GeofenceIndex:
         if len(points) == 0:
             return []
         lat = np.array([p[0] for p in points], dtype=float)
-        lon = (np.array([p[1] for p in points], dtype=float) + 180.0) % 360.0 - 180.0
+        lon = wrap_lon_np(np.array([p[1] for p in points], dtype=float))
         if np.any(np.abs(lat) > 90.0) or not np.all(np.isfinite(lat) & np.isfinite(lon)):
             raise ValueError("latitudes must be within [-90, 90] and coordinates finite")
         if len(self._ids) == 0:
@@ -221,8 +295,13 @@ def _haversine_np(
     return distance_m
 
 
-def _field(row: Any, name: str) -> Any:
-    return row[name] if isinstance(row, Mapping) else getattr(row, name)
+_MISSING = object()
+
+
+def _field(row: Any, name: str, default: Any = _MISSING) -> Any:
+    if default is _MISSING:
+        return row[name] if isinstance(row, Mapping) else getattr(row, name)
+    return row.get(name, default) if isinstance(row, Mapping) else getattr(row, name, default)
 
 
 def _check_circle(lat: float, lon: float, radius_m: float) -> None:
@@ -246,4 +325,51 @@ def _polygon(geojson: str | Mapping[str, Any]) -> shapely.Geometry:
 
 
 def _wrap_lon(lon: float) -> float:
-    return (lon + 180.0) % 360.0 - 180.0
+    """``lon`` in [-180, 180]; a value already in range is returned unchanged."""
+    return lon if -180.0 <= lon <= 180.0 else (lon + 180.0) % 360.0 - 180.0
+
+
+def wrap_lon_np(lon: np.ndarray, always: bool = False) -> np.ndarray:
+    """Longitudes outside [-180, 180] wrapped into [-180, 180); the others unchanged
+    (``always``: every value into [-180, 180), for differences of longitudes)."""
+    wrapped: np.ndarray = (lon + 180.0) % 360.0 - 180.0
+    if always:
+        return wrapped
+    return np.where((lon >= -180.0) & (lon <= 180.0), lon, wrapped)
+
+
+M_PER_DEG = math.pi / 180.0 * EARTH_RADIUS_M  # metres per degree of latitude
+
+
+def _polygon_boxes(geom: shapely.Geometry) -> list[tuple[float, float, float, float]]:
+    """Boxes of the polygon's parts (a fence split at the antimeridian has one box on
+    each side, not one box around the whole world)."""
+    parts = list(geom.geoms) if hasattr(geom, "geoms") else [geom]
+    return [tuple(p.bounds) for p in parts if not p.is_empty]  # type: ignore[misc]
+
+
+def _local_plane(geom: shapely.Geometry) -> tuple[float, float, float, shapely.Geometry]:
+    """(lon0, lat0, metres per degree of longitude, boundary in metres) of a polygon
+    fence, in an equirectangular plane centred on its first vertex: longitudes are
+    taken relative to lon0 and wrapped, so the halves of a fence split at the
+    antimeridian meet again and are merged (their seam is no boundary)."""
+    coords = shapely.get_coordinates(geom)
+    lon0 = float(coords[0, 0])
+    lat0 = float((coords[:, 1].min() + coords[:, 1].max()) / 2)
+    kx = M_PER_DEG * math.cos(math.radians(lat0))
+
+    def to_plane(xy: np.ndarray) -> np.ndarray:
+        out = np.empty_like(xy)
+        out[:, 0] = wrap_lon_np(xy[:, 0] - lon0, always=True) * kx
+        out[:, 1] = (xy[:, 1] - lat0) * M_PER_DEG
+        return out
+
+    # seams at +-180 land within rounding of each other: merge on a 1 mm grid
+    planar = shapely.union_all(shapely.transform(_parts(geom), to_plane), grid_size=1e-3)
+    boundary = planar.boundary
+    shapely.prepare(boundary)
+    return lon0, lat0, kx, boundary
+
+
+def _parts(geom: shapely.Geometry) -> np.ndarray:
+    return np.array(list(geom.geoms) if hasattr(geom, "geoms") else [geom], dtype=object)

@@ -18,7 +18,8 @@ from processors.database import Database
 from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, OfflineGeocoder
 from processors.reconciler import Reconciler
 from processors.resilience import CircuitBreaker, Limiter
-from processors.scheduler import Scheduler
+from processors.revalidate import FetchRevalidator
+from processors.scheduler import Capacity, Scheduler
 from processors.sources import (
     HttpLocationSource,
     LocationSource,
@@ -28,6 +29,7 @@ from processors.sources import (
 from processors.stages.fetch import FetchStage
 from processors.stages.geocode import GeocodeStage
 from processors.stages.geofence import GeofenceStage
+from processors.stages.notify import NotifyStage
 from processors.stages.viewrefresh import ViewRefreshStage
 from streams.connection import Client, connect
 from streams.consumer import Context
@@ -143,6 +145,21 @@ class Pipeline:
             self.client, key, rate_per_s, burst, self.streams.redis_url, max_wait_s=max_wait_s
         )
 
+    def _endpoint_limiter(self, subscription_id: int) -> SharedRateLimiter:
+        """One webhook endpoint's rate, shared by every notify worker; a slot further
+        than notify_max_rate_wait_s away is not taken (the delivery is deferred)."""
+        key = StageKeys(self.streams.prefix, topology.NOTIFY).ratelimit(
+            f"endpoint-{subscription_id}"
+        )
+        return SharedRateLimiter(
+            self.client,
+            key,
+            self.app.notify_rate_per_min / 60,
+            1,
+            self.streams.redis_url,
+            max_wait_s=self.app.notify_max_rate_wait_s,
+        )
+
     def stage(self, name: str) -> Any:
         topology.check_stage(name)
         if name not in self._stages:
@@ -151,11 +168,24 @@ class Pipeline:
 
     def _make_stage(self, name: str) -> Any:
         if name == topology.FETCH:
-            return FetchStage(self.db, self.source, self.routes, self.clock)
+            revalidator = FetchRevalidator(
+                self.db, self.clock, self.app.min_fetch_interval_s, self.registry
+            )
+            return FetchStage(self.db, self.source, self.routes, self.clock, revalidator)
         if name == topology.GEOCODE:
             return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
         if name == topology.GEOFENCE:
-            return GeofenceStage(self.db, self.routes, self.clock)
+            return GeofenceStage(
+                self.db, self.routes, self.clock, self.app.geofence_rules(), self.registry
+            )
+        if name == topology.NOTIFY:
+            return NotifyStage(
+                self.db,
+                self.app,
+                self._endpoint_limiter,
+                self.registry,
+                max_defer_s=self.streams.claim_idle_ms / 3000,
+            )
         keys = self.routes[topology.VIEW_REFRESH].keys()
         return ViewRefreshStage(self.db, self.client, keys, self.app.view_refresh_interval_s)
 
@@ -197,9 +227,16 @@ class Pipeline:
             self.routes[topology.FETCH],
             lock,
             self.clock,
-            batch_trackers=self.app.batch_trackers,
+            capacity=Capacity(
+                self.app.source_rate_per_s,
+                self.app.batch_trackers,
+                self.app.fetch_backlog_bound_s,
+            ),
             min_fetch_interval_s=self.app.min_fetch_interval_s,
+            max_tracker_age_s=self.app.max_tracker_age_s,
             max_batches_per_tick=self.app.max_batches_per_tick,
+            report_key=keys.state("report"),
+            report_ttl_ms=max(60_000, int(self.app.schedule_interval_s * 5 * 1000)),
         )
 
     def reconciler(self) -> Reconciler:
@@ -213,6 +250,9 @@ class Pipeline:
         )
 
     async def aclose(self) -> None:
+        for stage in self._stages.values():
+            if hasattr(stage, "aclose"):
+                await stage.aclose()
         await self.client.aclose()
         self.db.dispose()
 

@@ -30,11 +30,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processors.clock import Clock, system_clock
 from processors.geofencing import destination_point, haversine_m
 from processors.resilience import CircuitBreaker, CircuitOpen, Limiter, Rng, Sleep, retry_async
+from schemas.events import TrackerId, UTCDateTime
 
 log = logging.getLogger(__name__)
 
@@ -325,10 +326,11 @@ def _bow(a: tuple[float, float], b: tuple[float, float], fraction: float) -> tup
 
 
 class _Report(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict, like the events: `lat: true` or `observed_at: 12.5` is an invalid response
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
-    tracker_id: str = Field(min_length=1)
-    observed_at: AwareDatetime
+    tracker_id: TrackerId
+    observed_at: UTCDateTime
     lat: float = Field(ge=-90.0, le=90.0)
     lon: float = Field(ge=-180.0, le=180.0)
     accuracy_m: float | None = Field(default=None, ge=0.0)

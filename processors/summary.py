@@ -15,7 +15,7 @@ def pipeline_counts(session: Any) -> dict[str, int]:
 
     return {
         "trackers": count(model=Tracker),
-        "trackers fetched": count(Tracker.last_processed_at.is_not(None), model=Tracker),
+        "trackers fetched": count(Tracker.last_fetched_at.is_not(None), model=Tracker),
         "reports fetched": count(),
         "reports geocoded": count(LocationReport.geocoded_at.is_not(None)),
         "reports geofence-checked": count(LocationReport.geofence_checked_at.is_not(None)),

@@ -4,6 +4,7 @@
 
     scheduler --FetchRequested--> [fetch] --LocationReported--> [geocode]
         --LocationGeocoded--> [geofence] --ViewsChanged--> [view-refresh]
+                                         --GeofenceEvent--> [notify] --> webhooks
 
 ``fetch-now`` puts FetchRequested on fetch's priority lane. The scheduler's lock
 lives under the ``scheduler`` tag.
@@ -18,8 +19,9 @@ FETCH = "fetch"
 GEOCODE = "geocode"
 GEOFENCE = "geofence"
 VIEW_REFRESH = "view-refresh"
+NOTIFY = "notify"
 SCHEDULER = "scheduler"
-STAGES = (FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH)
+STAGES = (FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH, NOTIFY)
 
 
 def routes(prefix: str) -> dict[str, Route]:
@@ -28,19 +30,22 @@ def routes(prefix: str) -> dict[str, Route]:
 
 def codec(max_bytes: int = 512 * 1024) -> Codec:
     from schemas.events import ALL_EVENTS
+    from schemas.notify import NOTIFY_EVENTS
 
-    return Codec(ALL_EVENTS, max_bytes=max_bytes)
+    return Codec((*ALL_EVENTS, *NOTIFY_EVENTS), max_bytes=max_bytes)
 
 
 def input_type(stage: str) -> type:
     """The one event type a stage consumes; anything else is rejected as poison."""
     from schemas.events import FetchRequested, LocationGeocoded, LocationReported, ViewsChanged
+    from schemas.notify import GeofenceEvent
 
     return {
         FETCH: FetchRequested,
         GEOCODE: LocationReported,
         GEOFENCE: LocationGeocoded,
         VIEW_REFRESH: ViewsChanged,
+        NOTIFY: GeofenceEvent,
     }[check_stage(stage)]
 
 

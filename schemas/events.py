@@ -3,8 +3,9 @@
 Every model is frozen, rejects unknown fields and carries the class variables ``TYPE``
 (the envelope's ``type`` field) and ``VERSION`` (the payload schema version) that
 :class:`streams.message.Codec` needs. Datetimes must carry a timezone (naive ones are
-rejected) and are normalised to UTC. Tracker ids are the trackers' external ids
-(``"SIM-00001"``).
+rejected) and are normalised to UTC. Types are strict (no ``true`` as 1.0, no number
+as a time); ids and names refuse control characters. Tracker ids are the trackers'
+external ids (``"SIM-00001"``).
 
 A breaking change to a model bumps its ``VERSION`` and adds a classmethod
 ``upgrade(data: dict, from_version: int) -> dict`` so older entries still decode.
@@ -12,17 +13,22 @@ A breaking change to a model bumps its ``VERSION`` and adds a classmethod
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "ALL_EVENTS",
     "Event",
     "FetchRequested",
+    "GeofenceId",
+    "Identifier",
     "LocationGeocoded",
     "LocationReported",
+    "Name",
+    "TrackerId",
     "UTCDateTime",
     "ViewsChanged",
 ]
@@ -30,32 +36,66 @@ __all__ = [
 MAX_BATCH_TRACKERS = 64
 
 
-def _require_aware(value: object) -> object:
-    if isinstance(value, datetime) and value.tzinfo is None:
+def _utc_datetime(value: object) -> datetime:
+    """An aware datetime, or an ISO-8601 string with an offset (the JSON the codec
+    writes), as UTC. Numbers (Unix times), booleans and naive times are refused."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an ISO-8601 datetime (e.g. 2026-03-02T08:00:00Z)"
+            ) from None
+    elif not isinstance(value, datetime):
+        raise ValueError(
+            f"expected an ISO-8601 datetime string, not {type(value).__name__} {value!r}"
+        )
+    if value.utcoffset() is None:
         raise ValueError(
             f"datetime {value.isoformat()} has no timezone; give an aware datetime (e.g. UTC)"
         )
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"datetime {value.isoformat()} is out of range in UTC") from None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL, C1
+
+
+def _no_control_characters(value: object) -> object:
+    if isinstance(value, str) and (bad := _CONTROL.search(value)):
+        raise ValueError(f"must not contain control characters (found U+{ord(bad.group()):04X})")
     return value
 
 
-def _to_utc(value: datetime) -> datetime:
-    if value.utcoffset() is None:  # parsed from a string without an offset
-        raise ValueError(f"datetime {value.isoformat()} has no timezone")
-    return value.astimezone(UTC)
+UTCDateTime = Annotated[datetime, BeforeValidator(_utc_datetime)]
+"""A timezone-aware datetime, normalised to UTC; naive times and numbers are rejected."""
 
+Name = Annotated[str, Field(min_length=1, max_length=256), BeforeValidator(_no_control_characters)]
+"""A non-empty display name without control characters (PostgreSQL refuses NUL)."""
 
-UTCDateTime = Annotated[datetime, BeforeValidator(_require_aware), AfterValidator(_to_utc)]
-"""A timezone-aware datetime, normalised to UTC; naive input is rejected."""
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=128), BeforeValidator(_no_control_characters)
+]
+"""An id: 1-128 characters, no control characters."""
 
-TrackerId = Annotated[str, Field(min_length=1, max_length=128)]
+TrackerId = Identifier
+GeofenceId = Identifier
+Source = Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_no_control_characters)]
+AddressLine = Annotated[
+    str, Field(min_length=1, max_length=2000), BeforeValidator(_no_control_characters)
+]
 Latitude = Annotated[float, Field(ge=-90.0, le=90.0, allow_inf_nan=False)]
 Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
+CountryCode = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
 
 
 class Event(BaseModel):
-    """Base of every payload: immutable, strict about unknown fields."""
+    """Base of every payload: immutable, strict about unknown fields and types (no
+    coercion: ``true`` is not a number, a number is not a time or a string)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     TYPE: ClassVar[str]
     VERSION: ClassVar[int] = 1
@@ -67,7 +107,7 @@ class FetchRequested(Event):
     TYPE: ClassVar[str] = "fetch.requested"
     VERSION: ClassVar[int] = 1
 
-    batch_id: Annotated[str, Field(min_length=1)]
+    batch_id: Identifier
     tracker_ids: Annotated[list[TrackerId], Field(min_length=1, max_length=MAX_BATCH_TRACKERS)]
     requested_at: UTCDateTime
     priority: bool = False
@@ -84,7 +124,7 @@ class LocationReported(Event):
     lat: Latitude
     lon: Longitude
     accuracy_m: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
-    source: Annotated[str, Field(min_length=1)]
+    source: Source
     fetched_at: UTCDateTime
 
 
@@ -98,10 +138,12 @@ class LocationGeocoded(Event):
     observed_at: UTCDateTime
     lat: Latitude
     lon: Longitude
-    city: str | None = None
-    country_code: str | None = None
-    country: str | None = None
-    address: str | None = None
+    city: Name | None = None
+    country_code: CountryCode | None = None
+    country: Name | None = None
+    address: AddressLine | None = None
+    region: Name | None = None  # state / province
+    district: Name | None = None  # neighbourhood within the city
 
 
 class ViewsChanged(Event):
@@ -110,7 +152,7 @@ class ViewsChanged(Event):
     TYPE: ClassVar[str] = "views.changed"
     VERSION: ClassVar[int] = 1
 
-    views: list[Annotated[str, Field(min_length=1)]]
+    views: list[Name]
     changed_at: UTCDateTime
     tracker_ids: list[TrackerId] = Field(default_factory=list)
 

@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any, TypeVar, cast
 
 import shapely
@@ -553,6 +554,26 @@ def _check_rings(data: Mapping[str, Any]) -> None:
                     f"a polygon ring has {len(ring)} positions; a closed ring needs at least 4 "
                     "(too few points)"
                 )
+            _check_antimeridian(ring)
+
+
+def _check_antimeridian(ring: Any) -> None:
+    """An edge spanning more than 180 degrees of longitude is a ring drawn across the
+    antimeridian without splitting it: read literally it is the other 340-odd degrees
+    of the world, so it is refused."""
+    if not isinstance(ring, list):
+        return
+    lons = [p[0] for p in ring if isinstance(p, list | tuple) and p and _is_number(p[0])]
+    for a, b in pairwise(lons):
+        if abs(b - a) > 180:
+            raise InvalidGeofence(
+                f"a ring crosses the antimeridian (an edge from longitude {a} to {b}); "
+                "split it at 180/-180 into a MultiPolygon (RFC 7946, section 3.1.9)"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def validate_geofence(

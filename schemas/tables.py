@@ -4,7 +4,8 @@ Timestamps are :class:`UTCDateTime`: ``timestamptz`` on PostgreSQL; on SQLite (w
 no timezone type) they are stored as naive UTC text in one fixed format, so they sort
 and compare correctly as strings, and are returned timezone-aware (UTC) on both.
 
-The materialized views ``latest_location`` and ``geofence_occupancy`` live in
+The read models ``latest_location`` and ``geofence_occupancy`` (tables kept
+incrementally) live in
 :mod:`schemas.views`.
 """
 
@@ -39,6 +40,9 @@ __all__ = [
     "LocationReport",
     "Tracker",
     "UTCDateTime",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookSubscription",
     "utcnow",
 ]
 
@@ -105,7 +109,11 @@ class Tracker(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     run_starts_at: Mapped[datetime | None]
     run_ends_at: Mapped[datetime | None]
-    last_processed_at: Mapped[datetime | None]
+    last_processed_at: Mapped[datetime | None]  # the scheduler's reservation
+    # fetch bookkeeping (schemas.schedule): last successful fetch; last claim at fetch time
+    last_fetched_at: Mapped[datetime | None]
+    fetch_claimed_at: Mapped[datetime | None]
+    fetch_batch: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
     __table_args__ = (
@@ -141,6 +149,10 @@ class LocationReport(Base):
     # the reconciler's bookkeeping: last re-publish, and how many so far
     republished_at: Mapped[datetime | None]
     republish_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the geofence stage's verdict ("ok" or why the fix was rejected) and the geofence
+    # state after the report (processors.crossings.Carry); NULL: not evaluated yet
+    fix_status: Mapped[str | None] = mapped_column(String(16))
+    fence_state: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "observed_at"),
@@ -187,7 +199,8 @@ class Geofence(Base):
 
 
 class GeofenceEvent(Base):
-    """A tracker entered or left a geofence at a report's ``observed_at``."""
+    """A tracker entered or left a geofence at ``observed_at`` (a report's time, or the
+    crossing time estimated between two reports)."""
 
     __tablename__ = "geofence_events"
 
@@ -199,9 +212,12 @@ class GeofenceEvent(Base):
     observed_at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    # the report whose check decided the event (observed_at is the crossing time)
+    report_at: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "geofence_id", "observed_at"),
+        Index("ix_geofence_events_tracker_id_report_at", "tracker_id", "report_at"),
         CheckConstraint("kind IN ('enter', 'exit')", name="kind"),
         Index("ix_geofence_events_tracker_id_observed_at", "tracker_id", "observed_at"),
         # occupancy: latest event per (geofence, tracker)
@@ -218,3 +234,82 @@ class GeofenceEvent(Base):
             f"GeofenceEvent({self.tracker_id!r}, {self.geofence_id}, "
             f"{self.observed_at.isoformat()}, {self.kind})"
         )
+
+
+# -- webhooks (the notify stage; queries in schemas.webhook_store)
+
+
+class WebhookSubscription(Base):
+    """An endpoint and the events it wants; NULL filters mean all. ``secret`` is the
+    Standard Webhooks signing secret (``whsec_``+base64): never printed or logged."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(256))
+    geofence_ids: Mapped[str | None] = mapped_column(Text)  # JSON list of ints
+    tracker_ids: Mapped[str | None] = mapped_column(Text)  # JSON list of strings
+    kinds: Mapped[str] = mapped_column(String(16), default="enter,exit")
+    description: Mapped[str | None] = mapped_column(String(256))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+    def __repr__(self) -> str:  # no secret
+        return f"WebhookSubscription({self.id}, {self.url!r}, active={self.active})"
+
+
+class WebhookDelivery(Base):
+    """One event to one subscription: pending until delivered or dead. The lease keeps
+    two notify workers from sending it at once."""
+
+    __tablename__ = "webhook_deliveries"
+
+    event_id: Mapped[str] = mapped_column(String(400), primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_subscriptions.id", ondelete="CASCADE"), primary_key=True
+    )
+    tracker_id: Mapped[str] = mapped_column(String(128))
+    geofence_id: Mapped[int] = mapped_column(Integer)
+    observed_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(12), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'dead')", name="state"),
+        # the order check: this subscription's deliveries of one tracker, by time
+        Index(
+            "ix_webhook_deliveries_subscription_id_tracker_id_observed_at",
+            "subscription_id",
+            "tracker_id",
+            "observed_at",
+        ),
+    )
+
+
+class WebhookAttempt(Base):
+    """The delivery log: one row per HTTP attempt."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(400))
+    subscription_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_subscriptions.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_attempts_at", "at"),)

@@ -1,14 +1,25 @@
 """One factory for Redis clients, and the one place driver errors are translated.
 
 ``redis://`` and ``rediss://`` (TLS) URLs, passwords and ACL users in the URL, and
-cluster mode (``redis_cluster=True``: a ``RedisCluster`` that discovers the other
-nodes from the one in the URL). Connection errors are retried by redis-py with
-exponential backoff and jitter; what is still failing surfaces as
-:class:`~streams.errors.RedisUnavailable`.
+cluster mode (``redis_cluster=True``). In cluster mode ``redis_url`` may list several
+seed nodes, comma-separated: ``redis://:pw@10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379``
+(a bare ``host:port`` takes scheme, user, password and options from the first URL).
+The client discovers the cluster from whichever seed answers, so a dead seed (a
+master that was failed over) does not keep new processes from starting.
+
+Every connection has a connect timeout (``connect_timeout_ms``) and a read timeout
+(``socket_timeout_ms`` + ``block_ms``, so blocking reads do not trip it).
+:func:`probe` checks, once at startup with a short timeout, that a Redis answers at
+all; a silent port or one that speaks another protocol is then one clear error
+instead of a hang. What each error means for a running loop is decided in
+:mod:`streams.faults`; :func:`translate` maps driver errors to the runtime's own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeAlias
@@ -16,18 +27,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from streams.errors import GroupMissing, RedisUnavailable
-from streams.settings import StreamSettings
+from streams.faults import classify, describe
+from streams.settings import StreamSettings, seed_urls
 
 Client: TypeAlias = "aioredis.Redis | RedisCluster"
 
-_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError)
-
+log = logging.getLogger("streams.connection")
 
 try:
     import hiredis
@@ -46,7 +57,13 @@ class HiredisPackConnection(Connection):
 
 
 def redact(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
+    """The URL (or comma-separated seed list) without passwords, fit for logs and errors."""
+    return ",".join(_redact_one(u) for u in url.split(","))
+
+
+def _redact_one(url: str) -> str:
+    if "://" not in url:
+        return url
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -56,54 +73,191 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(settings: StreamSettings) -> Client:
-    """A client for the configured Redis (not yet connected: the first command connects)."""
-    retry = Retry(
+class TrackstreamCluster(RedisCluster):
+    """redis-py's asyncio cluster client, routing XREADGROUP/XREAD by their keys' slot.
+
+    For commands with "movable keys" (XREADGROUP, XREAD) redis-py asks one node
+    (``commands_parser.node``, the default node when the client initialised) for the
+    keys with ``COMMAND GETKEYS`` on every call, outside its retry loop. When that
+    node dies, every read fails with a connection error before it is even routed,
+    and as nothing marks the client for re-initialisation it never picks another
+    node: a stage whose own master is fine stalls until the dead node is back.
+    The keys of XREADGROUP/XREAD are simply the first half of what follows
+    ``STREAMS``; computing their slot here needs no round trip to any node.
+    """
+
+    _last_refresh = 0.0
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        keys = _stream_keys(command, args)
+        if keys:
+            slots = {self.keyslot(k) for k in keys}
+            if len(slots) != 1:
+                raise rex.RedisClusterException(f"{command}: keys in different slots")
+            return slots.pop()
+        return await super()._determine_slot(command, *args)
+
+    async def refresh(self, min_interval_s: float = 1.0) -> None:
+        """Re-read the cluster's slots from any reachable node (at most once per
+        ``min_interval_s``); nodes still serving keep their connections."""
+        now = time.monotonic()
+        if now - self._last_refresh < min_interval_s:
+            return
+        self._last_refresh = now
+        try:
+            await self.nodes_manager.initialize()
+            node = self.nodes_manager.default_node
+            if node is not None:
+                self.commands_parser.node = node  # where COMMAND GETKEYS still goes
+        except Exception as exc:  # still down: the next refresh will try again
+            log.debug("cluster topology refresh failed: %s", describe(exc))
+
+
+def _stream_keys(command: Any, args: tuple[Any, ...]) -> list[Any]:
+    name = command.decode() if isinstance(command, bytes) else str(command)
+    name = name.upper()
+    if name == "XREADGROUP":
+        start = 3  # GROUP group consumer
+    elif name == "XREAD":
+        start = 0
+    else:
+        return []
+    for i in range(start, len(args)):
+        word = args[i].decode() if isinstance(args[i], bytes) else str(args[i])
+        if word.upper() == "STREAMS":
+            rest = args[i + 1 :]
+            return list(rest[: len(rest) // 2]) if rest and len(rest) % 2 == 0 else []
+    return []
+
+
+async def refresh_topology(client: Client) -> None:
+    """After a transient error: let a cluster client re-learn who serves which slot."""
+    if isinstance(client, TrackstreamCluster):
+        await client.refresh()
+
+
+def _retry(settings: StreamSettings) -> Retry:
+    return Retry(
         ExponentialWithJitterBackoff(
             base=settings.connect_backoff_base_ms / 1000, cap=settings.connect_backoff_max_ms / 1000
         ),
         settings.connect_retries,
     )
+
+
+def connect(settings: StreamSettings) -> Client:
+    """A client for the configured Redis (not yet connected: the first command connects)."""
+    retry = _retry(settings)
     # blocking reads must not trip the socket timeout
     timeout_s = (settings.socket_timeout_ms + settings.block_ms) / 1000
+    connect_s = settings.connect_timeout_ms / 1000
+    seeds = seed_urls(settings.redis_url)
     if settings.redis_cluster:
-        return RedisCluster.from_url(
-            settings.redis_url,
+        others = [urlsplit(u) for u in seeds[1:]]
+        return TrackstreamCluster.from_url(
+            seeds[0],
+            startup_nodes=[ClusterNode(p.hostname or "", p.port or 6379) for p in others],
             retry=retry,
             socket_timeout=timeout_s,
-            socket_connect_timeout=settings.socket_timeout_ms / 1000,
+            socket_connect_timeout=connect_s,
+            socket_keepalive=True,
         )
     extra: dict[str, Any] = {}
-    if hiredis is not None and settings.redis_url.startswith("redis://"):
+    if hiredis is not None and seeds[0].startswith("redis://"):
         extra["connection_class"] = HiredisPackConnection
     return aioredis.Redis.from_url(
-        settings.redis_url,
+        seeds[0],
         **extra,
         retry=retry,
         retry_on_error=[rex.ConnectionError, rex.TimeoutError],
         socket_timeout=timeout_s,
-        socket_connect_timeout=settings.socket_timeout_ms / 1000,
+        socket_connect_timeout=connect_s,
+        socket_keepalive=True,
         health_check_interval=30,
     )
 
 
+async def probe(settings: StreamSettings) -> None:
+    """Check once, quickly, that a Redis answers at one of the seed URLs.
+
+    All seeds are tried at once; each gets ``connect_timeout_ms`` to accept and as long
+    to answer PING, without retries. Raises :class:`RedisUnavailable` (one line, URL
+    without password) if none does: refused, silent, not speaking Redis, or refusing
+    the login.
+    """
+    timeout_s = settings.connect_timeout_ms / 1000
+    seeds = seed_urls(settings.redis_url)
+    tasks = [asyncio.ensure_future(_ping(url, timeout_s)) for url in seeds]
+    try:
+        for next_done in asyncio.as_completed(tasks):  # all seeds at once: the first wins
+            if await next_done is None:
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    problems = [t.result() for t in tasks]
+    if len(seeds) > 1:
+        problems = [f"{redact(url)}: {p}" for url, p in zip(seeds, problems, strict=True)]
+    raise RedisUnavailable(redact(settings.redis_url), ProbeFailed("; ".join(map(str, problems))))
+
+
+async def _ping(url: str, timeout_s: float) -> str | None:
+    """None if ``url`` answers PING, else what is wrong with it."""
+    client = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+    try:
+        async with asyncio.timeout(timeout_s * 2 + 1):  # a backstop for the socket's
+            await client.ping()
+        return None
+    except (TimeoutError, rex.TimeoutError):
+        return f"no reply within {timeout_s:g} s"
+    except rex.InvalidResponse as exc:
+        return f"does not speak the Redis protocol ({_short(exc)})"
+    except Exception as exc:
+        return _short(exc)
+    finally:
+        try:
+            async with asyncio.timeout(1):
+                await client.aclose()
+        except Exception:  # closing a broken connection: nothing left to do
+            log.debug("closing the probe connection failed", exc_info=True)
+
+
+class ProbeFailed(Exception):
+    """No seed URL answered like a Redis."""
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:160]
+
+
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, _TRANSIENT | RedisUnavailable)
+    return classify(exc).transient
 
 
 @contextmanager
 def translate(url: str, stream: str = "", group: str = "") -> Iterator[None]:
-    """Map redis-py errors to the runtime's own (the only place that catches them)."""
+    """Map redis-py errors to the runtime's own: NOGROUP -> GroupMissing, whatever
+    :func:`streams.faults.classify` calls transient -> RedisUnavailable; the rest
+    (a bug: WRONGTYPE, a syntax error, BUSYGROUP for :func:`ensure_group`) as it is."""
     try:
         yield
-    except rex.ResponseError as exc:
-        if str(exc).startswith("NOGROUP"):
-            raise GroupMissing(stream, group) from exc
+    except (GroupMissing, RedisUnavailable):
         raise
-    except _TRANSIENT as exc:
-        raise RedisUnavailable(redact(url), exc) from exc
-    except rex.RedisClusterException as exc:  # no reachable node / slots not covered
-        raise RedisUnavailable(redact(url), exc) from exc
+    except Exception as exc:
+        verdict = classify(exc)
+        if verdict.kind == "group-missing":
+            raise GroupMissing(stream, group) from exc
+        if verdict.transient:
+            raise RedisUnavailable(redact(url), exc) from exc
+        raise
 
 
 async def ensure_group(

@@ -12,7 +12,10 @@ One pass of the loop::
       XREADGROUP priority+stream ">" COUNT n BLOCK ms ── handle the batch
         │ handle: decode ─► middleware ─► handler(s) ─► flush outbox ─► XACK (pipelined)
         │ failure: Reject/decode/validation ─► dead letter now
+        │          Defer, or Redis unreachable ─► retry later, no delivery counted
         │          other ─► retry with backoff; at max_deliveries ─► dead letter
+        │ Redis unreachable while publishing, acking or dead-lettering ─► the work is
+        │   kept (same outbox, same message ids) and finished first once Redis is back
         ▼
       stop requested ─► no new reads (a blocking read returns within block_ms) ─►
       in-flight handlers get shutdown_grace_ms, then are interrupted ─► finished
@@ -24,6 +27,22 @@ the client's connection pool); only handler code is, by its timeout or the grace
 
 Delivery counts come from Redis (XPENDING), so they survive crashes: an entry whose
 consumer keeps dying is dead-lettered once it was delivered ``max_deliveries`` times.
+
+An outage never spends a delivery: a handler that succeeded while its output or its
+ack could not reach Redis is not a failure, and neither is a handler that failed only
+because Redis was unreachable (a :class:`~streams.errors.RedisUnavailable` or a
+redis-py connection error, also as the ``__cause__`` of what it raised). Kept work
+lives in this process only: if the process dies holding it, the entry is still
+pending and is redelivered (a delivery counted), and its handler runs again, so
+downstream effects must be idempotent (every stage's are). After an outage, entries
+Redis delivered to this consumer on a reply that never arrived are taken back at once
+with their delivery count unchanged.
+
+Dead consumers: a consumer whose heartbeat is older than ``consumer_dead_after_ms``
+and that has not touched the stream for as long is dead; the claim tick takes its
+pending entries at once (``XCLAIM``), not only after ``claim_idle_ms``. A live
+consumer in a slow handler keeps beating, so it is never mistaken for a dead one;
+``claim_idle_ms`` is the fallback for entries left behind by consumers that beat.
 """
 
 from __future__ import annotations
@@ -40,22 +59,23 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from streams.connection import Client, ensure_group, translate
+from streams.connection import Client, ensure_group, redact, refresh_topology, translate
 from streams.deadletter import DeadLetters
 from streams.errors import (
     Defer,
-    GroupMissing,
     MessageError,
     RedisUnavailable,
     Reject,
     Retry,
 )
+from streams.faults import classify, describe
 from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import BatchCall, MessageCall, Middleware
+from streams.monitor import heartbeats, stream_status
 from streams.parse import Entry, parse_entries, parse_read
 from streams.producer import Outbox, Route
-from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK
+from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK, Lua
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
@@ -107,6 +127,45 @@ class _Outcome:
     ok: list[Message[Any]] = field(default_factory=list)
     failed: list[tuple[Message[Any], BaseException]] = field(default_factory=list)
     outbox: Outbox | None = None
+    # dead letters to move: (message, category, error)
+    letters: list[tuple[Message[Any], str, str]] = field(default_factory=list)
+
+
+# Redis (or the slot's master) cannot take the command now; says nothing about the entry
+_UNREACHABLE = (
+    RedisUnavailable,
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    rex.ReadOnlyError,
+    rex.OutOfMemoryError,
+    rex.RedisClusterException,
+)
+
+
+def redis_down(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says Redis is unreachable."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, _UNREACHABLE):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__
+    return False
+
+
+def _stray_cancel(exc: BaseException) -> bool:
+    """A CancelledError raised by handler code while nobody cancelled us: a failure of
+    that entry, not a request to stop."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _category(exc: BaseException) -> str:
@@ -150,12 +209,16 @@ class Consumer:
         self.stop_event = stop or asyncio.Event()
         self.gate = gate
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
-        self._hand_back = client.register_script(HAND_BACK)
-        self._delete_consumer = client.register_script(DELETE_IDLE_CONSUMER)
+        self._hand_back = Lua(client, HAND_BACK)
+        self._delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
         self._url = settings.redis_url
         self._retries: dict[tuple[str, str], _Due] = {}
+        self._held: list[_Outcome] = []  # finished work kept through an outage
+        self._lost_check = False  # after an outage: take back deliveries whose reply was lost
         self._cursors: dict[str, str] = {}
         self._outage_since: float | None = None
+        self._failures = 0  # consecutive failed steps (backoff)
+        self._last_failure = 0.0
         self._deadlines: set[asyncio.Timeout] = set()  # of the handlers running now
         self._grace_over = False
         self.handled = 0  # entries acked by this consumer (for tests and progress)
@@ -166,11 +229,16 @@ class Consumer:
 
     async def run(self, *, burst: bool = False) -> None:
         """Consume until stopped; with ``burst`` return once nothing is left for us."""
-        await self._with_recovery(self._start)
+        while not self.stop_event.is_set() and not await self._with_recovery(self._start):
+            pass  # groups must exist before reading; _with_recovery backed off
         next_claim = 0.0
         grace = asyncio.create_task(self._grace_timer())
         try:
             while await self._gate_open():
+                if self._held and not await self._with_recovery(self._settle_held):
+                    continue  # Redis still unreachable: nothing new until it is done
+                if self._lost_check:
+                    await self._with_recovery(self._recover_lost_deliveries)
                 now = time.monotonic()
                 if now >= next_claim:
                     await self._with_recovery(self._claim_tick)
@@ -182,7 +250,9 @@ class Consumer:
                     return
         finally:
             grace.cancel()  # waits on an event or sleeps: safe to cancel
-            if self.stop_event.is_set():
+            task = asyncio.current_task()
+            given_up = task is not None and task.cancelling() > 0  # Redis silent at stop
+            if self.stop_event.is_set() and not given_up:
                 await self._shutdown()
 
     async def _grace_timer(self) -> None:
@@ -207,11 +277,12 @@ class Consumer:
             finally:
                 self._deadlines.discard(deadline)
 
-    async def _start(self) -> None:
+    async def _start(self) -> bool:
         for stream in self.keys.streams():
             await ensure_group(self.client, self._url, stream, self.keys.group)
         if await self._gate_open():
             await self._recover_own_pending()
+        return True
 
     async def _gate_open(self) -> bool:
         """Wait for the gate; False once stop is requested."""
@@ -229,34 +300,81 @@ class Consumer:
         return not self.stop_event.is_set()
 
     async def _with_recovery(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one step; ride out Redis outages and recreate a vanished group."""
+        """Run one step; whatever Redis does, the consumer goes on.
+
+        :func:`streams.faults.classify` decides: a transient fault is waited out with
+        backoff (and the cluster topology refreshed), a vanished group recreated, and
+        anything else logged with its context, counted, and backed off from.
+        """
         try:
             result = await step()
-        except GroupMissing as exc:
-            for stream in self.keys.streams():
-                if await ensure_group(self.client, self._url, stream, self.keys.group):
-                    self._notify("on_group_recreated", self.stage, stream)
-            self._retries.clear()  # the pending list went with the group
-            log.debug("recovered from %s", exc)
+        except Exception as exc:
+            verdict = classify(exc)
+            self._notify("on_redis_error", self.stage, verdict.kind, verdict.reason)
+            if verdict.kind == "group-missing":
+                await self._recreate_groups(exc)
+                return None
+            if verdict.kind == "transient":
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.error(
+                        "%s/%s: Redis unavailable (%s: %s); retrying with backoff",
+                        self.stage,
+                        self.name,
+                        verdict.reason,
+                        describe(exc),
+                    )
+                if verdict.refresh:
+                    await refresh_topology(self.client)
+            else:
+                log.error(
+                    "%s/%s: unexpected error in %s (%s); carrying on",
+                    self.stage,
+                    self.name,
+                    _step_name(step),
+                    verdict.reason,
+                    exc_info=exc,
+                )
+            self._failures += 1
+            self._last_failure = time.monotonic()
+            await self._pause(self._backoff_s())
             return None
-        except RedisUnavailable as exc:
-            if self._outage_since is None:
-                self._outage_since = time.monotonic()
-                log.error("%s/%s: %s; retrying with backoff", self.stage, self.name, exc)
-            down_s = time.monotonic() - self._outage_since
-            delay_s = min(5.0, 0.1 * 2 ** min(down_s, 6)) * (0.5 + random.random() / 2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), delay_s)
-            return None
-        if self._outage_since is not None:
+        self._failures = 0
+        now = time.monotonic()
+        # "back" once steps have succeeded for a second: in a cluster, steps on healthy
+        # masters succeed between those on the failed one
+        if self._outage_since is not None and now - self._last_failure >= 1.0:
             log.warning(
                 "%s/%s: Redis is back after %.1f s",
                 self.stage,
                 self.name,
-                time.monotonic() - self._outage_since,
+                self._last_failure - self._outage_since,
             )
             self._outage_since = None
+            self._lost_check = True
         return result
+
+    async def _recreate_groups(self, exc: BaseException) -> None:
+        try:
+            for stream in self.keys.streams():
+                if await ensure_group(self.client, self._url, stream, self.keys.group):
+                    self._notify("on_group_recreated", self.stage, stream)
+        except Exception as again:  # Redis went away meanwhile: the next step retries
+            log.warning("%s/%s: recreating the group failed: %s", self.stage, self.name, again)
+            await self._pause(self._backoff_s())
+            return
+        self._retries.clear()  # the pending list went with the group
+        log.debug("recovered from %s", exc)
+
+    def _backoff_s(self) -> float:
+        """Exponential in the consecutive failures, 0.05 s .. 2 s, equal jitter."""
+        cap: float = min(2.0, 0.05 * 2.0 ** min(self._failures, 6))
+        return cap / 2 + random.random() * cap / 2
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once when stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), seconds)
 
     # ------------------------------------------------------------------- reading
     async def _read_and_handle(self, burst: bool) -> bool:
@@ -329,6 +447,54 @@ class Consumer:
             )
         return [Message(stream, i, f, counts.get(i, 1)) for i, f in entries]
 
+    async def _recover_lost_deliveries(self) -> None:
+        """After an outage: take back entries Redis delivered to us on a reply that
+        never arrived (pending for us, yet not in hand), delivery count unchanged."""
+        self._lost_check = False
+        in_hand = set(self._retries) | {
+            (m.stream, m.entry_id) for o in self._held for m in (*o.ok, *(x[0] for x in o.letters))
+        }
+        for stream in self.keys.streams():
+            start = "-"
+            while not self.stop_event.is_set():
+                rows = await self._translated(
+                    self.client.xpending_range(
+                        stream,
+                        self.keys.group,
+                        min=start,
+                        max="+",
+                        count=self.settings.claim_count,
+                        consumername=self.name,
+                    )
+                )
+                if not rows:
+                    break
+                start = "(" + _s(rows[-1]["message_id"])
+                by_count: dict[int, list[Any]] = {}
+                for row in rows:
+                    entry_id = _s(row["message_id"])
+                    if (stream, entry_id) not in in_hand:
+                        by_count.setdefault(int(row["times_delivered"]), []).append(entry_id)
+                for count, ids in by_count.items():
+                    raw = await self._translated(
+                        self.client.xclaim(
+                            stream, self.keys.group, self.name, 0, ids, retrycount=count
+                        )
+                    )
+                    msgs: list[Message[Any]] = [
+                        Message(stream, i, f, count) for i, f in parse_entries(raw)
+                    ]
+                    if msgs:
+                        log.warning(
+                            "%s/%s: taking back %d entries delivered during the outage",
+                            self.stage,
+                            self.name,
+                            len(msgs),
+                        )
+                        await self._handle(msgs)
+                if len(rows) < self.settings.claim_count:
+                    break
+
     # ------------------------------------------------------------------ claiming
     async def _claim_tick(self) -> None:
         claimed_total = 0
@@ -346,7 +512,7 @@ class Consumer:
                     )
                 )
                 cursor = _s(reply[0])
-                entries = parse_entries(reply[1])
+                entries = await self._keep_own_retries(stream, parse_entries(reply[1]))
                 if entries:
                     claimed_total += len(entries)
                     await self._handle(await self._with_deliveries(stream, entries))
@@ -358,21 +524,44 @@ class Consumer:
         await self._remove_dead_consumers()
         await self._report_backlog()
 
+    async def _keep_own_retries(self, stream: str, entries: list[Entry]) -> list[Entry]:
+        """Entries XAUTOCLAIM took that are ours and waiting for their retry (idle for
+        long after an outage): their delivery count is put back, the retry stands."""
+        mine = [self._retries[(stream, e[0])] for e in entries if (stream, e[0]) in self._retries]
+        for r in mine:
+            await self._translated(
+                self.client.xclaim(
+                    stream,
+                    self.keys.group,
+                    self.name,
+                    0,
+                    [r.msg.entry_id],
+                    retrycount=r.msg.deliveries,
+                    justid=True,
+                )
+            )
+            r.delay_ms = 0  # its idle time was just reset: claim it back regardless
+        return [e for e in entries if (stream, e[0]) not in self._retries]
+
     async def _remove_dead_consumers(self) -> None:
-        now_ms = time.time_ns() // 1_000_000
+        """Take the pending entries of dead consumers at once, then delete them.
+
+        Dead: no heartbeat for ``consumer_dead_after_ms`` (by Redis's clock) and no
+        stream command for as long (XINFO idle). A live consumer in a slow handler
+        keeps beating, so it is never dead.
+        """
         dead_after = self.settings.consumer_dead_after_ms
-        heartbeats = {
-            _s(k): int(v)
-            for k, v in (await self._translated(self.client.hgetall(self.keys.heartbeats))).items()
-        }
+        now_ms, beats = await self._translated(heartbeats(self.client, self.keys))
         for stream in self.keys.streams():
             consumers = await self._translated(self.client.xinfo_consumers(stream, self.keys.group))
             for c in consumers:
                 name = _s(c["name"])
-                if name == self.name or int(c["pending"]) > 0 or int(c["idle"]) < dead_after:
+                if name == self.name or int(c["idle"]) < dead_after:
                     continue
-                if now_ms - heartbeats.get(name, 0) < dead_after:
+                if now_ms - beats.get(name, 0) < dead_after:
                     continue
+                if int(c["pending"]) > 0 and not await self._claim_from_dead(stream, name):
+                    continue  # still owns entries (more than one tick's worth)
                 # atomic: deleted only if it still owns nothing
                 removed = await self._translated(
                     self._delete_consumer(
@@ -382,15 +571,50 @@ class Consumer:
                 if removed:
                     log.info("%s: removed dead consumer %s from %s", self.stage, name, stream)
 
+    async def _claim_from_dead(self, stream: str, dead: str) -> bool:
+        """Claim and handle a dead consumer's pending entries; True if none are left."""
+        # a small min idle: a peer that claimed them a moment ago made them its own
+        min_idle = min(1_000, self.settings.claim_idle_ms)
+        for _ in range(10):  # bounded work per tick
+            rows = await self._translated(
+                self.client.xpending_range(
+                    stream,
+                    self.keys.group,
+                    min="-",
+                    max="+",
+                    count=self.settings.claim_count,
+                    consumername=dead,
+                )
+            )
+            if not rows:
+                return True
+            ids: list[Any] = [_s(row["message_id"]) for row in rows]
+            raw = await self._translated(
+                self.client.xclaim(stream, self.keys.group, self.name, min_idle, ids)
+            )
+            entries = parse_entries(raw)
+            if not entries:
+                return False  # a peer was quicker
+            log.warning(
+                "%s/%s: consumer %s is dead; claimed %d of its entries",
+                self.stage,
+                self.name,
+                dead,
+                len(entries),
+            )
+            self._notify("on_claimed", self.stage, len(entries))
+            await self._handle(await self._with_deliveries(stream, entries))
+        return False
+
     async def _report_backlog(self) -> None:
         if not self.middleware:
             return
-        summary = await self._translated(self.client.xpending(self.keys.stream, self.keys.group))
-        lag: int | None = None
-        for g in await self._translated(self.client.xinfo_groups(self.keys.stream)):
-            if _s(g["name"]) == self.keys.group:
-                lag = g.get("lag")
-        self._notify("on_backlog", self.stage, int(summary["pending"]), lag)
+        now_ms = time.time_ns() // 1_000_000
+        with translate(self._url, self.keys.stream, self.keys.group):
+            st = await stream_status(  # a lower bound past 1,000: cheap every tick
+                self.client, self.keys.stream, self.keys.group, now_ms=now_ms, lag_count_cap=1_000
+            )
+        self._notify("on_backlog", self.stage, st.pending, st.lag if st.group_exists else None)
 
     # ------------------------------------------------------------------- retries
     async def _run_due_retries(self) -> bool:
@@ -402,7 +626,6 @@ class Consumer:
         # entry's count; otherwise XCLAIM adds one)
         groups: dict[tuple[str, int | None], list[_Due]] = {}
         for r in due:
-            del self._retries[(r.msg.stream, r.msg.entry_id)]
             groups.setdefault((r.msg.stream, None if r.spend else r.msg.deliveries), []).append(r)
         for (stream, keep), rs in groups.items():
             # min idle: nobody else must have claimed it since (that resets idle)
@@ -417,6 +640,8 @@ class Consumer:
                     retrycount=keep,
                 )
             )
+            for r in rs:  # dropped only now: a claim lost to an outage is tried again
+                del self._retries[(r.msg.stream, r.msg.entry_id)]
             claimed = dict(parse_entries(raw))
             fresh: list[Message[Any]] = [
                 Message(
@@ -441,37 +666,45 @@ class Consumer:
 
     # ------------------------------------------------------------------ handling
     async def _handle(self, msgs: list[Message[Any]]) -> None:
+        """Decode, run the handlers, then settle. Nothing one entry does escapes here:
+        an undecodable entry is dead-lettered, a failing handler or middleware fails
+        its entries (codec and middleware errors included)."""
         runnable: list[Message[Any]] = []
+        outcome = _Outcome()
         for msg in msgs:
             try:
                 msg.envelope = self.codec.decode(msg.fields)
-            except MessageError as exc:
-                await self._dead_letter(msg, exc.category, str(exc))
+            except Exception as exc:  # the codec raises MessageError; anything else too
+                category = exc.category if isinstance(exc, MessageError) else "decode"
+                error = str(exc) if isinstance(exc, MessageError) else _describe(exc)
+                outcome.letters.append((msg, category, error))
                 continue
             if msg.attempts > self.settings.max_deliveries:
-                await self._dead_letter(
-                    msg,
-                    "max-deliveries",
-                    f"delivered {msg.attempts} times (max_deliveries="
-                    f"{self.settings.max_deliveries}); its consumers kept dying or timing out",
+                outcome.letters.append(
+                    (
+                        msg,
+                        "max-deliveries",
+                        f"delivered {msg.attempts} times (max_deliveries="
+                        f"{self.settings.max_deliveries}); its consumers kept dying or timing out",
+                    )
                 )
                 continue
             runnable.append(msg)
-        if not runnable:
-            return
-        outcome = _Outcome()
+        if runnable:
 
-        async def innermost(batch: Sequence[Message[Any]]) -> None:
-            await self._invoke(list(batch), outcome)
+            async def innermost(batch: Sequence[Message[Any]]) -> None:
+                await self._invoke(list(batch), outcome)
 
-        call: BatchCall = innermost
-        for mw in reversed(self.middleware):
-            call = partial(mw.around_batch, self.stage, call_next=call)
-        try:
-            await call(runnable)
-        except Exception as exc:  # a middleware failed: treat the batch as failed
-            handled = {id(m) for m in outcome.ok} | {id(m) for m, _ in outcome.failed}
-            outcome.failed += [(m, exc) for m in runnable if id(m) not in handled]
+            call: BatchCall = innermost
+            for mw in reversed(self.middleware):
+                call = partial(mw.around_batch, self.stage, call_next=call)
+            try:
+                await call(runnable)
+            except BaseException as exc:  # a middleware failed: the rest of the batch failed
+                if not isinstance(exc, Exception) and not _stray_cancel(exc):
+                    raise
+                handled = {id(m) for m in outcome.ok} | {id(m) for m, _ in outcome.failed}
+                outcome.failed += [(m, exc) for m in runnable if id(m) not in handled]
         await self._settle(outcome)
 
     async def _invoke(self, msgs: list[Message[Any]], outcome: _Outcome) -> None:
@@ -481,7 +714,10 @@ class Consumer:
             try:
                 async with self._deadline():
                     failures = await self.batch_handler(msgs, ctx) or {}
-            except Exception as exc:
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and not _stray_cancel(exc):
+                    raise
+                outcome.outbox = None  # a failed batch publishes nothing
                 outcome.failed += [(m, exc) for m in msgs]
                 return
             for m in msgs:
@@ -509,7 +745,9 @@ class Consumer:
                 call = partial(mw.around_message, self.stage, call_next=call)
             try:
                 await call(msg)
-            except Exception as exc:
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and not _stray_cancel(exc):
+                    raise
                 outcome.failed.append((msg, exc))
                 return
             outbox.extend(box)  # only successful handlers' output is published
@@ -529,21 +767,16 @@ class Consumer:
         await asyncio.gather(*(lane() for _ in range(width)))
 
     async def _settle(self, outcome: _Outcome) -> None:
-        if outcome.ok:
-            try:
-                if outcome.outbox is not None:
-                    await outcome.outbox.flush(self.client, self._url)
-            except (RedisUnavailable, rex.RedisError) as flush_error:
-                outcome.failed += [(m, flush_error) for m in outcome.ok]
-                outcome.ok = []
-            else:
-                await self._ack(outcome.ok)
+        """Publish and ack what succeeded, schedule or dead-letter what failed. What
+        Redis could not take now is kept and finished first once it is back."""
         interrupted = 0
         for msg, exc in outcome.failed:
             if self._grace_over and isinstance(exc, TimeoutError):
                 interrupted += 1  # cut short by shutdown: left pending, handed back
                 continue
-            await self._fail(msg, exc)
+            letter = self._fail(msg, exc)
+            if letter is not None:
+                outcome.letters.append(letter)
         if interrupted:
             log.warning(
                 "%s/%s: shutdown grace over, %d handlers interrupted",
@@ -551,6 +784,63 @@ class Consumer:
                 self.name,
                 interrupted,
             )
+        outcome.failed = []
+        try:
+            await self._finish(outcome)
+        except Exception as exc:
+            if not redis_down(exc):
+                raise
+            log.warning(
+                "%s/%s: Redis unreachable while settling (%s); keeping %d handled and "
+                "%d entries to dead-letter until it is back",
+                self.stage,
+                self.name,
+                exc,
+                len(outcome.ok),
+                len(outcome.letters),
+            )
+            self._held.append(outcome)
+
+    async def _finish(self, outcome: _Outcome) -> None:
+        """Publish, ack, move dead letters; on an error the outcome holds what is left.
+
+        A publish that fails for a reason other than Redis being unreachable fails its
+        entries (they are retried as any failure); an outage propagates."""
+        if outcome.ok:
+            if outcome.outbox is not None and len(outcome.outbox):
+                try:
+                    await outcome.outbox.flush(self.client, self._url)
+                except Exception as exc:
+                    if redis_down(exc):
+                        raise
+                    failed, outcome.ok, outcome.outbox = outcome.ok, [], None
+                    for msg in failed:
+                        letter = self._fail(msg, exc)
+                        if letter is not None:
+                            outcome.letters.append(letter)
+            if outcome.ok:
+                await self._ack(outcome.ok)
+                outcome.ok = []
+        while outcome.letters:
+            msg, category, error = outcome.letters[0]
+            await self._dead_letter(msg, category, error)
+            outcome.letters.pop(0)
+
+    async def _settle_held(self) -> bool:
+        """Finish the work kept through an outage, oldest first; True once all is done."""
+        while self._held:
+            outcome = self._held[0]
+            try:
+                await self._finish(outcome)
+            except RedisUnavailable:
+                raise
+            except Exception as exc:  # READONLY, OOM...: still an outage to wait out
+                if redis_down(exc):
+                    raise RedisUnavailable(redact(self._url), exc) from exc
+                raise
+            self._held.pop(0)
+            log.warning("%s/%s: finished work kept through the outage", self.stage, self.name)
+        return True
 
     async def _ack(self, msgs: Sequence[Message[Any]]) -> None:
         by_stream: dict[str, list[str]] = {}
@@ -568,28 +858,33 @@ class Consumer:
         self.handled += len(msgs)
         self._notify("on_acked", self.stage, len(msgs))
 
-    async def _fail(self, msg: Message[Any], exc: BaseException) -> None:
-        if isinstance(exc, Defer):  # not a failure: the handler did not get to try
-            delay_ms = self._retry_delay_ms(msg, exc.delay_ms)
+    def _fail(self, msg: Message[Any], exc: BaseException) -> tuple[Message[Any], str, str] | None:
+        """Schedule a failed entry's retry; returns the dead letter to move instead, if any."""
+        if isinstance(exc, Defer) or redis_down(exc):
+            # not a failure of the entry: the handler did not get to try, or could not
+            # reach Redis. Redelivered later with its delivery count unchanged.
+            if isinstance(exc, Defer):
+                delay_ms = self._retry_delay_ms(msg, exc.delay_ms)
+            else:  # not sooner than a second: the handler's Redis may be down for long
+                delay_ms = min(self.settings.retry_max_ms, max(1_000, self._retry_delay_ms(msg)))
             self._retries[(msg.stream, msg.entry_id)] = _Due(
                 time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=False
             )
             self._notify("on_deferred", self.stage, msg, delay_ms, str(exc))
-            return
+            return None
         category = _category(exc)
         self._notify("on_failed", self.stage, msg, exc, category)
-        error = f"{type(exc).__name__}: {exc}"
+        error = _describe(exc)
         if isinstance(exc, Reject | MessageError):
-            await self._dead_letter(msg, category, error)
-            return
+            return (msg, category, error)
         if msg.attempts >= self.settings.max_deliveries:
             final = "timeout" if category == "timeout" else "max-deliveries"
-            await self._dead_letter(msg, final, f"{error} (after {msg.attempts} deliveries)")
-            return
+            return (msg, final, f"{error} (after {msg.attempts} deliveries)")
         delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Retry) else None)
         due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=True)
         self._retries[(msg.stream, msg.entry_id)] = due
         self._notify("on_retry", self.stage, msg, delay_ms)
+        return None
 
     async def _dead_letter(self, msg: Message[Any], category: str, error: str) -> None:
         moved = await self.dead_letters.move(
@@ -606,8 +901,10 @@ class Consumer:
 
     # ------------------------------------------------------------------ shutdown
     async def _shutdown(self) -> None:
-        """Hand back everything still pending for us, then delete our consumer."""
+        """Finish kept work, hand back everything still pending for us, then delete our
+        consumer."""
         try:
+            await self._settle_held()
             handed = 0
             for stream in self.keys.streams():
                 while True:
@@ -641,13 +938,13 @@ class Consumer:
                 log.warning(
                     "%s/%s: handed back %d unfinished entries", self.stage, self.name, handed
                 )
-        except (RedisUnavailable, GroupMissing) as exc:
+        except Exception as exc:  # whatever Redis does, shutting down goes on
             log.error(
                 "%s/%s: could not hand back pending entries (%s); another consumer will "
                 "claim them after claim_idle_ms",
                 self.stage,
                 self.name,
-                exc,
+                describe(exc),
             )
 
     def _notify(self, hook: str, *args: Any) -> None:
@@ -656,6 +953,11 @@ class Consumer:
                 getattr(mw, hook)(*args)
             except Exception:  # observers must never break consumption
                 log.exception("middleware %s.%s failed", type(mw).__name__, hook)
+
+
+def _step_name(step: Callable[..., Any]) -> str:
+    func = step.func if isinstance(step, partial) else step
+    return getattr(func, "__name__", repr(func))
 
 
 def _s(value: Any) -> str:

@@ -1,9 +1,16 @@
 """Dead letters: moving poison entries aside, and listing, inspecting, redriving, purging them.
 
-A dead letter keeps the original entry's fields verbatim, plus metadata fields that
-start with ``dlq:`` (origin stream and id, group, consumer, category, error, attempts,
-failed-at). Categories: ``decode``, ``validation``, ``handler``, ``max-deliveries``,
-``timeout``.
+A dead letter holds the original entry's fields verbatim, plus the runtime's own
+fields (origin stream and id, group, consumer, category, error, attempts, failed-at),
+named ``dlq:origin``, ``dlq:category``... An original field whose name itself starts
+with ``dlq:`` is stored as ``dlq:`` + its name (``dlq:x`` -> ``dlq:dlq:x``), so the
+two never mix and every original field comes back as it was (list, show, redrive).
+In ``redis-cli`` a dead letter reads as the original entry plus ``dlq:*`` fields.
+Dead letters written before the escaping (whose ``dlq:*`` originals were dropped)
+read the same way. An entry with more than 1,000 fields (too many for one Lua call)
+keeps them packed in one field, ``dlq:packed`` (JSON pairs, bytes as latin-1); it
+reads the same, but cannot be redriven. Categories: ``decode``, ``validation``, ``handler``,
+``max-deliveries``, ``timeout``.
 """
 
 from __future__ import annotations
@@ -13,15 +20,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from streams.connection import Client, translate
 from streams.keys import StageKeys
 from streams.message import Fields
 from streams.parse import entry_ms, parse_entries
-from streams.scripts import DEAD_LETTER, REDRIVE
+from streams.scripts import DEAD_LETTER, REDRIVE, Lua
 
 CATEGORIES = ("decode", "validation", "handler", "max-deliveries", "timeout")
 META = b"dlq:"
 MAX_ERROR_CHARS = 2_000
+MAX_INLINE_FIELDS = 1_000  # Lua's unpack() takes ~8,000 values at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +70,49 @@ class DeadLetter:
         }
 
 
-def _from_entry(entry_id: str, fields: Fields) -> DeadLetter:
+def _escape(name: bytes) -> bytes:
+    return META + name if name.startswith(META) else name
+
+
+def _pack(fields: Fields) -> bytes:
+    return orjson.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in fields.items()])
+
+
+def _unpack(packed: bytes) -> Fields:
+    try:
+        pairs = orjson.loads(packed)
+        return {k.encode("latin-1"): v.encode("latin-1") for k, v in pairs}
+    except (ValueError, TypeError, AttributeError):
+        return {b"dlq:packed": packed}  # not ours: shown as it is
+
+
+def split_fields(stored: Fields) -> tuple[dict[str, bytes], Fields]:
+    """A dead letter's fields -> (runtime's own by name, the original fields verbatim)."""
+    meta: dict[str, bytes] = {}
+    original: Fields = {}
+    for k, v in stored.items():
+        if not k.startswith(META):
+            original[k] = v
+        elif k.startswith(META + META):
+            original[k[len(META) :]] = v
+        else:
+            meta[k[len(META) :].decode(errors="replace")] = v
+    if "packed" in meta:
+        original.update(_unpack(meta.pop("packed")))
+    return meta, original
+
+
+def _from_entry(entry_id: str, stored: Fields) -> DeadLetter:
+    own, fields = split_fields(stored)
+
     def meta(name: str, default: str = "") -> str:
-        return fields.get(META + name.encode(), default.encode()).decode(errors="replace")
+        return own.get(name, default.encode()).decode(errors="replace")
+
+    def number(name: str) -> int:
+        try:
+            return int(meta(name, "0") or 0)
+        except ValueError:
+            return 0
 
     return DeadLetter(
         id=entry_id,
@@ -72,9 +122,9 @@ def _from_entry(entry_id: str, fields: Fields) -> DeadLetter:
         consumer=meta("consumer"),
         category=meta("category", "unknown"),
         error=meta("error"),
-        attempts=int(meta("attempts", "0") or 0),
-        failed_ms=int(meta("failed", "0") or 0),
-        fields={k: v for k, v in fields.items() if not k.startswith(META)},
+        attempts=number("attempts"),
+        failed_ms=number("failed"),
+        fields=fields,
     )
 
 
@@ -93,9 +143,11 @@ def dead_letter_args(
     if category not in CATEGORIES:
         raise ValueError(f"unknown dead-letter category {category!r}")
     args: list[bytes | str | int] = [keys.group, consumer, entry_id]
-    for k, v in fields.items():
-        if not k.startswith(META):
-            args += [k, v]
+    if len(fields) > MAX_INLINE_FIELDS:
+        args += [META + b"packed", _pack(fields)]
+    else:
+        for k, v in fields.items():
+            args += [_escape(k), v]
     meta = {
         "origin": stream,
         "origin_id": entry_id,
@@ -118,8 +170,8 @@ class DeadLetters:
         self.client = client
         self.keys = keys
         self.url = url
-        self._move = client.register_script(DEAD_LETTER)
-        self._redrive = client.register_script(REDRIVE)
+        self._move = Lua(client, DEAD_LETTER)
+        self._redrive = Lua(client, REDRIVE)
 
     async def move(
         self,
@@ -195,7 +247,8 @@ class DeadLetters:
         allowed = set(self.keys.streams())
         for dlq_id in dlq_ids:
             letter = await self.get(dlq_id)
-            if letter is None or letter.origin not in allowed:
+            too_many = letter is not None and len(letter.fields) > MAX_INLINE_FIELDS
+            if letter is None or letter.origin not in allowed or too_many:
                 result[dlq_id] = None
                 continue
             args: list[bytes | str] = [dlq_id]

@@ -20,7 +20,8 @@
 Any other exception from a handler is transient: retried with backoff until
 ``max_deliveries``, then dead-lettered with category "max-deliveries" (or "timeout"
 when the last attempt timed out). Redis driver errors are translated to these at one
-boundary, :func:`streams.connection.translate`.
+boundary, :func:`streams.connection.translate`, after :func:`streams.faults.classify`
+sorted them (transient, group missing, bug).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class ConfigError(StreamsError, ValueError):
 
 class RedisUnavailable(StreamsError):
     def __init__(self, url: str, cause: BaseException) -> None:
-        super().__init__(f"Redis at {url} is unavailable: {cause}")
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        super().__init__(f"Redis at {url} is unavailable: {text[:400]}")
         self.url = url
 
 

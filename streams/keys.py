@@ -1,28 +1,51 @@
 """Every Redis key trackstream uses, built in one place. This docstring is the key map.
 
-A stage (or one shard of a stage) owns one Redis Cluster hash tag, ``{stage}`` or
-``{stage.N}``, so all of its keys hash to one slot. That is what lets a dead-letter
-move (``XADD`` to the dead-letter stream + ``XACK`` on the stream) run as one atomic
-Lua script on a cluster. Different stages and shards use different tags and so
-spread across slots. ``prefix`` separates deployments sharing one Redis.
+A stage (or one shard of a stage) owns one Redis Cluster hash tag, so all of its keys
+hash to one slot. That is what lets a dead-letter move (``XADD`` to the dead-letter
+stream + ``XACK`` on the stream) run as one atomic Lua script on a cluster. The tag
+is the stage's name, ``{stage}``, unless :data:`PLACED` gives the stage another one;
+``prefix`` separates deployments sharing one Redis (it is outside the tag, so it
+does not move a stage to another slot).
 
 ======================================  ======  ==============================================
-key                                     type    what
+key (``{t}`` = the stage's tag)         type    what
 ======================================  ======  ==============================================
-``{p}:{stage}:stream``                  stream  the stage's input; consumer group ``stage``
-``{p}:{stage}:priority``                stream  urgent lane, served before ``stream``
-``{p}:{stage}:dlq``                     stream  dead letters: origin id, category, error, fields
-``{p}:{stage}:redriven``                set     dead-letter ids already redriven (redrive once)
-``{p}:{stage}:heartbeats``              hash    consumer name -> last heartbeat (unix ms)
-``{p}:{stage}:lease:{consumer}``        string  holder token of a consumer name (``SET NX PX``)
-``{p}:{stage}:lock:{name}``             string  a named lock of the stage (``SET NX PX``)
-``{p}:{stage}:fence:{name}``            string  fencing counter that goes with ``lock:{name}``
-``{p}:{stage}:state:{name}``            string  small state a stage shares across its workers
-``{p}:{stage}:ratelimit:{name}``        string  a rate limit shared by all workers (GCRA, µs)
+``{p}:{t}:stream``                      stream  the stage's input; consumer group ``stage``
+``{p}:{t}:priority``                    stream  urgent lane, served before ``stream``
+``{p}:{t}:dlq``                         stream  dead letters: origin id, category, error, fields
+``{p}:{t}:redriven``                    set     dead-letter ids already redriven (redrive once)
+``{p}:{t}:heartbeats``                  hash    consumer name -> last heartbeat (unix ms)
+``{p}:{t}:lease:{consumer}``            string  holder token of a consumer name (``SET NX PX``)
+``{p}:{t}:lock:{name}``                 string  a named lock of the stage (``SET NX PX``)
+``{p}:{t}:fence:{name}``                string  fencing counter that goes with ``lock:{name}``
+``{p}:{t}:state:{name}``                string  small state a stage shares across its workers
+``{p}:{t}:ratelimit:{name}``            string  a rate limit shared by all workers (GCRA, µs)
 ======================================  ======  ==============================================
 
-With ``shards > 1`` the tag is ``{stage.0}`` ... ``{stage.N-1}``; the consumer group
-is always named after the stage.
+Where the stages live on a cluster. ``redis-cli --cluster create`` with three
+masters gives them slots 0-5460, 5461-10922 and 10923-16383; the tags are picked so
+that the pipeline's stages spread over all three (one master's outage then stalls
+one or two stages, not all, and the load is shared):
+
+===============  =================  =====  ===============================
+stage            tag                slot   master (default 3-master split)
+===============  =================  =====  ===============================
+fetch            ``{fetch}``        1745   1st (0-5460)
+scheduler        ``{scheduler}``    5398   1st (0-5460)
+geocode          ``{geocode@2}``    8387   2nd (5461-10922)
+view-refresh     ``{view-refresh}`` 9757   2nd (5461-10922)
+geofence         ``{geofence@3}``   11589  3rd (10923-16383)
+===============  =================  =====  ===============================
+
+(``CLUSTER KEYSLOT`` of any key of the stage gives its slot; the test
+``test_stages_spread_over_three_masters`` checks this table against a real cluster.)
+Until this table existed every tag was ``{stage}``, and fetch, geocode, geofence and
+scheduler all hashed to the first master; geocode's and geofence's keys moved with it
+(see the README's upgrade note).
+
+With ``shards > 1`` the tag is ``{t.0}`` ... ``{t.N-1}`` (e.g. ``{geocode@2.3}``),
+which spread over the slots by their hash; the consumer group is always named after
+the stage.
 """
 
 from __future__ import annotations
@@ -31,6 +54,15 @@ import re
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+# stages whose hash tag is not their name: placed on the 2nd and 3rd master of a
+# default 3-master split (see the table above)
+PLACED: dict[str, str] = {"geocode": "geocode@2", "geofence": "geofence@3"}
+
+
+def stage_tag(stage: str) -> str:
+    """The hash-tag name of a stage (without the braces)."""
+    return PLACED.get(stage, stage)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -60,7 +92,8 @@ class StageKeys:
 
     @property
     def tag(self) -> str:
-        name = self.stage if self.shards == 1 else f"{self.stage}.{self.shard}"
+        base = stage_tag(self.stage)
+        name = base if self.shards == 1 else f"{base}.{self.shard}"
         return "{" + name + "}"
 
     @property

@@ -10,6 +10,13 @@ A stream entry has these fields (readable in ``redis-cli``)::
     trace     optional trace id carried from message to message
     data      the payload as JSON (orjson / pydantic-core)
 
+Reading is strict: ``v`` must be 1..the reader's ``VERSION``, ``attempt`` 0..1,000,000,
+and the whole entry at most ``max_bytes`` + 4 KiB (room for the envelope) in at most
+100 fields. Any
+failure while decoding or validating, whatever its exception (an ``OverflowError``
+from a date converted to UTC, a ``RecursionError``...), is a
+:class:`~streams.errors.MessageError`: the entry is dead-lettered, never a crash.
+
 Payload classes are pydantic models with class variables ``TYPE`` and ``VERSION``.
 A reader accepts versions up to its own ``VERSION``; a model may define
 ``upgrade(data: dict, from_version: int) -> dict`` to read older ones.
@@ -27,7 +34,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from streams.errors import DecodeError, MessageTooLarge, PayloadInvalid
+from streams.errors import DecodeError, MessageError, MessageTooLarge, PayloadInvalid
 
 Fields = dict[bytes, bytes]
 P = TypeVar("P", bound=BaseModel)
@@ -81,14 +88,33 @@ def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:
         raise DecodeError(f"field {name.decode()!r} is not UTF-8") from None
 
 
-def _int(fields: Mapping[bytes, bytes], name: bytes, default: int | None = None) -> int:
+def _int(
+    fields: Mapping[bytes, bytes],
+    name: bytes,
+    default: int | None = None,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+) -> int:
     if default is not None and name not in fields:
         return default
     raw = _text(fields, name)
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise DecodeError(f"field {name.decode()!r} is not an integer: {raw[:40]!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise DecodeError(f"field {name.decode()!r} is {value}, outside {low}..{high}")
+    return value
+
+
+ENVELOPE_ROOM = 4096  # bytes an entry may have beyond its payload when read
+MAX_ATTEMPT = 1_000_000
+MAX_FIELDS = 100  # an envelope has 7; more is not an entry of ours
+
+
+def entry_size(fields: Mapping[bytes, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in fields.items())
 
 
 class Codec:
@@ -102,8 +128,11 @@ class Codec:
 
     def register(self, model: type[BaseModel]) -> None:
         type_name = getattr(model, "TYPE", None)
-        if not isinstance(type_name, str) or not isinstance(getattr(model, "VERSION", None), int):
-            raise TypeError(f"{model.__name__} needs class variables TYPE: str and VERSION: int")
+        version = getattr(model, "VERSION", None)
+        if not isinstance(type_name, str) or not isinstance(version, int) or version < 1:
+            raise TypeError(
+                f"{model.__name__} needs class variables TYPE: str and VERSION: int >= 1"
+            )
         self._models[type_name] = model
 
     def types(self) -> list[str]:
@@ -136,24 +165,41 @@ class Codec:
         return fields
 
     def decode(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
+        """The envelope of an entry; any problem with it raises a MessageError."""
+        if len(fields) > MAX_FIELDS:
+            raise MessageTooLarge(
+                f"entry has {len(fields)} fields; an envelope has at most {MAX_FIELDS}"
+            )
+        size = entry_size(fields)
+        if size > self.max_bytes + ENVELOPE_ROOM:
+            raise MessageTooLarge(
+                f"entry is {size} bytes; max_message_bytes is {self.max_bytes} "
+                f"(+{ENVELOPE_ROOM} for the envelope)"
+            )
         try:  # the common case without per-field checks; errors take the careful path
             type_name = fields[b"type"].decode()
             model = self._models[type_name]
             version = int(fields[b"v"])
-            if version == model.VERSION:  # type: ignore[attr-defined]
+            attempt = int(fields.get(b"attempt", 0))
+            if version == model.VERSION and 0 <= attempt <= MAX_ATTEMPT:  # type: ignore[attr-defined]
                 trace = fields.get(b"trace")
                 return Envelope(
                     type=type_name,
                     version=version,
                     msg_id=fields[b"msg_id"].decode(),
                     produced_ms=int(fields.get(b"produced", 0)),
-                    attempt=int(fields.get(b"attempt", 0)),
+                    attempt=attempt,
                     trace=trace.decode(errors="replace") if trace else None,
                     payload=model.model_validate_json(fields[b"data"]),
                 )
-        except (KeyError, ValueError, UnicodeDecodeError):
-            pass  # ValidationError is a ValueError too: reported precisely below
-        return self._decode_carefully(fields)
+        except Exception:  # reported precisely by the careful path
+            pass
+        try:
+            return self._decode_carefully(fields)
+        except MessageError:
+            raise
+        except Exception as exc:  # a bug or a limit hit outside the payload's validation
+            raise DecodeError(f"undecodable entry: {type(exc).__name__}: {exc}") from None
 
     def _decode_carefully(self, fields: Mapping[bytes, bytes]) -> Envelope[Any]:
         type_name = _text(fields, b"type")
@@ -162,10 +208,13 @@ class Codec:
             raise DecodeError(
                 f"unknown message type {type_name!r}; known: {', '.join(self.types())}"
             )
-        version = _int(fields, b"v")
         latest: int = model.VERSION  # type: ignore[attr-defined]
+        version = _int(fields, b"v", low=1)
         if version > latest:
             raise DecodeError(f"{type_name} version {version} is newer than supported {latest}")
+        attempt = _int(fields, b"attempt", 0, low=0, high=MAX_ATTEMPT)
+        msg_id = _text(fields, b"msg_id")
+        produced_ms = _int(fields, b"produced", 0)
         data = fields.get(b"data")
         if data is None:
             raise DecodeError("field 'data' is missing")
@@ -184,13 +233,15 @@ class Codec:
             if any(e["type"] == "json_invalid" for e in exc.errors()):
                 raise DecodeError(f"payload is not JSON: {exc.errors()[0]['msg']}") from None
             raise PayloadInvalid(f"{type_name}: {_short(exc)}") from None
+        except Exception as exc:  # e.g. OverflowError from a validator: still this payload's fault
+            raise PayloadInvalid(f"{type_name}: {type(exc).__name__}: {exc}") from None
         trace = fields.get(b"trace")
         return Envelope(
             type=type_name,
             version=version,
-            msg_id=_text(fields, b"msg_id"),
-            produced_ms=_int(fields, b"produced", 0),
-            attempt=_int(fields, b"attempt", 0),
+            msg_id=msg_id,
+            produced_ms=produced_ms,
+            attempt=attempt,
             trace=trace.decode(errors="replace") if trace else None,
             payload=payload,
         )

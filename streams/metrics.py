@@ -14,6 +14,7 @@ trackstream_handle_duration_seconds            histogram  stage   (one batch)
 trackstream_batch_size                         histogram  stage
 trackstream_consumer_pending                   gauge      stage   (group pending)
 trackstream_consumer_lag                       gauge      stage   (group lag)
+trackstream_redis_errors_total                 counter    stage, kind, reason (streams.faults)
 =============================================  =========  ====================
 """
 
@@ -51,6 +52,14 @@ class StreamMetrics(Middleware):
         )
         self.claimed = counter("trackstream_messages_claimed", "Idle entries claimed")
         self.recreated = counter("trackstream_group_recreated", "Consumer groups recreated")
+        self.heartbeat_failures = counter(
+            "trackstream_heartbeat_failures", "Heartbeats of a worker that failed"
+        )
+        self.redis_errors = counter(
+            "trackstream_redis_errors",
+            "Steps that failed on Redis: transient, group-missing or bug (see streams.faults)",
+            ("stage", "kind", "reason"),
+        )
         self.duration = Histogram(
             "trackstream_handle_duration_seconds",
             "Time to handle one batch",
@@ -108,7 +117,13 @@ class StreamMetrics(Middleware):
     def on_group_recreated(self, stage: str, stream: str) -> None:
         self.recreated.labels(stage).inc()
 
+    def on_heartbeat_failed(self, stage: str, consumer: str, exc: BaseException) -> None:
+        self.heartbeat_failures.labels(stage).inc()
+
     def on_backlog(self, stage: str, pending: int, lag: int | None) -> None:
         self.pending.labels(stage).set(pending)
         if lag is not None:
             self.lag.labels(stage).set(lag)
+
+    def on_redis_error(self, stage: str, kind: str, reason: str) -> None:
+        self.redis_errors.labels(stage, kind, reason).inc()

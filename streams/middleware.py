@@ -47,6 +47,12 @@ class Middleware:
 
     def on_backlog(self, stage: str, pending: int, lag: int | None) -> None: ...
 
+    def on_heartbeat_failed(self, stage: str, consumer: str, exc: BaseException) -> None: ...
+
+    def on_redis_error(self, stage: str, kind: str, reason: str) -> None:
+        """A step failed on Redis; ``kind`` is transient, group-missing or bug
+        (see :mod:`streams.faults`), ``reason`` a short label."""
+
 
 class LoggingMiddleware(Middleware):
     """Structured-enough logs for failures, dead letters and recoveries."""

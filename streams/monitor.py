@@ -1,9 +1,19 @@
 """A typed picture of a stage shard from XINFO STREAM/GROUPS/CONSUMERS and XPENDING.
 
-``lag`` is what Redis reports (entries not yet delivered to the group). Redis reports
-it as null after deletions or trims in some ranges; then it is counted with XRANGE
-from the group's last-delivered id (capped at ``lag_count_cap``, flagged as a lower
-bound when the cap is hit).
+``lag`` is what Redis reports (entries not yet delivered to the group) unless the
+group's position contradicts it: Redis reports it as null after deletions or trims in
+some ranges, and after a failover a replica's counters can give a lag although the
+group has read up to the stream's last entry. The rule (:func:`checked_lag`):
+
+- last-delivered id >= the stream's last entry: lag is 0, whatever Redis says;
+- Redis says null, or a lag above the stream's length, or 0 while entries lie
+  beyond the group's position: the entries after the last-delivered id are counted
+  with XRANGE (capped at ``lag_count_cap``, flagged as a lower bound when the cap is
+  hit);
+- otherwise Redis's figure.
+
+``pending`` and the oldest pending entry come from one XPENDING summary, so an
+entry acked between two commands cannot make them disagree.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from redis import exceptions as rex
 from streams.connection import Client, translate
 from streams.keys import StageKeys
 from streams.parse import entry_ms, parse_entries
+from streams.scripts import READ_HEARTBEATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +113,35 @@ async def _count_after(client: Client, stream: str, after: str, cap: int) -> tup
     return n, False
 
 
+async def heartbeats(client: Client, keys: StageKeys) -> tuple[int, dict[str, int]]:
+    """Redis's time now and each consumer's last heartbeat (unix ms, both by the clock
+    of the Redis holding the stage, so the hosts' clocks do not matter)."""
+    # EVAL, not a registered script: on a cluster, loading one goes to every master
+    reply = await client.eval(READ_HEARTBEATS, 1, keys.heartbeats)
+    now_ms = int(reply[0])
+    return now_ms, {_s(k): int(v) for k, v in zip(reply[1::2], reply[2::2], strict=True)}
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def checked_lag(
+    reported: Any, last_delivered: str, last_entry: str | None, length: int
+) -> int | None:
+    """Redis's lag when the group's position agrees with it, 0 when the group has read
+    everything, None when the entries after the position must be counted."""
+    if last_entry is None or _id_key(last_delivered) >= _id_key(last_entry):
+        return 0
+    if reported is None:
+        return None
+    lag = int(reported)
+    if lag <= 0 or lag > length:  # entries lie beyond the position / more than exist
+        return None
+    return lag
+
+
 async def stream_status(
     client: Client, stream: str, group: str, *, now_ms: int, lag_count_cap: int = 100_000
 ) -> StreamStatus:
@@ -117,18 +157,21 @@ async def stream_status(
             stream, int(info["length"]), last_id, None, False, 0, None, None, None, False
         )
     last_delivered = _s(g["last-delivered-id"])
-    lag, exact = g.get("lag"), True
+    length = int(info["length"])
+    last_entry = info.get("last-entry")
+    last_entry_id = _s(last_entry[0]) if last_entry else None
+    lag, exact = checked_lag(g.get("lag"), last_delivered, last_entry_id, length), True
     if lag is None:
         lag, exact = await _count_after(client, stream, last_delivered, lag_count_cap)
-    pending = int(g["pending"])
+    summary = await client.xpending(stream, group)  # count and oldest in one reply
+    pending = int(summary["pending"] or 0)
     oldest_id = oldest_age = None
-    if pending:
-        summary = await client.xpending(stream, group)
+    if pending and summary.get("min"):
         oldest_id = _s(summary["min"])
         oldest_age = max(0, now_ms - entry_ms(oldest_id))
     return StreamStatus(
         stream=stream,
-        length=int(info["length"]),
+        length=length,
         last_id=last_id,
         lag=int(lag),
         lag_exact=exact,
@@ -141,12 +184,11 @@ async def stream_status(
 
 
 async def stage_status(client: Client, keys: StageKeys, url: str = "") -> StageStatus:
-    now_ms = time.time_ns() // 1_000_000
     with translate(url, keys.stream, keys.group):
+        now_ms, beats = await heartbeats(client, keys)  # ages by Redis's clock
         streams = [
             await stream_status(client, s, keys.group, now_ms=now_ms) for s in keys.streams()
         ]
-        beats = {_s(k): int(v) for k, v in (await client.hgetall(keys.heartbeats)).items()}
         merged: dict[str, tuple[int, int]] = {}
         for st in streams:
             if not st.group_exists:

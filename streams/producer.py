@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from streams.connection import Client, translate
 from streams.keys import StageKeys, shard_for
 from streams.message import Codec, Fields
-from streams.scripts import XADD_MANY
+from streams.scripts import XADD_MANY, Lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,8 @@ class Outbox:
         return len(self.entries)
 
     async def flush(self, client: Client, url: str = "") -> list[str]:
-        """Write everything, in order per stream; raises if any write failed.
+        """Write everything, in order per stream; raises if any write failed, keeping
+        the entries of the streams not written (same message ids) for a retry.
 
         All entries for one stream go in one ``XADD_MANY`` script call (one command, one
         reply), and the streams are written concurrently. Returns the new ids in the
@@ -91,7 +92,7 @@ class Outbox:
         groups: dict[str, list[int]] = {}
         for index, (stream, _) in enumerate(self.entries):
             groups.setdefault(stream, []).append(index)
-        xadd_many = client.register_script(XADD_MANY)
+        xadd_many = Lua(client, XADD_MANY)
 
         async def write(stream: str, indexes: list[int]) -> list[Any]:
             if len(indexes) == 1:
@@ -105,9 +106,22 @@ class Outbox:
             return list(await xadd_many(keys=[stream], args=args))
 
         with translate(url):
-            written = await asyncio.gather(*(write(s, ix) for s, ix in groups.items()))
+            written = await asyncio.gather(
+                *(write(s, ix) for s, ix in groups.items()), return_exceptions=True
+            )
+            errors = [w for w in written if isinstance(w, BaseException)]
+            if errors:  # keep only the streams not written, so a retry adds no copies
+                failed = {
+                    i
+                    for ix, w in zip(groups.values(), written, strict=True)
+                    if isinstance(w, BaseException)
+                    for i in ix
+                }
+                self.entries = [e for i, e in enumerate(self.entries) if i in failed]
+                raise errors[0]
         ids: list[str] = [""] * len(self.entries)
         for indexes, new_ids in zip(groups.values(), written, strict=True):
+            assert not isinstance(new_ids, BaseException)
             for i, new_id in zip(indexes, new_ids, strict=True):
                 ids[i] = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
         self.entries.clear()

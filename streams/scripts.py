@@ -5,6 +5,31 @@ another consumer claimed in the meantime is left alone.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as rex
+
+
+class Lua:
+    """A script run with EVALSHA on the node of its keys, and with EVAL there when that
+    node does not have it yet (a restart, a promoted replica). Never SCRIPT LOAD: on a
+    cluster redis-py sends that to every master, so one master down would stop the
+    scripts of healthy stages too. Called like redis-py's ``register_script``."""
+
+    def __init__(self, client: Any, text: str) -> None:
+        self.client = client
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            return await self.client.eval(self.text, len(keys), *keys, *args)
+
+
 # KEYS: stream, dlq. ARGV: group, consumer, entry id, field, value, ...
 # Moves a pending entry of `consumer` to the dead-letter stream and acks it.
 DEAD_LETTER = """
@@ -55,6 +80,23 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #p > 0 then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[2])
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+"""
+
+# KEYS: heartbeats. ARGV: consumer. Records Redis's own time (unix ms) as the
+# consumer's heartbeat, so the hosts' clocks do not matter; returns it.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now)
+return now
+"""
+
+# KEYS: heartbeats. Returns {now (unix ms by Redis's clock), consumer, beat, ...}.
+READ_HEARTBEATS = """
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
+return out
 """
 
 # KEYS: lock, fence. ARGV: token, ttl ms. Returns the fencing number, or false.

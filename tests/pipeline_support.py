@@ -14,8 +14,10 @@ from sqlalchemy import select
 from processors import topology
 from processors.clock import ManualClock
 from processors.config import load
+from processors.crossings import Fix as StoredFix
+from processors.crossings import evaluate_history
 from processors.geocoding import Address
-from processors.geofencing import GeofenceIndex, events_from_history
+from processors.geofencing import GeofenceIndex
 from processors.pipeline import Pipeline
 from processors.resilience import CircuitBreaker, RateLimiter
 from processors.sources import Fix, ResilientSource, SimulatedFleet
@@ -181,14 +183,18 @@ class Harness:
         )
 
     def expected_events(self) -> list[tuple[str, datetime, int, str]]:
-        """Enter/exit events computed independently from the stored history."""
+        """Enter/exit events computed from scratch from the stored history (the stage
+        computes them incrementally, in whatever order reports arrive)."""
         index = GeofenceIndex(self.db.run_sync(store.active_geofences))
         by_tracker: dict[str, list[Any]] = defaultdict(list)
         for r in self.reports():
-            by_tracker[r.tracker_id].append((r.observed_at, r.lat, r.lon))
+            by_tracker[r.tracker_id].append(
+                StoredFix(r.observed_at, r.lat, r.lon, r.accuracy_m, r.fetched_at)
+            )
+        rules = self.app.geofence_rules()
         expected = [
             (tracker, at, gid, kind)
-            for tracker, points in by_tracker.items()
-            for at, gid, kind in events_from_history(points, index)
+            for tracker, fixes in by_tracker.items()
+            for at, gid, kind in evaluate_history(index, rules, fixes)
         ]
         return sorted(expected)

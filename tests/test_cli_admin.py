@@ -135,6 +135,7 @@ def test_status_json_numbers_and_health_exit_codes(redis_target, unique_prefix):
         "geocode",
         "geofence",
         "view-refresh",
+        "notify",
     ]
     stages = {s["stage"]: s for s in report["stages"]}
     geo = stages[STAGE]

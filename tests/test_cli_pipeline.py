@@ -110,6 +110,35 @@ def test_db_upgrade_and_seed_with_clear_errors(db_url, tmp_path):
     assert count(db_url, Geofence) == 1
 
 
+def test_polygons_across_the_antimeridian_must_be_split(tmp_path):
+    db_url = f"sqlite:///{tmp_path}/am.db"
+    assert cli("db", "upgrade", db=db_url).exit_code == 0
+    unsplit = [[179.5, -17], [-179.5, -17], [-179.5, -16], [179.5, -16], [179.5, -17]]
+    feature = {
+        "type": "Feature",
+        "properties": {"name": "Fiji"},
+        "geometry": {"type": "Polygon", "coordinates": [unsplit]},
+    }
+    fences = tmp_path / "fiji.geojson"
+    fences.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    result = cli("seed", "--geofences", str(fences), db=db_url)
+    assert result.exit_code == 2
+    assert "crosses the antimeridian" in result.output and "MultiPolygon" in result.output
+    result = cli("geofence", "add", "Fiji", "--geojson", json.dumps(feature["geometry"]), db=db_url)
+    assert result.exit_code == 2 and "crosses the antimeridian" in result.output
+    assert count(db_url, Geofence) == 0
+
+    east = [[179.5, -17], [180, -17], [180, -16], [179.5, -16], [179.5, -17]]
+    west = [[-180, -17], [-179.5, -17], [-179.5, -16], [-180, -16], [-180, -17]]
+    split = {"type": "MultiPolygon", "coordinates": [[east], [west]]}
+    result = cli("geofence", "add", "Fiji", "--geojson", json.dumps(split), db=db_url)
+    assert result.exit_code == 0, result.output
+    result = cli("geofence", "add", "Suva", "--circle", "-18.14,178.44,900", db=db_url)
+    assert result.exit_code == 0, result.output
+    assert "LAT,LON,RADIUS_M" in cli("geofence", "add", "x", "--circle", "1,2", db=db_url).output
+    assert count(db_url, Geofence) == 2
+
+
 def test_database_errors_are_one_line_with_a_documented_exit_code(pg_server):
     dead = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/x"
     result = cli("db", "upgrade", db=dead)
@@ -144,7 +173,9 @@ def test_db_upgrade_says_what_it_did_and_version_is_shown(tmp_path):
 
 async def test_fetch_now_jumps_the_queue(standalone_target, unique_prefix, tmp_path):
     db_url = f"sqlite:///{tmp_path}/now.db"
-    h = Harness(standalone_target, unique_prefix, db_url, trackers=256, batch_size=1)
+    # one at a time: the lane is read first; with several in flight, which one reaches
+    # the source first depends on the fetch-time re-validation's database round trip
+    h = Harness(standalone_target, unique_prefix, db_url, trackers=256, batch_size=1, concurrency=1)
     try:
         batches = await h.scheduler.tick()
         assert len(batches) == 4

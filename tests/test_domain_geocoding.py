@@ -36,7 +36,13 @@ async def test_offline_geocoder_finds_known_cities() -> None:
             (0.0, -30.0),  # the middle of the Atlantic
         ]
     )
-    assert found[0] == Address("Rotterdam", "NL", "Netherlands", "Rotterdam, Netherlands")
+    assert found[0] == Address(
+        "Rotterdam",
+        "NL",
+        "Netherlands",
+        "Rotterdam, South Holland, Netherlands",
+        region="South Holland",
+    )
     assert [a.country_code for a in found] == ["NL", "NL", "BR", "US", "SG", None]
     assert found[2].city == "Santos" and found[3].city == "Los Angeles"
     assert found[5] == UNKNOWN

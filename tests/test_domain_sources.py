@@ -287,6 +287,11 @@ async def test_http_permanent_statuses_are_rejected(status: int) -> None:
         json.dumps({"reports": [report(lon="east")]}).encode(),
         json.dumps({"reports": [{"tracker_id": "T1"}]}).encode(),
         json.dumps({"reports": [report(accuracy_m=-1)]}).encode(),
+        json.dumps({"reports": [report(lat=True)]}).encode(),  # not 1.0
+        json.dumps({"reports": [report(observed_at=12.5)]}).encode(),  # not 1970
+        json.dumps({"reports": [report(observed_at="1714564800")]}).encode(),
+        json.dumps({"reports": [report(observed_at="0001-01-01T00:00:00+01:00")]}).encode(),
+        json.dumps({"reports": [report(tracker_id="T1\u0000")]}).encode(),
     ],
 )
 async def test_http_malformed_payloads_are_rejected(body: bytes) -> None:

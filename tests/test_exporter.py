@@ -231,19 +231,31 @@ async def test_freshness_metrics_from_the_database(
         with session_factory(engine).begin() as session:
             session.add_all(
                 [
-                    Tracker(external_id="T-1", name="fresh", last_processed_at=ago(minutes=2)),
-                    Tracker(external_id="T-2", name="stale", last_processed_at=ago(hours=3)),
+                    Tracker(
+                        external_id="T-1",
+                        name="fresh",
+                        last_processed_at=ago(minutes=2),
+                        last_fetched_at=ago(minutes=2),
+                    ),
+                    Tracker(
+                        external_id="T-2",
+                        name="stale",
+                        last_processed_at=ago(hours=3),
+                        last_fetched_at=ago(hours=3),
+                    ),
                     Tracker(
                         external_id="T-3",
                         name="inactive and older",
                         active=False,
                         last_processed_at=ago(days=9),
+                        last_fetched_at=ago(days=9),
                     ),
                     Tracker(
                         external_id="T-4",
                         name="production run over",
                         run_ends_at=ago(days=1),
                         last_processed_at=ago(days=8),
+                        last_fetched_at=ago(days=8),
                     ),
                 ]
             )
@@ -287,6 +299,9 @@ async def test_freshness_metrics_from_the_database(
     samples = scrape(registry)
     assert samples[("trackstream_exporter_scrape_errors_total", (("source", "database"),))] == 0
     assert plain(samples, "trackstream_stalest_tracker_age_seconds") == pytest.approx(3 * 3600)
+    assert plain(samples, "trackstream_trackers_in_run") == 2
+    assert plain(samples, "trackstream_trackers_stale") == 0
+    assert plain(samples, "trackstream_tracker_max_age_seconds") == 43_200
     assert plain(samples, "trackstream_reports_not_geocoded") == 2
     assert plain(samples, "trackstream_reports_not_checked") == 1
     assert plain(samples, "trackstream_exporter_up") == 1

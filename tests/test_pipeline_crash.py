@@ -56,7 +56,7 @@ async def entries_read(h: Harness, keys) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", topology.STAGES)
+@pytest.mark.parametrize("stage", list(UPSTREAM))  # notify's: tests/test_notify.py
 @pytest.mark.parametrize("where", ["standalone-sqlite", "cluster-postgresql"])
 async def test_sigkilled_stage_worker_loses_and_duplicates_nothing(
     stage, where, request, unique_prefix, tmp_path

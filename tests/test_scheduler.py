@@ -67,7 +67,16 @@ async def test_ten_thousand_trackers_fetched_every_12_hours_never_within_5_minut
     db_url = f"sqlite:///{tmp_path}/fair.db"
     upgrade(db_url)
     clock = ManualClock(START)
-    p = make_pipeline(standalone_target, unique_prefix, db_url, clock, max_batches_per_tick=2)
+    # nothing consumes the fetch stream here: a backlog bound (10/s x 300 s = 3,000
+    # requests) above the run's 1,560 keeps backpressure out of this test
+    p = make_pipeline(
+        standalone_target,
+        unique_prefix,
+        db_url,
+        clock,
+        max_batches_per_tick=2,
+        source_rate_per_s=10,
+    )
     try:
         ids = seed(p.db, 10_000)
         scheduler = p.scheduler()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -132,3 +133,86 @@ def test_optional_fields_default() -> None:
     v = ViewsChanged(views=["latest_location"], changed_at=T0)
     assert v.tracker_ids == []
     assert FetchRequested(batch_id="b", tracker_ids=["x"], requested_at=T0).priority is False
+
+
+# --- strict payloads -----------------------------------------------------------------
+
+GOOD_JSON = reported().model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lat", True, "valid number"),
+        ("lon", False, "valid number"),
+        ("lat", "51.9", "valid number"),
+        ("accuracy_m", True, "valid number"),
+        ("observed_at", 12.5, "ISO-8601"),
+        ("observed_at", 1_772_438_400, "ISO-8601"),
+        ("observed_at", True, "ISO-8601"),
+        ("observed_at", "12.5", "ISO-8601"),
+        ("observed_at", "1772438400", "ISO-8601"),
+        ("observed_at", "yesterday", "ISO-8601"),
+        ("observed_at", "2026-03-02", "no timezone"),
+        ("fetched_at", "0001-01-01T00:00:00+01:00", "out of range in UTC"),
+        ("fetched_at", "9999-12-31T23:30:00-01:00", "out of range in UTC"),
+        ("tracker_id", 17, "valid string"),
+        ("tracker_id", "SIM-\x0000001", "control characters"),
+        ("tracker_id", "SIM-00001\n", "control characters"),
+        ("tracker_id", "SIM\x7f", "control characters"),
+        ("tracker_id", "SIM\x85", "control characters"),
+        ("tracker_id", "x" * 129, "at most 128"),
+        ("source", "sim\x00", "control characters"),
+        ("source", "s" * 65, "at most 64"),
+    ],
+)
+def test_no_lenient_coercion(field: str, value: object, message: str) -> None:
+    """Each rejected form, from Python objects and from JSON (how the codec reads it)."""
+    data = {**GOOD_JSON, field: value}
+    with pytest.raises(ValidationError, match=message):
+        LocationReported.model_validate(data)
+    with pytest.raises(ValidationError, match=message):
+        LocationReported.model_validate_json(orjson.dumps(data))
+
+
+def test_overflowing_aware_datetime_is_a_validation_error() -> None:
+    early = datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1)))
+    with pytest.raises(ValidationError, match="out of range in UTC"):
+        reported(observed_at=early)
+
+
+def test_the_codecs_own_forms_still_validate() -> None:
+    r = reported(observed_at="2026-03-02T10:00:00+02:00", lat=52, lon=-4)  # ints are numbers
+    assert r.observed_at == T0 and r.lat == 52.0 and isinstance(r.lat, float)
+    codec = Codec(ALL_EVENTS)
+    assert codec.decode(codec.encode(r)).payload == r
+    assert reported(observed_at="2026-03-02T08:00:00.000001Z").observed_at.microsecond == 1
+
+
+def test_ids_names_and_flags_are_strict() -> None:
+    with pytest.raises(ValidationError, match="control characters"):
+        FetchRequested(batch_id="b", tracker_ids=["SIM-1", "SIM-\x002"], requested_at=T0)
+    with pytest.raises(ValidationError, match="control characters"):
+        FetchRequested(batch_id="b\t1", tracker_ids=["SIM-1"], requested_at=T0)
+    with pytest.raises(ValidationError, match="valid boolean"):
+        FetchRequested.model_validate(
+            {"batch_id": "b", "tracker_ids": ["x"], "requested_at": T0, "priority": 1}
+        )
+    with pytest.raises(ValidationError, match="control characters"):
+        ViewsChanged(views=["latest_location"], changed_at=T0, tracker_ids=["a\x00"])
+    with pytest.raises(ValidationError, match="control characters"):
+        ViewsChanged(views=["latest\x00location"], changed_at=T0)
+    geo = {"tracker_id": "SIM-1", "observed_at": T0, "lat": 0.0, "lon": 0.0}
+    for field, value, message in [
+        ("city", "Rotter\x00dam", "control characters"),
+        ("address", "Coolsingel\x00", "control characters"),
+        ("region", "South\nHolland", "control characters"),
+        ("district", "", "at least 1 character"),
+        ("country_code", "nl", "pattern"),
+        ("country_code", "NLD", "pattern"),
+        ("city", 5, "valid string"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            LocationGeocoded.model_validate({**geo, field: value})
+    g = LocationGeocoded.model_validate({**geo, "region": "Zuid-Holland", "district": "Centrum"})
+    assert (g.region, g.district) == ("Zuid-Holland", "Centrum")

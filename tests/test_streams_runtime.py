@@ -14,6 +14,7 @@ from streams.connection import connect
 from streams.consumer import Consumer
 from streams.deadletter import DeadLetters
 from streams.errors import Reject
+from streams.keys import StageKeys
 from streams.message import Codec
 from streams.metrics import StreamMetrics
 from streams.monitor import stage_status
@@ -22,6 +23,7 @@ from streams.producer import Producer, Route
 from streams.replay import replay_copy, replay_rewind
 from streams.retention import safe_trim
 from streams.worker import Worker
+from tests.conftest import RedisTarget
 from tests.support import Ping, fast_settings, run_until, wait_for
 
 
@@ -393,23 +395,50 @@ async def test_safe_trim_never_removes_unacknowledged_entries(env):
     assert await client.xlen(keys.stream) == 15
 
 
-async def test_stage_keys_share_a_slot_and_stages_spread(redis_target, unique_prefix):
+async def test_stage_keys_share_a_slot(redis_target, unique_prefix):
     settings = fast_settings(redis_target, unique_prefix)
     client = connect(settings)
     try:
-        slots = {}
         for stage in ("scheduler", "fetch", "geocode", "geofence", "view-refresh"):
-            k = Route(unique_prefix, stage).keys()
-            own = {
-                await client.cluster_keyslot(key) if redis_target.cluster else _slot(key)
-                for key in (k.stream, k.priority, k.dlq, k.heartbeats, k.redriven, k.lease("c"))
-            }
-            assert len(own) == 1, f"{stage} keys span slots {own}"
-            slots[stage] = own.pop()
-        assert len(set(slots.values())) > 1
-        if redis_target.cluster:
-            nodes = {await _node_of(client, s) for s in slots.values()}
-            assert len(nodes) > 1, "all stages landed on one cluster node"
+            for shard in range(3 if stage == "geocode" else 1):
+                k = StageKeys(unique_prefix, stage, shard, 3 if stage == "geocode" else 1)
+                own = {
+                    await client.cluster_keyslot(key) if redis_target.cluster else _slot(key)
+                    for key in (k.stream, k.priority, k.dlq, k.heartbeats, k.redriven, k.lease("c"))
+                }
+                assert len(own) == 1, f"{stage} keys span slots {own}"
+    finally:
+        await client.aclose()
+
+
+# the key map in streams/keys.py: stage -> (slot, master by slot range on a default
+# 3-master `redis-cli --cluster create` split: 0 = 0-5460, 1 = 5461-10922, 2 = the rest)
+PLACEMENT = {
+    "fetch": (1745, 0),
+    "scheduler": (5398, 0),
+    "geocode": (8387, 1),
+    "view-refresh": (9757, 1),
+    "geofence": (11589, 2),
+}
+
+
+async def test_stages_spread_over_three_masters(redis_cluster, unique_prefix):
+    """CLUSTER KEYSLOT and CLUSTER SLOTS of a real 3-master cluster (made by
+    ``redis-cli --cluster create``): the four stages sit on all three masters, as the
+    key map says."""
+    client = connect(fast_settings(RedisTarget(redis_cluster.url, True), unique_prefix))
+    try:
+        await client.initialize()
+        slots = await client.cluster_slots(target_nodes=client.get_random_node())
+        ranges = sorted((lo, hi, "{}:{}".format(*v["primary"])) for (lo, hi), v in slots.items())
+        assert [(lo, hi) for lo, hi, _ in ranges] == [(0, 5460), (5461, 10922), (10923, 16383)]
+        masters = {}
+        for stage, (slot, index) in PLACEMENT.items():
+            assert await client.cluster_keyslot(Route(unique_prefix, stage).keys().stream) == slot
+            lo, hi, master = ranges[index]
+            assert lo <= slot <= hi
+            masters[stage] = master
+        assert len({masters[s] for s in ("fetch", "geocode", "geofence", "view-refresh")}) == 3
     finally:
         await client.aclose()
 
@@ -422,11 +451,6 @@ def _slot(key: str) -> int:
     from redis.crc import key_slot
 
     return key_slot(key.encode())
-
-
-async def _node_of(client, slot: int) -> str:
-    node = client.nodes_manager.get_node_from_slot(slot)
-    return node.name
 
 
 async def test_a_restarted_worker_takes_its_old_name_back(env):

@@ -17,12 +17,16 @@ from tests.support import Ping
 
 
 def test_keys_of_a_stage_share_one_hash_tag():
-    k = StageKeys("ts", "geocode")
-    assert k.stream == "ts:{geocode}:stream"
-    assert k.dlq == "ts:{geocode}:dlq"
-    assert all("{geocode}" in key for key in (k.priority, k.heartbeats, k.lease("a"), k.lock("x")))
-    shard = StageKeys("ts", "geocode", 2, 4)
-    assert shard.stream == "ts:{geocode.2}:stream" and shard.group == "geocode"
+    k = StageKeys("ts", "work")
+    assert k.stream == "ts:{work}:stream"
+    assert k.dlq == "ts:{work}:dlq"
+    assert all("{work}" in key for key in (k.priority, k.heartbeats, k.lease("a"), k.lock("x")))
+    shard = StageKeys("ts", "work", 2, 4)
+    assert shard.stream == "ts:{work.2}:stream" and shard.group == "work"
+    # placed stages (the key map): another tag, the same group
+    geocode = StageKeys("ts", "geocode", 1, 2)
+    assert geocode.stream == "ts:{geocode@2.1}:stream" and geocode.group == "geocode"
+    assert StageKeys("ts", "geofence").dlq == "ts:{geofence@3}:dlq"
 
 
 @pytest.mark.parametrize("bad", ["", "Upper", "has space", "a{b}", "x" * 41, "1starts"])

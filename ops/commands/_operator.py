@@ -23,7 +23,7 @@ from redis import exceptions as rex
 
 from ops.common import console, fail
 from processors import topology
-from streams.connection import Client, connect, redact
+from streams.connection import Client, connect, probe, redact
 from streams.errors import RedisUnavailable
 from streams.keys import StageKeys
 from streams.monitor import ConsumerStatus, StageStatus
@@ -53,6 +53,7 @@ def run(settings: StreamSettings, body: Callable[[Client], Awaitable[T]]) -> T:
     (a cluster whose nodes cannot be reached, a reply error) become clear failures."""
 
     async def main() -> T:
+        await probe(settings)  # a wrong or silent Redis: one line and exit 3, not a hang
         client = connect(settings)
         try:
             return await body(client)
@@ -61,7 +62,12 @@ def run(settings: StreamSettings, body: Callable[[Client], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
-    except (rex.RedisClusterException, rex.ConnectionError, rex.TimeoutError) as exc:
+    except (
+        rex.RedisClusterException,
+        rex.ConnectionError,
+        rex.TimeoutError,
+        rex.InvalidResponse,
+    ) as exc:
         raise RedisUnavailable(redact(settings.redis_url), exc) from None
     except rex.ResponseError as exc:
         raise fail(f"Redis replied with an error: {exc}") from None

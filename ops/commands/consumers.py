@@ -3,7 +3,6 @@ not), and removing the dead ones, as the runtime does."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -27,7 +26,7 @@ from ops.commands._operator import (
 )
 from ops.common import console, err_console, handle_errors, options
 from streams.connection import Client
-from streams.monitor import ConsumerStatus, StageStatus, stage_status
+from streams.monitor import ConsumerStatus, StageStatus, heartbeats, stage_status
 from streams.scripts import DELETE_IDLE_CONSUMER
 
 
@@ -123,10 +122,7 @@ def register(app: typer.Typer) -> None:
                 if not names:
                     continue
                 # look again: a consumer may have come back since the listing
-                now_ms = time.time_ns() // 1_000_000
-                beats = {
-                    as_str(k): int(v) for k, v in (await client.hgetall(keys.heartbeats)).items()
-                }
+                now_ms, beats = await heartbeats(client, keys)  # by Redis's clock
                 lanes: dict[str, list[tuple[str, Any]]] = {}
                 for stream in keys.streams():
                     try:

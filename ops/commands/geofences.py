@@ -1,9 +1,11 @@
-"""``trackstream geofence``: list geofences, deactivate and reactivate them.
+"""``trackstream geofence``: list, add, deactivate and reactivate geofences.
 
-Every change goes through :mod:`schemas.store`, which bumps the geofences' version;
-the geofence stage sees it at its next batch, without a restart. (Edit the table by
-hand and nothing bumps it: the stage would keep its old index until the next write.)
-Events already recorded are not recomputed.
+Every change goes through :mod:`schemas.store`, which validates it (an unsplit polygon
+across the antimeridian is refused) and bumps the geofences' version; the geofence
+stage sees it at its next batch, without a restart, and evaluates each tracker's
+history again with the fences in force when it next checks one of its reports.
+(Edit the table by hand and nothing bumps it: the stage would keep its old index
+until the next write.) A deactivated fence keeps the events it has.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def _set_active(ctx: typer.Context, ids: list[int], active: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    geo = typer.Typer(help="Geofences: list, deactivate, activate.", no_args_is_help=True)
+    geo = typer.Typer(
+        help="Geofences: list, add, deactivate, activate; position quality.", no_args_is_help=True
+    )
     app.add_typer(geo, name="geofence")
 
     @geo.command("list")
@@ -93,6 +97,79 @@ def register(app: typer.Typer) -> None:
                 str(r["id"]), r["name"], "yes" if r["active"] else "no", r["shape"], r["updated_at"]
             )
         console.print(table)
+
+    @geo.command("quality")
+    @handle_errors
+    def quality(ctx: typer.Context, as_json: JsonOption = False) -> None:
+        """Reports by position-quality verdict: ok, or why they were rejected."""
+        from processors.crossings import OK, REASONS
+        from processors.database import Database
+        from schemas import geofence_store
+
+        _, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            counts = db.run_sync(geofence_store.fix_status_counts)
+        finally:
+            db.dispose()
+        rows = {k: counts.get(k, 0) for k in (OK, *REASONS, "unchecked")}
+        if as_json:
+            echo_json(rows)
+            return
+        table = Table(
+            title="location reports by verdict (rejected ones take no part in geofencing)"
+        )
+        table.add_column("verdict")
+        table.add_column("reports", justify="right")
+        for verdict, n in rows.items():
+            table.add_row(verdict, f"{n:,}")
+        console.print(table)
+
+    @geo.command("add")
+    @handle_errors
+    def add(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="the geofence's name")],
+        circle: Annotated[
+            str | None,
+            typer.Option(help="a circle: LAT,LON,RADIUS_M (e.g. 51.92,4.48,500)"),
+        ] = None,
+        geojson: Annotated[
+            str | None,
+            typer.Option(help="a GeoJSON Polygon/MultiPolygon: a file or the JSON itself"),
+        ] = None,
+    ) -> None:
+        """Add a circle or a polygon (split polygons that cross the antimeridian)."""
+        from pathlib import Path
+
+        from processors.database import Database
+        from schemas import store
+
+        if (circle is None) == (geojson is None):
+            raise fail("give exactly one of --circle LAT,LON,RADIUS_M or --geojson", 2)
+        fields: dict[str, Any]
+        if circle is not None:
+            parts = circle.split(",")
+            if len(parts) != 3:
+                raise fail(f"--circle takes LAT,LON,RADIUS_M, not {circle!r}", 2)
+            lat, lon, radius = (p.strip() for p in parts)
+            fields = {"kind": "circle", "center_lat": lat, "center_lon": lon, "radius_m": radius}
+        else:
+            assert geojson is not None
+            path = Path(geojson)
+            raw = path.read_text() if not geojson.lstrip().startswith("{") else geojson
+            fields = {"kind": "polygon", "geometry_geojson": raw}
+        _, app_settings = options(ctx).settings()
+        db = Database(app_settings.database_url)
+        try:
+            fields = store.validate_geofence(name=name, **fields)
+            fields.pop("name")
+            gid = db.run_sync(lambda s: store.add_geofence(s, name, **fields).id)
+        except store.InvalidGeofence as exc:
+            raise fail(f"{exc}; nothing added", 2) from None
+        finally:
+            db.dispose()
+        console.print(f"added geofence {gid} ({name})")
 
     @geo.command("deactivate")
     @handle_errors

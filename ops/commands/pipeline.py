@@ -13,6 +13,7 @@ import typer
 
 from ops.common import console, fail, handle_errors, options, setup_logging
 from processors import topology
+from streams.connection import probe
 
 log = logging.getLogger("trackstream")
 
@@ -40,13 +41,27 @@ async def _stop_on_signal(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _every(interval_s: float, stop: asyncio.Event, step: object) -> None:
-    """Run ``step()`` every ``interval_s`` until ``stop``; a failed round is logged."""
+async def _every(
+    interval_s: float, stop: asyncio.Event, step: object, grace_s: float = 5.0
+) -> None:
+    """Run ``step()`` every ``interval_s`` until ``stop``; a failed round is logged. A
+    round still running ``grace_s`` after ``stop`` (Redis not answering) is cancelled."""
     while not stop.is_set():
-        try:
-            await step()  # type: ignore[operator]
-        except Exception:
-            log.exception("round failed; trying again in %.1f s", interval_s)
+        round_ = asyncio.ensure_future(step())  # type: ignore[operator]
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({round_, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not round_.done():
+            await asyncio.wait({round_}, timeout=grace_s)
+            if not round_.done():
+                log.error("round still running %.0f s after stop; cancelled", grace_s)
+                round_.cancel()
+                await asyncio.wait({round_}, timeout=1)
+                return
+        if not round_.cancelled() and round_.exception() is not None:
+            log.error(
+                "round failed; trying again in %.1f s", interval_s, exc_info=round_.exception()
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
 
@@ -58,7 +73,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         stage: Annotated[
             str,
-            typer.Argument(help="fetch | geocode | geofence | view-refresh", callback=_stage_arg),
+            typer.Argument(
+                help="fetch | geocode | geofence | view-refresh | notify", callback=_stage_arg
+            ),
         ],
         concurrency: Annotated[int | None, typer.Option(min=1, help="messages at once")] = None,
         consumer: Annotated[
@@ -75,6 +92,7 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             _serve_metrics(app_settings.metrics_port, app_settings.metrics_host, pipeline.registry)
             w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
@@ -92,19 +110,23 @@ def register(app: typer.Typer) -> None:
         once: Annotated[bool, typer.Option(help="one tick, then exit")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
-        """Publish fetch batches of eligible trackers, fairly, every schedule interval."""
+        """Publish fetch batches of due trackers, most overdue first, every schedule
+        interval, never more than the fetch stage can absorb (fetch_backlog_s)."""
         from processors.pipeline import Pipeline
 
         setup_logging(verbose)
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             sched = pipeline.scheduler()
             try:
                 if once:
                     batches = await sched.tick()
                     console.print(f"published {len(batches)} batches")
+                    if sched.last_report is not None:
+                        console.print(sched.last_report.summary())
                     return
                 stop = asyncio.Event()
                 await _stop_on_signal(stop)
@@ -128,6 +150,7 @@ def register(app: typer.Typer) -> None:
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
+            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
             pipeline = Pipeline(stream_settings, app_settings)
             rec = pipeline.reconciler()
 

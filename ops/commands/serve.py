@@ -100,7 +100,11 @@ def register(app: typer.Typer) -> None:
         setup_logging(verbose)
         stream_settings, app_settings = options(ctx).settings()
         database_url = _database_for_exporter(app_settings.database_url, database)
-        collector = PipelineCollector(stream_settings, database_url=database_url)
+        collector = PipelineCollector(
+            stream_settings,
+            database_url=database_url,
+            max_tracker_age_s=app_settings.max_tracker_age_s,
+        )
         registry = CollectorRegistry()
         registry.register(collector)
         server, thread = serve_metrics(registry, host, port)

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ops.commands import _freshness
 from ops.commands._operator import (
     JsonOption,
     age_text,
@@ -275,19 +276,40 @@ def register(app: typer.Typer) -> None:
                 help="breach when a stage has no live consumer (fresh heartbeat)",
             ),
         ] = True,
+        database: Annotated[
+            bool,
+            typer.Option(
+                "--database/--no-database",
+                help="show freshness from the database (trackers past max_tracker_age_s, "
+                "the least recently fetched); a tracker past it is a breach",
+            ),
+        ] = True,
+        max_tracker_age_s: Annotated[
+            float | None,
+            typer.Option(min=0, help="breach when a tracker was last fetched longer ago"),
+        ] = None,
     ) -> None:
         """Every stage: lag, pending, oldest pending age, consumers, dead letters, throughput.
 
         Exits 1 (printing the reasons) when a stage breaches a threshold, so it doubles as
         a health check.
         """
-        settings, _ = options(ctx).settings()
+        settings, app_settings = options(ctx).settings()
         limits = Thresholds(
             max_lag, max_pending_age_s, require_consumers, settings.consumer_dead_after_ms
         )
         all_keys = [k for stage in topology.STAGES for k in stage_shards(settings, stage)]
         url = settings.redis_url
         last: dict[str, Any] = {}
+
+        async def report_of(client: Client, views: list[StageView]) -> dict[str, Any]:
+            report = _report(views, limits, settings)
+            info = await _freshness.fleet(client, settings, app_settings, database)
+            fleet_breaches = _freshness.breaches(info, max_tracker_age_s)
+            report.update(info)
+            report["breaches"] = [*report["breaches"], *fleet_breaches]
+            report["healthy"] = not report["breaches"]
+            return report
 
         def views_of(samples: list[Sample], previous: list[Sample] | None) -> list[StageView]:
             before = previous or [None] * len(samples)  # type: ignore[list-item]
@@ -299,11 +321,13 @@ def register(app: typer.Typer) -> None:
                 previous = await _sample_all(client, all_keys, url)
                 await asyncio.sleep(interval)
             views = views_of(await _sample_all(client, all_keys, url), previous)
-            last["report"] = _report(views, limits, settings)
+            last["report"] = await report_of(client, views)
             if as_json:
                 echo_json(last["report"])
             else:
                 console.print(_status_tables(views, limits, settings))
+                for line in _freshness.lines(last["report"]):
+                    console.print(line)
 
         async def watching(client: Client) -> None:
             every = interval or 2.0
@@ -319,7 +343,7 @@ def register(app: typer.Typer) -> None:
                     samples = await _sample_all(client, all_keys, url)
                     views = views_of(samples, previous)
                     previous = samples
-                    last["report"] = _report(views, limits, settings)
+                    last["report"] = await report_of(client, views)
                     n += 1
                     if live is not None:
                         footer = Text(
@@ -329,6 +353,7 @@ def register(app: typer.Typer) -> None:
                         live.update(
                             Group(
                                 _status_tables(views, limits, settings, show_breaches=True),
+                                *_freshness.lines(last["report"]),
                                 footer,
                             ),
                             refresh=True,

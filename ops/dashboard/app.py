@@ -14,6 +14,7 @@ GET         /api/stages/{stage}/dlq/{id}            one dead letter, with its or
 POST        /api/stages/{stage}/dlq/{id}/redrive    redrive one dead letter          (token)
 POST        /api/stages/{stage}/dlq/redrive         redrive ``{"ids": [...]}``        (token)
 DELETE      /api/stages/{stage}/dlq/{id}            delete one dead letter           (token)
+GET         /api/webhooks                           subscriptions, latest delivery attempts
 ==========  ======================================  ==========================================
 
 Mutating endpoints need ``Authorization: Bearer <dashboard_token>`` (compared in
@@ -40,6 +41,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ops.dashboard.throughput import Throughput
+from ops.dashboard.webhooks import webhooks
 from ops.exporter import backlog, client_settings, pipeline_keys
 from processors.config import AppSettings
 from streams.connection import Client, connect, redact
@@ -343,6 +345,8 @@ def create_app(
             yield
         finally:
             await dashboard.aclose()
+            if getattr(app.state, "webhook_db", None) is not None:
+                app.state.webhook_db.dispose()
 
     stage = "/api/stages/{stage}"
     app = Starlette(
@@ -357,6 +361,7 @@ def create_app(
             Route(f"{stage}/dlq/{{id}}/redrive", redrive_one, methods=["POST"]),
             Route(f"{stage}/dlq/{{id}}", show_dead_letter, methods=["GET"]),
             Route(f"{stage}/dlq/{{id}}", delete_dead_letter, methods=["DELETE"]),
+            Route("/api/webhooks", webhooks),
         ],
         exception_handlers={
             HTTPException: _http_error,
@@ -369,5 +374,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.dashboard = dashboard
+    app.state.database_url = app_settings.database_url
     app.state.page = resources.files("ops.dashboard").joinpath("index.html").read_text("utf-8")
     return app

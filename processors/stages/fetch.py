@@ -20,6 +20,7 @@ from typing import Any
 from processors.clock import Clock
 from processors.database import Database
 from processors.resilience import CircuitOpen
+from processors.revalidate import FetchRevalidator
 from processors.sources import LocationSource, SourceRejected, SourceUnavailable
 from processors.topology import GEOCODE
 from schemas import store
@@ -34,12 +35,18 @@ log = logging.getLogger("trackstream.fetch")
 
 class FetchStage:
     def __init__(
-        self, db: Database, source: LocationSource, routes: dict[str, Route], clock: Clock
+        self,
+        db: Database,
+        source: LocationSource,
+        routes: dict[str, Route],
+        clock: Clock,
+        revalidator: FetchRevalidator | None = None,
     ):
         self.db = db
         self.source = source
         self.downstream = routes[GEOCODE]
         self.clock = clock
+        self.revalidator = revalidator
         self.reports_new = 0
 
     def _blocked_for_s(self) -> float:
@@ -59,6 +66,10 @@ class FetchStage:
 
     async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
         request = msg.payload
+        if self.revalidator is not None:  # the 5-minute floor and runs, now (revalidate.py)
+            if (admitted := await self.revalidator.admit(request)) is None:
+                return
+            request = admitted
         try:
             fixes = await self.source.fetch(request.tracker_ids)
         except CircuitOpen as exc:
@@ -91,6 +102,8 @@ class FetchStage:
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
+        if self.revalidator is not None:
+            await self.revalidator.fetched(request.tracker_ids, now)
 
 
 def _store(session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any) -> Any:

@@ -37,6 +37,8 @@ class GeocodeStage:
                 country_code=a.country_code,
                 country=a.country,
                 address=a.address,
+                region=a.region,
+                district=a.district,
             )
             for r, a in zip(reports, addresses, strict=True)
         ]

@@ -1,39 +1,99 @@
-"""geofence: LocationGeocoded -> enter/exit events -> ViewsChanged.
+"""geofence: LocationGeocoded -> fix verdicts, enter/exit events -> ViewsChanged.
 
-Events are a function of the set of stored reports, not of delivery order: checking
-report r recomputes the transition at r (from its predecessor by observed_at) and at
-its successor (from r), under a per-tracker lock, replacing whatever events stood at
-those two instants. A late report therefore corrects its successor's event, and a
-redelivery rewrites the same rows. Geofences are reloaded when their version in the
-database changes, so edits apply without a restart.
+A batch is checked set-based (:func:`check_batch`, a constant number of statements):
+its trackers are locked in key order, each tracker's window of stored reports is read
+in one query, the rules of :mod:`processors.crossings` run in memory (geometry
+vectorised over the batch), and verdicts, states, checked marks and events are
+written in one UPDATE, one DELETE and one INSERT. Events stay a pure function of the
+stored history: a late or repeated report recomputes from the accepted report before
+it forward, until the stored state agrees again. If the batch fails (a bad row), each
+report is checked again on its own, each in a fresh transaction, so only the bad one
+fails. Geofences are reloaded when their version in the database changes; after a
+change each tracker's history is evaluated again, with the fences in force.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from sqlalchemy import exc as sa_exc
+
 from processors.clock import Clock
+from processors.crossings import (
+    OK,
+    REASONS,
+    Fix,
+    Rules,
+    Window,
+    evaluate,
+    from_us,
+    state_prefix,
+    to_us,
+)
 from processors.database import Database
-from processors.geofencing import GeofenceIndex, transitions
-from processors.topology import VIEW_REFRESH
-from schemas import store
+from processors.geofencing import GeofenceIndex
+from processors.topology import NOTIFY, VIEW_REFRESH
+from schemas import geofence_store, store
 from schemas.events import LocationGeocoded, ViewsChanged
+from schemas.notify import GeofenceEvent
 from schemas.views import VIEW_NAMES
 from streams.consumer import Context
 from streams.message import Message
 from streams.producer import Route
 
+log = logging.getLogger("trackstream.geofence")
+
+LOOKAHEAD = 1  # reports read past a tracker's last one in the batch (more if needed)
+
+
+@dataclass
+class BatchResult:
+    """What :func:`check_batch` did: events written (the recomputed windows' events, as
+    ``(tracker, geofence, at, kind)``: what to notify, again on a redelivery), the events
+    that did not exist before, fixes newly rejected per reason, and the batch items that
+    failed."""
+
+    written: int = 0
+    events: list[tuple[str, int, datetime, str]] = field(default_factory=list)
+    new_events: list[tuple[str, int, datetime, str]] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    stale: bool = False  # the fences changed: reload them and check again
+
 
 class GeofenceStage:
-    def __init__(self, db: Database, routes: dict[str, Route], clock: Clock):
+    def __init__(
+        self,
+        db: Database,
+        routes: dict[str, Route],
+        clock: Clock,
+        rules: Rules | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
         self.db = db
         self.downstream = routes[VIEW_REFRESH]
+        self.notify = routes[NOTIFY]
         self.clock = clock
+        self.rules = rules or Rules()
         self._index: GeofenceIndex | None = None
         self._version: Any = None
         self.events_written = 0
+        self.rejected: Counter[str] = Counter()
+        self._rejected_metric = PromCounter(
+            "trackstream_fixes_rejected_total",
+            "Location reports rejected before geofencing, by reason",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+        for reason in REASONS:
+            self._rejected_metric.labels(reason)
 
     async def index(self) -> GeofenceIndex:
         version = await self.db.run(store.geofences_version)
@@ -45,13 +105,51 @@ class GeofenceStage:
     async def handle_batch(
         self, msgs: Sequence[Message[LocationGeocoded]], ctx: Context
     ) -> Mapping[str, BaseException] | None:
-        index = await self.index()
+        index = self._index if self._index is not None else await self.index()
         now = self.clock()
         payloads = [m.payload for m in msgs]
-        written, failed = await self.db.run(check_batch, index, payloads, now)
-        self.events_written += written
-        failures: dict[str, BaseException] = {msgs[i].entry_id: exc for i, exc in failed.items()}
-        trackers = {p.tracker_id for i, p in enumerate(payloads) if i not in failed}
+        try:
+            # the fences' version is checked in the batch's own transaction
+            result = await self.db.run(check_batch, index, self.rules, payloads, now, self._version)
+            if result.stale:
+                index = await self.index()
+                result = await self.db.run(check_batch, index, self.rules, payloads, now)
+        except Exception as exc:
+            if _transient(exc):
+                raise  # the whole batch is retried
+            log.warning("geofence batch of %d failed (%s); checking one by one", len(msgs), exc)
+            result = BatchResult()
+            for i, p in enumerate(payloads):
+                try:  # a fresh session and transaction per report
+                    one = await self.db.run(check_batch, index, self.rules, [p], now)
+                except Exception as one_exc:
+                    if _transient(one_exc):
+                        raise
+                    result.failed[i] = one_exc
+                    continue
+                result.written += one.written
+                result.events += one.events
+                result.new_events += one.new_events
+                result.rejected.update(one.rejected)
+                if one.failed:
+                    result.failed[i] = next(iter(one.failed.values()))
+        self.events_written += result.written
+        for reason, n in result.rejected.items():
+            self.rejected[reason] += n
+            self._rejected_metric.labels(reason).inc(n)
+        # notify: every event of the recomputed windows, not only new ones, so that a
+        # redelivery after a crash between commit and publish still notifies (the notify
+        # stage drops repeats by the event's natural key)
+        for tracker, geofence, at, kind in result.events:
+            ctx.publish(
+                self.notify,
+                GeofenceEvent(tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=kind),
+                partition_key=tracker,
+            )
+        failures: dict[str, BaseException] = {
+            msgs[i].entry_id: exc for i, exc in result.failed.items()
+        }
+        trackers = {p.tracker_id for i, p in enumerate(payloads) if i not in result.failed}
         if trackers:
             ctx.publish(
                 self.downstream,
@@ -60,37 +158,97 @@ class GeofenceStage:
         return failures
 
 
+def _transient(exc: BaseException) -> bool:
+    """A database that is away or busy, not a bad row: retry the batch as a whole."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+
+
 def check_batch(
-    session: Any, index: GeofenceIndex, items: Sequence[LocationGeocoded], now: datetime
-) -> tuple[int, dict[int, BaseException]]:
-    """Check a batch in one transaction, each report in a savepoint so one failure does
-    not fail the rest. Trackers are locked in sorted order: no deadlock between
-    consumers whose batches share trackers."""
-    written = 0
-    failed: dict[int, BaseException] = {}
-    for i in sorted(range(len(items)), key=lambda i: (items[i].tracker_id, items[i].observed_at)):
-        try:
-            with session.begin_nested():
-                written += check_report(session, index, items[i], now)
-        except Exception as exc:
-            failed[i] = exc
-    return written, failed
+    session: Any,
+    index: GeofenceIndex,
+    rules: Rules,
+    items: Sequence[LocationGeocoded],
+    now: datetime,
+    fences_version: Any = None,
+) -> BatchResult:
+    """Checks a batch of reports in the caller's transaction (see the module docstring).
+    With ``fences_version``: first makes sure the fences are still that version, else
+    returns a result marked ``stale`` having done nothing."""
+    result = BatchResult()
+    if fences_version is not None and store.geofences_version(session) != fences_version:
+        result.stale = True
+        return result
+    wanted: dict[tuple[str, datetime], list[int]] = {}
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    for i, g in enumerate(items):
+        wanted.setdefault((g.tracker_id, g.observed_at), []).append(i)
+        lo, hi = spans.get(g.tracker_id, (g.observed_at, g.observed_at))
+        spans[g.tracker_id] = (min(lo, g.observed_at), max(hi, g.observed_at))
+    geofence_store.lock_trackers(session, list(spans))
+    prefix = state_prefix(index, rules)
+    loaded = geofence_store.load_windows(session, spans, prefix, LOOKAHEAD)
+    outcomes = _evaluate(index, rules, loaded, spans)
+    again = [o.tracker_id for o in outcomes if not o.converged and loaded[o.tracker_id].truncated]
+    if again:  # the stored states did not agree within the lookahead: read to the end
+        more = geofence_store.load_windows(
+            session, {t: spans[t] for t in again}, prefix, lookahead=None
+        )
+        outcomes = [o for o in outcomes if o.tracker_id not in more]
+        outcomes += _evaluate(index, rules, more, spans)
+
+    statuses: list[geofence_store.StatusRow] = []
+    windows: list[tuple[str, datetime | None, datetime | None]] = []
+    events: list[geofence_store.EventRow] = []
+    found: set[tuple[str, datetime]] = set()
+    for o in outcomes:
+        lo = from_us(o.lo_us) if o.lo_us is not None else None
+        windows.append((o.tracker_id, lo, from_us(o.hi_us) if o.hi_us is not None else None))
+        for fix, status, state, evs in o.results:
+            key = (o.tracker_id, fix.observed_at)
+            checked = key in wanted
+            if checked:
+                found.add(key)
+            if checked or (fix.status is not None and (fix.status, fix.state) != (status, state)):
+                assert fix.id is not None
+                statuses.append(geofence_store.StatusRow(fix.id, status, state, checked))
+                if status != OK and fix.status != status:
+                    result.rejected[status] += 1
+            for gid, at_us, kind in evs:
+                events.append(
+                    geofence_store.EventRow(
+                        o.tracker_id, gid, from_us(at_us), kind, fix.observed_at
+                    )
+                )
+    for key, idx in wanted.items():
+        if key not in found:  # fetch always stores before publishing
+            for i in idx:
+                result.failed[i] = LookupError(
+                    f"report {key[0]}@{key[1].isoformat()} is not stored"
+                )
+    deleted = geofence_store.save(
+        session, statuses, windows, events, [int(g) for g in index.ids], now
+    )
+    before = set(deleted)
+    result.written = len(events)
+    result.events = [(e.tracker_id, e.geofence_id, e.observed_at, e.kind) for e in events]
+    result.new_events = [e for e in result.events if e not in before]
+    return result
 
 
-def check_report(session: Any, index: GeofenceIndex, g: LocationGeocoded, now: datetime) -> int:
-    """Recompute the transitions at the report and at its successor; returns events stored."""
-    store.lock_tracker(session, g.tracker_id)
-    prev, cur, nxt = store.report_with_neighbours(session, g.tracker_id, g.observed_at)
-    if cur is None:  # not stored (yet): fetch always stores before publishing
-        raise LookupError(f"report {g.tracker_id}@{g.observed_at.isoformat()} is not stored")
-    prev_in = index.members(prev.lat, prev.lon) if prev is not None else None
-    cur_in = index.members(cur.lat, cur.lon)
-    at_cur = transitions(prev_in, cur_in)
-    store.replace_events_at(session, g.tracker_id, cur.observed_at, at_cur)
-    written = len(at_cur)
-    if nxt is not None:
-        at_next = transitions(cur_in, index.members(nxt.lat, nxt.lon))
-        store.replace_events_at(session, g.tracker_id, nxt.observed_at, at_next)
-        written += len(at_next)
-    store.mark_geofence_checked(session, [(g.tracker_id, g.observed_at)], now)
-    return written
+def _evaluate(
+    index: GeofenceIndex,
+    rules: Rules,
+    loaded: Mapping[str, geofence_store.TrackerWindow],
+    spans: Mapping[str, tuple[datetime, datetime]],
+) -> list[Any]:
+    windows = []
+    for tracker, w in loaded.items():
+        fixes = [
+            Fix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
+            for row_id, _, obs, lat, lon, acc, fetched, status, state, *_ in w.rows
+        ]
+        stop_after = to_us(spans[tracker][1])
+        windows.append(Window(tracker, fixes, anchored=w.anchored, stop_after_us=stop_after))
+    return evaluate(index, rules, windows)

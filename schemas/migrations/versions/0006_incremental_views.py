@@ -5,7 +5,7 @@ and geofence) and ``view_changes`` (what changed since the last refresh). See
 :mod:`schemas.views`.
 
 Revision ID: 0006
-Revises: 0002
+Revises: 0007 (0002 on its branch; re-chained after merging main)
 Create Date: 2026-12-02
 """
 
@@ -19,7 +19,7 @@ from sqlalchemy import text
 from schemas import views
 
 revision: str = "0006"
-down_revision: str | None = "0002"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
