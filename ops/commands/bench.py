@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 min=100,
-                help="messages through the pass-through pipeline [default: 20,000; "
-                "with --pipeline 10,000, 3 rounds]",
+                help="messages through the pass-through pipeline (default 20,000; "
+                "with --pipeline 10,000, 3 rounds)",
             ),
         ] = None,
         batch: Annotated[int, typer.Option(min=1, max=10_000, help="entries per read")] = 200,
