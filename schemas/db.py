@@ -99,14 +99,14 @@ def _sqlite_engine(u: URL, **kwargs: Any) -> Engine:
 def include_object(
     obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
-    """For alembic autogenerate: skip the views (tables on SQLite) that
+    """For alembic autogenerate: skip the views and their tables that
     :mod:`schemas.views` owns."""
-    from schemas.views import VIEW_NAMES
+    from schemas.views import OWNED_TABLES
 
-    if type_ == "table" and name in VIEW_NAMES:
+    if type_ == "table" and name in OWNED_TABLES:
         return False
     table = getattr(obj, "table", None)
-    return not (table is not None and getattr(table, "name", None) in VIEW_NAMES)
+    return not (table is not None and getattr(table, "name", None) in OWNED_TABLES)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

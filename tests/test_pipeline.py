@@ -306,12 +306,7 @@ async def test_view_refresh_recreates_a_dropped_view(standalone_target, unique_p
     h = Harness(standalone_target, unique_prefix, db_url, trackers=4)
     try:
         await run_cycles(h, 1)
-        drop = (
-            "DROP MATERIALIZED VIEW latest_location"
-            if db_url.startswith("postgresql")
-            else "DROP TABLE latest_location"
-        )
-        h.db.run_sync(lambda s: s.execute(text(drop)))
+        h.db.run_sync(lambda s: s.execute(text("DROP TABLE latest_location")))
         assert views.view_health(h.db.engine, "latest_location") == "missing"
         await run_cycles(h, 1)
         stage = h.pipeline.stage(VIEW_REFRESH)

@@ -601,6 +601,7 @@ def test_views_show_latest_location_and_occupancy(engine: Engine, tx: Tx) -> Non
     tx(store.replace_events_at, "B", T0 + timedelta(minutes=3), {inside: "enter"})
     tx(store.replace_events_at, "C", T0 + timedelta(minutes=1), {inside: "enter"})
 
+    views.note_changes(engine, views.VIEW_NAMES, ["A", "B", "C"])
     for name in views.VIEW_NAMES:
         views.refresh_view(engine, name)
     latest = {r["tracker_id"]: r for r in _rows(engine, views.LATEST_LOCATION)}
@@ -622,7 +623,8 @@ def test_views_show_latest_location_and_occupancy(engine: Engine, tx: Tx) -> Non
     # a later report and exit show after the next refresh (twice: CONCURRENTLY path)
     tx(store.insert_reports, [report("B", 20)])
     tx(store.replace_events_at, "B", T0 + timedelta(minutes=20), {inside: "exit"})
-    for _ in range(2):
+    views.note_changes(engine, views.VIEW_NAMES, ["B"])
+    for _ in range(2):  # the second has nothing to do
         for name in views.VIEW_NAMES:
             views.refresh_view(engine, name)
     latest = {r["tracker_id"]: r for r in _rows(engine, views.LATEST_LOCATION)}
@@ -685,23 +687,97 @@ def test_ensure_views_and_unknown_names(engine: Engine) -> None:
             fn(engine, "nope")
 
 
-def test_refresh_of_an_unpopulated_materialized_view(pg_url: str) -> None:
+def test_an_old_materialized_view_is_replaced_by_a_table(pg_url: str) -> None:
+    """A database from before revision 0006 had materialized views: found broken,
+    recreated as the incremental table, with the right rows."""
     upgrade(pg_url)
     engine = make_engine(pg_url)
     factory = session_factory(engine)
     try:
-        _drop(engine, "latest_location")
-        with engine.begin() as conn:
-            views.create_view(conn, "latest_location", populate=False)
-        assert views.view_health(engine, "latest_location") == "ok"
         with factory.begin() as s:
             store.upsert_trackers(s, [tracker("A")])
-            store.insert_reports(s, [report("A", 0)])
-        views.refresh_view(engine, "latest_location")  # plain: never populated
-        views.refresh_view(engine, "latest_location")  # concurrently
-        assert len(_rows(engine, views.LATEST_LOCATION)) == 1
+            store.insert_reports(s, [report("A", 0), report("A", 5, lat=52.5)])
+        _drop(engine, "latest_location")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE MATERIALIZED VIEW latest_location AS SELECT tracker_id, "
+                    "max(observed_at) AS observed_at FROM location_history GROUP BY tracker_id"
+                )
+            )
+            conn.execute(text("CREATE UNIQUE INDEX ON latest_location (tracker_id)"))
+        assert views.view_health(engine, "latest_location") == "broken"
+        views.recreate_view(engine, "latest_location")
+        assert views.view_health(engine, "latest_location") == "ok"
+        assert [(r["tracker_id"], r["lat"]) for r in _rows(engine, views.LATEST_LOCATION)] == [
+            ("A", 52.5)
+        ]
     finally:
         engine.dispose()
+
+
+def test_refresh_rewrites_only_the_recorded_trackers(engine: Engine, tx: Tx) -> None:
+    def latest() -> dict[str, float]:
+        return {r["tracker_id"]: r["lat"] for r in _rows(engine, views.LATEST_LOCATION)}
+
+    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
+    tx(store.insert_reports, [report("A", 0, lat=50.0), report("B", 0, lat=51.0)])
+    views.note_changes(engine, ["latest_location"], ["A"])
+    assert views.refresh_view(engine, "latest_location") == 1
+    assert latest() == {"A": 50.0}  # B changed too, but nobody said so
+    assert views.refresh_view(engine, "latest_location") == 0  # nothing recorded
+    # a late (older) report changes nothing; a newer one does
+    tx(store.insert_reports, [report("A", -5, lat=49.0), report("B", 10, lat=51.5)])
+    views.note_changes(engine, ["latest_location"], ["A", "B", "B"])
+    assert views.refresh_view(engine, "latest_location") == 2
+    assert latest() == {"A": 50.0, "B": 51.5}
+    # a notice without trackers: anything may have changed, the view is rebuilt
+    tx(store.insert_reports, [report("A", 20, lat=50.5)])
+    views.note_changes(engine, ["latest_location"], None)
+    assert views.refresh_view(engine, "latest_location") is None
+    assert latest() == {"A": 50.5, "B": 51.5}
+
+
+def test_occupancy_follows_the_changes(engine: Engine, tx: Tx) -> None:
+    """Enter/exit events, a late report's correction (events replaced at an instant),
+    a geofence added and one deactivated: after each refresh of just the trackers
+    concerned, the counts are the ones worked out by hand."""
+    tx(store.upsert_trackers, [tracker(t) for t in "ABCD"])
+    port = tx(lambda s: store.add_geofence(s, "port", "circle", 51.9, 4.4, 500).id)
+    plant = tx(lambda s: store.add_geofence(s, "plant", "circle", 52.0, 4.5, 500).id)
+
+    def at(minute: float) -> datetime:
+        return T0 + timedelta(minutes=minute)
+
+    def refresh(*trackers: str) -> dict[int, tuple[int, datetime | None]]:
+        views.note_changes(engine, ["geofence_occupancy"], trackers)
+        views.refresh_view(engine, "geofence_occupancy")
+        return {
+            r["geofence_id"]: (r["trackers_inside"], r["last_event_at"])
+            for r in _rows(engine, views.GEOFENCE_OCCUPANCY)
+        }
+
+    assert refresh() == {port: (0, None), plant: (0, None)}
+    tx(store.replace_events_at, "A", at(0), {port: "enter"})
+    tx(store.replace_events_at, "B", at(1), {port: "enter", plant: "enter"})
+    tx(store.replace_events_at, "C", at(2), {plant: "enter"})
+    assert refresh("A", "B", "C") == {port: (2, at(1)), plant: (2, at(2))}
+    tx(store.replace_events_at, "A", at(10), {port: "exit"})
+    tx(store.replace_events_at, "B", at(11), {plant: "exit"})
+    assert refresh("A", "B") == {port: (1, at(10)), plant: (1, at(11))}
+    # a late report for B shows it never left the plant at 11: that event goes
+    tx(store.replace_events_at, "B", at(11), {})
+    assert refresh("B") == {port: (1, at(10)), plant: (2, at(2))}
+    # D enters a new geofence; the plant is switched off
+    depot = tx(lambda s: store.add_geofence(s, "depot", "circle", 52.1, 4.6, 500).id)
+    tx(store.deactivate_geofence, plant)
+    tx(store.replace_events_at, "D", at(12), {depot: "enter"})
+    assert refresh("D") == {port: (1, at(10)), depot: (1, at(12))}
+    # the plant back on: its count is what its trackers' latest events say
+    tx(lambda s: s.execute(text(f"UPDATE geofences SET active = true WHERE id = {plant}")))
+    assert refresh()[plant] == (2, at(2))
+    views.recreate_view(engine, "geofence_occupancy")  # a rebuild agrees
+    assert refresh() == {port: (1, at(10)), plant: (2, at(2)), depot: (1, at(12))}
 
 
 def test_session_type_is_usable(engine: Engine) -> None:
