@@ -401,16 +401,16 @@ class PipelineBench:
         ready_key = f"bench:{prefix}:ready"
         go_key = f"bench:{prefix}:go"
         env = self._env(prefix)
-        procs: list[_Worker] = []
-        for stage in stages:
-            for n in range(workers):
-                log = self.workdir / f"{prefix}-{stage}-{n}.log"
-                procs.append(_Worker(stage, f"bench-{n}", env, log, (ready_key, go_key)))
         measured = [s for s in stages if s != VIEW_REFRESH]
         last = measured[-1]
         out_keys = routes[STAGE_NEXT[last]].keys()
         in_keys = [routes[s].keys() for s in measured]
-        try:
+        procs: list[_Worker] = []
+        try:  # from the first process started on, whatever happens stops them all
+            for stage in stages:
+                for n in range(workers):
+                    log = self.workdir / f"{prefix}-{stage}-{n}.log"
+                    procs.append(_Worker(stage, f"bench-{n}", env, log, (ready_key, go_key)))
             deadline = time.monotonic() + 120
             while int(await client.scard(ready_key)) < len(procs):
                 for p in procs:
