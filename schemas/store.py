@@ -761,7 +761,7 @@ def _number(name: str, value: Any) -> float:
 
 def _check_polygon(geometry_geojson: Any) -> str:
     if geometry_geojson is None:
-        raise InvalidGeofence("a polygon geofence needs geometry_geojson")
+        raise InvalidGeofence("a polygon geofence needs a geometry (a Polygon or MultiPolygon)")
     if isinstance(geometry_geojson, Mapping):
         data: Any = dict(geometry_geojson)
         raw = json.dumps(data)
@@ -770,31 +770,31 @@ def _check_polygon(geometry_geojson: Any) -> str:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise InvalidGeofence(f"geometry_geojson is not JSON: {exc}") from None
+            raise InvalidGeofence(f"the geometry is not JSON: {exc}") from None
     if isinstance(data, Mapping) and data.get("type") == "Feature":
         data = data.get("geometry")
     if not isinstance(data, Mapping) or data.get("type") not in ("Polygon", "MultiPolygon"):
         found = data.get("type") if isinstance(data, Mapping) else type(data).__name__
         raise InvalidGeofence(
-            f"geometry_geojson must be a GeoJSON Polygon or MultiPolygon, not {found!r}"
+            f"the geometry must be a GeoJSON Polygon or MultiPolygon, not {found!r}"
         )
     _check_rings(data)
     try:
         geom = shape(data)
     except (ValueError, TypeError, KeyError, IndexError, shapely.errors.ShapelyError) as exc:
-        raise InvalidGeofence(f"geometry_geojson is not a usable {data['type']}: {exc}") from None
+        raise InvalidGeofence(f"the geometry is not a usable {data['type']}: {exc}") from None
     if geom.is_empty:
-        raise InvalidGeofence("geometry_geojson is empty (no coordinates)")
+        raise InvalidGeofence("the geometry is empty (no coordinates)")
     minx, miny, maxx, maxy = geom.bounds
     if not (minx >= -180 and maxx <= 180 and miny >= -90 and maxy <= 90):
         raise InvalidGeofence(
-            f"geometry_geojson coordinates must be [lon, lat] within [-180, 180] x [-90, 90]; "
+            f"the geometry's coordinates must be [lon, lat] within [-180, 180] x [-90, 90]; "
             f"bounds are {geom.bounds}"
         )
     if not geom.is_valid:
-        raise InvalidGeofence(f"geometry_geojson is not a valid polygon: {explain_validity(geom)}")
+        raise InvalidGeofence(f"the geometry is not a valid polygon: {explain_validity(geom)}")
     if geom.area <= 0:
-        raise InvalidGeofence("geometry_geojson has zero area")
+        raise InvalidGeofence("the geometry has zero area")
     return json.dumps(data, separators=(",", ":"))
 
 
