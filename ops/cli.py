@@ -83,6 +83,29 @@ def _register() -> None:
     for name in sorted(names, key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n)):
         if not name.startswith("_"):
             importlib.import_module(f"ops.commands.{name}").register(app)
+    _unwrap_help(app)
+
+
+def _unwrap_help(group: typer.Typer) -> None:
+    """Docstrings are wrapped at 100 columns; --help keeps the line breaks of every
+    paragraph but the first, which cut sentences in the middle. Join each prose
+    paragraph's lines (lists and indented blocks stay as they are)."""
+    import inspect
+
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = "\n\n".join(
+                p if _is_block(p) else " ".join(p.split("\n"))
+                for p in inspect.cleandoc(doc).split("\n\n")
+            )
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _unwrap_help(sub.typer_instance)
+
+
+def _is_block(paragraph: str) -> bool:
+    return any(line.startswith(("-", "*", " ", "|", "::")) for line in paragraph.split("\n"))
 
 
 _register()

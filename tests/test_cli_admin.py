@@ -535,3 +535,9 @@ def test_unreachable_redis_exits_3_without_the_password(cluster, args):
     text = flat(result.output)
     assert f"redis://user:***@127.0.0.1:{port}" in text and "unavailable" in text
     assert "secret" not in result.output
+
+
+def test_help_paragraphs_are_not_cut_mid_sentence():
+    result = CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "threshold, so it doubles as a health check." in result.output
