@@ -23,6 +23,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -341,3 +343,22 @@ class RateLimiter:
         elapsed_s = max(0.0, now - self._updated_at)
         self._updated_at = now
         self._tokens = min(float(self.burst), self._tokens + elapsed_s * self.rate_per_s)
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from an HTTP Retry-After header (delta-seconds or an HTTP date); None if
+    absent or unreadable. Used by the location source and the webhook deliveries."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

@@ -33,7 +33,6 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
@@ -41,7 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processors.clock import Clock, system_clock
 from processors.geofencing import destination_point, haversine_m
-from processors.resilience import CircuitBreaker, CircuitOpen, Limiter, Rng, Sleep, retry_async
+from processors.resilience import (
+    CircuitBreaker,
+    CircuitOpen,
+    Limiter,
+    Rng,
+    Sleep,
+    retry_after_s,
+    retry_async,
+)
 from schemas.events import TrackerId, UTCDateTime
 
 log = logging.getLogger(__name__)
@@ -421,8 +428,8 @@ class HttpLocationSource:
             raise SourceUnavailable(f"POST {self.url}: {exc!r}") from exc
         status = response.status_code
         if status in _TRANSIENT_STATUS or status >= 500:
-            retry_after_s = _retry_after_s(response.headers.get("Retry-After"), self._clock())
-            raise SourceUnavailable(f"POST {self.url}: HTTP {status}", retry_after_s)
+            hint = retry_after_s(response.headers.get("Retry-After"), self._clock())
+            raise SourceUnavailable(f"POST {self.url}: HTTP {status}", hint)
         if status != 200:
             raise SourceRejected(f"POST {self.url}: HTTP {status}: {response.text[:200]}")
         try:
@@ -446,23 +453,6 @@ class HttpLocationSource:
                 f for f in fixes if (at := since.get(f.tracker_id)) is None or f.observed_at > at
             ]
         return fixes
-
-
-def _retry_after_s(value: str | None, now: datetime) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 # --- resilience wrapper ------------------------------------------------------------

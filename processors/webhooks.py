@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Literal
 
 import httpx
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from processors.resilience import retry_after_s
 from schemas.notify import GeofenceEvent
 from schemas.webhook_store import EXCERPT_CHARS
 
@@ -111,23 +111,6 @@ async def _head(resp: httpx.Response, limit: int) -> bytes:
         if len(data) >= limit:
             break
     return data[:limit]
-
-
-def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent
-    or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def backoff_s(
