@@ -57,6 +57,7 @@ from processors.clock import Clock, system_clock
 from processors.scheduler import SchedulerReport, read_report
 from streams.connection import Client, connect
 from streams.errors import ConfigError, GroupMissing
+from streams.faults import classify
 from streams.keys import StageKeys
 from streams.monitor import StageStatus, stage_status
 from streams.settings import StreamSettings
@@ -243,9 +244,22 @@ class PipelineCollector(Collector):
         if self._client is None:
             self._client = self._client_factory(self.settings)
         client, url = self._client, self.settings.redis_url
+
+        async def status(keys: StageKeys) -> StageStatus:
+            # a transient fault (a cluster connection dropped under a concurrent read)
+            # is retried within the scrape rather than leaving the stage out of it
+            for delay_s in (0.05, 0.1):
+                try:
+                    return await stage_status(client, keys, url)
+                except Exception as exc:
+                    if not classify(exc).transient:
+                        raise
+                    await asyncio.sleep(delay_s)
+            return await stage_status(client, keys, url)
+
         results = list(
             await asyncio.gather(
-                *(stage_status(client, keys, url) for keys in self.keys),
+                *(status(keys) for keys in self.keys),
                 read_report(client, self.report_key, url),
                 return_exceptions=True,
             )
