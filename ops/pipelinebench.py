@@ -100,6 +100,9 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return now, peak
 
 
+MIN_WINDOW_S = 0.5  # shorter measured windows are timed from the start instead
+
+
 def _delta_ms(first: float | None, last: float | None) -> float | None:
     return (last - first) * 1000 if first is not None and last is not None else None
 
@@ -476,7 +479,9 @@ class PipelineBench:
         finally:
             await self._stop(procs)
         window = done
-        if warm is not None and counts[last] > warm[2][last] and t_end > warm[0]:
+        # the window after the warm mark, if it is long enough to time: a small phase can
+        # finish its last batch within the same millisecond as the mark
+        if warm is not None and counts[last] > warm[2][last] and t_end - warm[0] >= MIN_WINDOW_S:
             t0, before = warm[0], warm[1]
             window = counts[last] - warm[2][last]
         cpu: dict[str, float | None] = {k: _delta_ms(before[k], after[k]) for k in after}
