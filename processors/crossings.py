@@ -189,16 +189,14 @@ class Carry:
     pending: dict[int, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        """Canonical JSON, starting ``{"v":"<state version>"`` (see :func:`state_prefix`)."""
-        head = f'{{"v":"{self.version}"'
-        if not self.inside and not self.pending:
-            return head + "}"
-        data: dict[str, dict[str, int]] = {}
+        """Canonical JSON, starting ``{"v":"<state version>"`` (see :func:`state_prefix`):
+        ``{"v":"...","in":{"<id>":<us>,...},"pending":{...}}``, ids in order."""
+        out = f'{{"v":"{self.version}"'
         if self.inside:
-            data["in"] = {str(k): v for k, v in sorted(self.inside.items())}
+            out += ',"in":' + _int_map(self.inside)
         if self.pending:
-            data["pending"] = {str(k): v for k, v in sorted(self.pending.items())}
-        return head + "," + json.dumps(data, separators=(",", ":"))[1:]
+            out += ',"pending":' + _int_map(self.pending)
+        return out + "}"
 
     @classmethod
     def loads(cls, text: str | None) -> Carry:
@@ -210,6 +208,10 @@ class Carry:
             {int(k): int(v) for k, v in data.get("in", {}).items()},
             {int(k): int(v) for k, v in data.get("pending", {}).items()},
         )
+
+
+def _int_map(d: dict[int, int]) -> str:
+    return "{" + ",".join(f'"{k}":{v}' for k, v in sorted(d.items())) + "}"
 
 
 def state_version(index: GeofenceIndex, rules: Rules) -> str:

@@ -196,7 +196,8 @@ class GeofenceIndex:
         if poly.any():
             f = fence[poly]
             plat, plon = lat[poly], lon[poly]
-            covered[poly] = shapely.covers(self._polygons[f], shapely.points(plon, plat))
+            # for a point, intersecting a polygon is being covered by it (boundary inclusive)
+            covered[poly] = shapely.intersects_xy(self._polygons[f], plon, plat)
             x = wrap_lon_np(plon - self._p_lon0[f], always=True) * self._p_kx[f]
             y = (plat - self._p_lat0[f]) * M_PER_DEG
             dist_m[poly] = shapely.distance(self._p_boundary[f], shapely.points(x, y))

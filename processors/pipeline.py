@@ -196,9 +196,14 @@ class Pipeline:
         self, name: str, *, consumer: str | None = None, concurrency: int | None = None
     ) -> Worker:
         stage = self.stage(name)
-        settings = (
-            self.streams if concurrency is None else self.streams.with_(concurrency=concurrency)
-        )
+        changes: dict[str, Any] = {}
+        if concurrency is not None:
+            changes["concurrency"] = concurrency
+        # a set-based stage reads larger batches, unless TRACKSTREAM_BATCH_SIZE is set
+        preferred = getattr(stage, "batch_size", None)
+        if preferred is not None and "batch_size" not in self.streams.model_fields_set:
+            changes["batch_size"] = preferred
+        settings = self.streams.with_(**changes) if changes else self.streams
         handler, batch_handler = _typed(
             topology.input_type(name),
             getattr(stage, "handle", None),

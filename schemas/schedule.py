@@ -22,6 +22,7 @@ from typing import Any, cast
 from sqlalchemy import Select, Table, and_, case, func, or_, select, type_coerce, update
 from sqlalchemy.orm import Session
 
+from schemas.store import in_list
 from schemas.tables import Tracker, UTCDateTime
 
 __all__ = [
@@ -143,7 +144,7 @@ def claim_fetch(
         # inserts of reports referencing these trackers are not blocked)
         session.execute(
             select(Tracker.id)
-            .where(Tracker.external_id.in_(ids))
+            .where(in_list(session, Tracker.external_id, ids))
             .order_by(Tracker.id)
             .with_for_update(key_share=True)
         )
@@ -155,7 +156,7 @@ def claim_fetch(
         session.scalars(
             update(_trackers)
             .where(
-                _trackers.c.external_id.in_(ids),
+                in_list(session, _trackers.c.external_id, ids),
                 in_run(now),
                 or_(
                     Tracker.fetch_claimed_at.is_(None),
@@ -170,7 +171,9 @@ def claim_fetch(
     rest = [t for t in ids if t not in admitted]
     in_run_rest: set[str] = set()
     if rest:
-        stmt = select(Tracker.external_id).where(Tracker.external_id.in_(rest), in_run(now))
+        stmt = select(Tracker.external_id).where(
+            in_list(session, Tracker.external_id, rest), in_run(now)
+        )
         in_run_rest = set(session.scalars(stmt))
     order = list(dict.fromkeys(tracker_ids))
     return FetchClaim(
@@ -185,7 +188,9 @@ def mark_fetched(session: Session, tracker_ids: Sequence[str], now: datetime) ->
     ids = sorted(set(tracker_ids))
     if ids:
         session.execute(
-            update(_trackers).where(_trackers.c.external_id.in_(ids)).values(last_fetched_at=now)
+            update(_trackers)
+            .where(in_list(session, _trackers.c.external_id, ids))
+            .values(last_fetched_at=now)
         )
 
 

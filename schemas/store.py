@@ -59,6 +59,7 @@ __all__ = [
     "events_for",
     "fetch_positions",
     "geofences_version",
+    "in_list",
     "incomplete_reports",
     "insert_reports",
     "list_geofences",
@@ -112,7 +113,7 @@ def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
         yield items[i : i + size]
 
 
-def _in_list(session: Session, column: Any, values: Sequence[str]) -> Any:
+def in_list(session: Session, column: Any, values: Sequence[str]) -> Any:
     """``column IN values`` with one statement text whatever the count: ``= ANY(array)``
     on PostgreSQL (compiled and prepared once), an expanding IN on SQLite."""
     if _dialect(session) == "postgresql":
@@ -275,14 +276,14 @@ def fetch_positions(session: Session, tracker_ids: Sequence[str]) -> dict[str, d
         .scalar_subquery()
     )
     stmt = select(_trackers.c.external_id, latest).where(
-        _in_list(session, _trackers.c.external_id, ids)
+        in_list(session, _trackers.c.external_id, ids)
     )
     return {t: at for t, at in session.execute(stmt)}
 
 
 def _known_trackers(session: Session, tracker_ids: Sequence[str]) -> set[str]:
     stmt = select(_trackers.c.external_id).where(
-        _in_list(session, _trackers.c.external_id, tracker_ids)
+        in_list(session, _trackers.c.external_id, tracker_ids)
     )
     return set(session.scalars(stmt))
 

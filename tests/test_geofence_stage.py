@@ -251,3 +251,35 @@ def test_two_workers_with_overlapping_trackers_agree_and_never_deadlock(db: Data
     db.run_sync(store.insert_reports, reports)
     db.run_sync(check_batch, index, RULES, [geocoded(r) for r in reports], NOW)
     assert stored_events(db) == one_worker
+
+
+async def test_a_large_batch_is_checked_in_parts_with_the_same_answers(db: Database) -> None:
+    """A batch of 145 reports is checked as two concurrent transactions, each tracker's
+    reports in one of them: the events are those of the whole history evaluated at
+    once, and a bad row still fails alone (its part is checked again one by one)."""
+    from processors.stages.geofence import MIN_PART, PARTS, _partition
+
+    rng = random.Random(9)
+    reports = [r for i in range(6) for r in reports_for(f"T{i}", rng, n=24)]
+    db.run_sync(store.insert_reports, reports)
+    payloads = [geocoded(r) for r in reports]
+    rng.shuffle(payloads)
+    nul = payloads[0].model_copy(update={"tracker_id": "T1\x00evil"})
+    payloads.insert(70, nul)
+    assert len(payloads) >= MIN_PART * PARTS
+    parts = _partition(payloads, PARTS)
+    assert len(parts) == 2 and sorted(i for p in parts for i in p) == list(range(145))
+    owner = {payloads[i].tracker_id: n for n, p in enumerate(parts) for i in p}
+    assert all(owner[payloads[i].tracker_id] == n for n, p in enumerate(parts) for i in p)
+    assert abs(len(parts[0]) - len(parts[1])) <= 24, "whole trackers, about equal halves"
+
+    stage = GeofenceStage(db, routes("t"), lambda: NOW, RULES, CollectorRegistry())
+    ctx = _Ctx()
+    msgs = [_message(i, p) for i, p in enumerate(payloads)]
+    failures = await stage.handle_batch(msgs, ctx)  # type: ignore[arg-type]
+    assert set(failures or {}) == {"70-0"}
+    index = GeofenceIndex(db.run_sync(store.active_geofences))
+    assert stored_events(db) == expected(db, index)
+    assert {(g, k) for _, _, g, k in stored_events(db)} >= {(1, "enter"), (1, "exit")}
+    [notice] = [p for p in ctx.published if hasattr(p, "tracker_ids")]
+    assert notice.tracker_ids == [f"T{i}" for i in range(6)]

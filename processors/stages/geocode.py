@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable, is_permanent
-from processors.geocoding import Address, Geocoder
+from processors.geocoding import Address, Geocoder, OfflineGeocoder
 from processors.topology import GEOFENCE
 from schemas import store
 from schemas.events import LocationGeocoded, LocationReported
@@ -32,6 +32,8 @@ from streams.producer import Route
 
 log = logging.getLogger("trackstream.geocode")
 
+SET_BATCH_SIZE = 500  # entries per read with the offline geocoder
+
 
 class GeocodeStage:
     def __init__(self, db: Database, geocoder: Geocoder, routes: dict[str, Route], clock: Clock):
@@ -40,6 +42,17 @@ class GeocodeStage:
         self.downstream = routes[GEOFENCE]
         self.clock = clock
         self.warm = False
+
+    @property
+    def batch_size(self) -> int | None:
+        """Entries per read unless ``TRACKSTREAM_BATCH_SIZE`` is set: large batches for
+        the offline geocoder (set-based, no network), the default for a remote one."""
+        geocoder: Any = self.geocoder
+        while geocoder is not None:
+            if isinstance(geocoder, OfflineGeocoder):
+                return SET_BATCH_SIZE
+            geocoder = getattr(geocoder, "inner", None)
+        return None
 
     async def ready(self) -> None:
         """The worker's gate: the first time, load the geocoder's data (an offline

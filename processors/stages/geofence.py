@@ -14,6 +14,7 @@ change each tracker's history is evaluated again, with the fences in force.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,8 @@ from streams.producer import Route
 log = logging.getLogger("trackstream.geofence")
 
 LOOKAHEAD = 1  # reports read past a tracker's last one in the batch (more if needed)
+PARTS = 2  # transactions a large batch is checked in, concurrently
+MIN_PART = 50  # reports per part at least (a smaller batch is one part)
 
 
 @dataclass
@@ -69,6 +72,8 @@ class BatchResult:
 
 
 class GeofenceStage:
+    batch_size = 500  # entries per read unless TRACKSTREAM_BATCH_SIZE is set
+
     def __init__(
         self,
         db: Database,
@@ -108,31 +113,23 @@ class GeofenceStage:
         index = self._index if self._index is not None else await self.index()
         now = self.clock()
         payloads = [m.payload for m in msgs]
-        try:
-            # the fences' version is checked in the batch's own transaction
-            result = await self.db.run(check_batch, index, self.rules, payloads, now, self._version)
-            if result.stale:
-                index = await self.index()
-                result = await self.db.run(check_batch, index, self.rules, payloads, now)
-        except Exception as exc:
-            if _transient(exc):
-                raise  # the whole batch is retried
-            log.warning("geofence batch of %d failed (%s); checking one by one", len(msgs), exc)
-            result = BatchResult()
-            for i, p in enumerate(payloads):
-                try:  # a fresh session and transaction per report
-                    one = await self.db.run(check_batch, index, self.rules, [p], now)
-                except Exception as one_exc:
-                    if _transient(one_exc):
-                        raise
-                    result.failed[i] = one_exc
-                    continue
-                result.written += one.written
-                result.events += one.events
-                result.new_events += one.new_events
-                result.rejected.update(one.rejected)
-                if one.failed:
-                    result.failed[i] = next(iter(one.failed.values()))
+        # a large batch is checked as PARTS groups of whole trackers, each in its own
+        # transaction and thread, so that one group's evaluation (Python) overlaps the
+        # other's statements (PostgreSQL) instead of waiting for them
+        parts = _partition(payloads, PARTS if len(payloads) >= MIN_PART * PARTS else 1)
+        done = await asyncio.gather(
+            *(self._check(index, [payloads[i] for i in part], now) for part in parts),
+            return_exceptions=True,
+        )
+        result = BatchResult()
+        for part, one in zip(parts, done, strict=True):
+            if isinstance(one, BaseException):
+                raise one  # a transient fault: the whole batch is retried (idempotent)
+            result.written += one.written
+            result.events += one.events
+            result.new_events += one.new_events
+            result.rejected.update(one.rejected)
+            result.failed.update({part[i]: exc for i, exc in one.failed.items()})
         self.events_written += result.written
         for reason, n in result.rejected.items():
             self.rejected[reason] += n
@@ -156,6 +153,53 @@ class GeofenceStage:
                 ViewsChanged(views=list(VIEW_NAMES), changed_at=now, tracker_ids=sorted(trackers)),
             )
         return failures
+
+    async def _check(
+        self, index: GeofenceIndex, payloads: list[LocationGeocoded], now: datetime
+    ) -> BatchResult:
+        """Checks reports in one transaction; if that fails for a reason other than the
+        database, each one again on its own, so only the bad ones fail."""
+        try:
+            # the fences' version is checked in the batch's own transaction
+            result = await self.db.run(check_batch, index, self.rules, payloads, now, self._version)
+            if result.stale:
+                index = await self.index()
+                result = await self.db.run(check_batch, index, self.rules, payloads, now)
+            return result
+        except Exception as exc:
+            if _transient(exc):
+                raise  # the whole batch is retried
+            log.warning("geofence batch of %d failed (%s); checking one by one", len(payloads), exc)
+        result = BatchResult()
+        for i, p in enumerate(payloads):
+            try:  # a fresh session and transaction per report
+                one = await self.db.run(check_batch, index, self.rules, [p], now)
+            except Exception as one_exc:
+                if _transient(one_exc):
+                    raise
+                result.failed[i] = one_exc
+                continue
+            result.written += one.written
+            result.events += one.events
+            result.new_events += one.new_events
+            result.rejected.update(one.rejected)
+            if one.failed:
+                result.failed[i] = next(iter(one.failed.values()))
+        return result
+
+
+def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]:
+    """Indices of ``items`` in at most ``parts`` groups of about equal size, every
+    tracker's reports in one group (trackers dealt out in sorted order)."""
+    if parts <= 1:
+        return [list(range(len(items)))]
+    by_tracker: dict[str, list[int]] = {}
+    for i, p in enumerate(items):
+        by_tracker.setdefault(p.tracker_id, []).append(i)
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    for tracker in sorted(by_tracker, key=lambda t: -len(by_tracker[t])):
+        min(groups, key=len).extend(by_tracker[tracker])
+    return [g for g in groups if g]
 
 
 def _transient(exc: BaseException) -> bool:
