@@ -13,9 +13,11 @@ two processes cannot reserve the same tracker).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +27,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "current_revision",
     "include_object",
+    "json_param",
     "make_engine",
     "normalize_url",
     "session_factory",
@@ -35,6 +38,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
 ALEMBIC_INI = PACKAGE_DIR / "alembic.ini"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def json_param(rows: Iterable[Any]) -> str:
+    """A batch's rows as one JSON parameter, for ``json_to_recordset`` (objects) or
+    ``json_array_elements_text`` (strings) on PostgreSQL. One string is dumped at C
+    speed; arrays of text and timestamps are dumped by psycopg element by element in
+    Python (about 10x the client CPU for 500 rows). Datetimes become RFC 3339 (naive
+    ones are taken as UTC); callers pass finite floats only (JSON has no NaN)."""
+    return orjson.dumps(list(rows), option=orjson.OPT_NAIVE_UTC).decode()
 
 
 def normalize_url(url: str | URL) -> URL:

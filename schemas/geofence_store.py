@@ -9,8 +9,9 @@ batch, whatever its size.
 - :func:`save`: one UPDATE writes verdicts, states and checked marks; one DELETE and
   one INSERT replace the events of the recomputed windows.
 
-PostgreSQL gets its rows as arrays (``unnest``), so each statement has one text and is
-prepared once by psycopg; SQLite (the demo default) takes a portable path.
+PostgreSQL gets a batch's rows as one JSON parameter (``json_to_recordset``), so each
+statement has one text, is prepared once by psycopg and its parameters cost little;
+SQLite (the demo default) takes a portable path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, column, text
 from sqlalchemy.orm import Session
 
+from schemas.db import json_param
 from schemas.tables import UTCDateTime
 
 __all__ = [
@@ -77,10 +79,11 @@ def lock_trackers(session: Session, tracker_ids: Sequence[str]) -> None:
     session.execute(
         text(
             "SELECT pg_advisory_xact_lock(k) FROM ("
-            " SELECT DISTINCT hashtext(:ns || t) AS k FROM unnest(CAST(:ids AS varchar[])) t"
+            " SELECT DISTINCT hashtext(:ns || t) AS k"
+            " FROM json_array_elements_text(CAST(:ids AS json)) t"
             " ORDER BY k OFFSET 0) s"
         ),
-        {"ns": LOCK_NAMESPACE, "ids": sorted(set(tracker_ids))},
+        {"ns": LOCK_NAMESPACE, "ids": json_param(sorted(set(tracker_ids)))},
     )
 
 
@@ -125,9 +128,8 @@ FROM w WHERE after_n <= :lookahead ORDER BY tracker_id, observed_at
 """
 
 _PG_WINDOWS = text(
-    "WITH b AS (SELECT * FROM unnest(CAST(:trackers AS varchar[]),"
-    " CAST(:t_min AS timestamptz[]), CAST(:t_max AS timestamptz[]))"
-    " AS b(tracker_id, t_min, t_max)),"
+    "WITH b AS (SELECT * FROM json_to_recordset(CAST(:spans AS json))"
+    " AS b(tracker_id varchar, t_min timestamptz, t_max timestamptz)),"
     """
 a AS (
   SELECT b.tracker_id, b.t_max,
@@ -171,10 +173,8 @@ def load_windows(
         "lookahead": limit + 1,  # one more, to know whether more follow
     }
     if _pg(session):
-        params.update(
-            trackers=trackers,
-            t_min=[spans[t][0] for t in trackers],
-            t_max=[spans[t][1] for t in trackers],
+        params["spans"] = json_param(
+            {"tracker_id": t, "t_min": spans[t][0], "t_max": spans[t][1]} for t in trackers
         )
         rows = session.execute(_PG_WINDOWS, params).all()
     else:
@@ -213,12 +213,12 @@ _PG_UPDATE = text(
     "UPDATE location_history AS h SET fix_status = u.status, fence_state = u.state,"
     " geofence_checked_at = CASE WHEN u.checked THEN CAST(:now AS timestamptz)"
     " ELSE h.geofence_checked_at END"
-    " FROM unnest(CAST(:ids AS integer[]), CAST(:status AS varchar[]), CAST(:state AS text[]),"
-    " CAST(:checked AS boolean[])) AS u(id, status, state, checked) WHERE h.id = u.id"
+    " FROM json_to_recordset(CAST(:rows AS json))"
+    " AS u(id integer, status varchar, state text, checked boolean) WHERE h.id = u.id"
 )
 _PG_DELETE = text(
-    "DELETE FROM geofence_events e USING unnest(CAST(:trackers AS varchar[]),"
-    " CAST(:lo AS timestamptz[]), CAST(:hi AS timestamptz[])) AS w(tracker_id, lo, hi)"
+    "DELETE FROM geofence_events e USING json_to_recordset(CAST(:windows AS json))"
+    " AS w(tracker_id varchar, lo timestamptz, hi timestamptz)"
     " WHERE e.tracker_id = w.tracker_id AND e.geofence_id = ANY(CAST(:fences AS integer[]))"
     " AND (w.lo IS NULL OR e.report_at > w.lo) AND (w.hi IS NULL OR e.report_at <= w.hi)"
     " RETURNING e.tracker_id, e.geofence_id, e.observed_at, e.kind"
@@ -230,9 +230,9 @@ _PG_DELETE = text(
 )
 _PG_INSERT = text(
     "INSERT INTO geofence_events (tracker_id, geofence_id, observed_at, kind, report_at,"
-    " created_at) SELECT x.t, x.g, x.o, x.k, x.r, CAST(:now AS timestamptz) FROM unnest("
-    "CAST(:t AS varchar[]), CAST(:g AS integer[]), CAST(:o AS timestamptz[]),"
-    " CAST(:k AS varchar[]), CAST(:r AS timestamptz[])) AS x(t, g, o, k, r)"
+    " created_at) SELECT x.t, x.g, x.o, x.k, x.r, CAST(:now AS timestamptz)"
+    " FROM json_to_recordset(CAST(:rows AS json))"
+    " AS x(t varchar, g integer, o timestamptz, k varchar, r timestamptz)"
     " ON CONFLICT (tracker_id, geofence_id, observed_at)"
     " DO UPDATE SET kind = excluded.kind, report_at = excluded.report_at"
 )
@@ -272,10 +272,10 @@ def save(
             session.execute(
                 _PG_UPDATE,
                 {
-                    "ids": [s.id for s in statuses],
-                    "status": [s.status for s in statuses],
-                    "state": [s.state for s in statuses],
-                    "checked": [s.checked for s in statuses],
+                    "rows": json_param(
+                        {"id": s.id, "status": s.status, "state": s.state, "checked": s.checked}
+                        for s in statuses
+                    ),
                     "now": now,
                 },
             )
@@ -283,9 +283,9 @@ def save(
             result = session.execute(
                 _PG_DELETE,
                 {
-                    "trackers": [w[0] for w in windows],
-                    "lo": [w[1] for w in windows],
-                    "hi": [w[2] for w in windows],
+                    "windows": json_param(
+                        {"tracker_id": t, "lo": lo, "hi": hi} for t, lo, hi in windows
+                    ),
                     "fences": list(fence_ids),
                 },
             )
@@ -294,11 +294,16 @@ def save(
             session.execute(
                 _PG_INSERT,
                 {
-                    "t": [e.tracker_id for e in events],
-                    "g": [e.geofence_id for e in events],
-                    "o": [e.observed_at for e in events],
-                    "k": [e.kind for e in events],
-                    "r": [e.report_at for e in events],
+                    "rows": json_param(
+                        {
+                            "t": e.tracker_id,
+                            "g": e.geofence_id,
+                            "o": e.observed_at,
+                            "k": e.kind,
+                            "r": e.report_at,
+                        }
+                        for e in events
+                    ),
                     "now": now,
                 },
             )

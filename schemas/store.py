@@ -41,6 +41,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from schemas.db import json_param
 from schemas.events import LocationGeocoded, LocationReported
 from schemas.tables import Geofence, GeofenceEvent, LocationReport, Tracker, UTCDateTime, utcnow
 
@@ -206,7 +207,7 @@ def mark_processed(session: Session, external_ids: Sequence[str], at: datetime) 
     if not ids:
         return
     if _dialect(session) == "postgresql":
-        session.execute(_MARK_PROCESSED_PG, {"ids": ids, "at": at})
+        session.execute(_MARK_PROCESSED_PG, {"ids": json_param(ids), "at": at})
         return
     for chunk in _chunks(ids, 5000):
         session.execute(
@@ -220,7 +221,8 @@ def mark_processed(session: Session, external_ids: Sequence[str], at: datetime) 
 # in id order, so writers never wait on each other in a cycle)
 _MARK_PROCESSED_PG = text(
     "UPDATE trackers SET last_processed_at = :at FROM ("
-    " SELECT id FROM trackers WHERE external_id = ANY(CAST(:ids AS text[]))"
+    " SELECT id FROM trackers WHERE external_id IN"
+    " (SELECT json_array_elements_text(CAST(:ids AS json)))"
     " ORDER BY id FOR UPDATE) AS l WHERE trackers.id = l.id"
 ).bindparams(bindparam("at", type_=UTCDateTime()))
 
@@ -294,9 +296,9 @@ _INSERT_REPORTS_PG = text(
     "INSERT INTO location_history"
     " (tracker_id, observed_at, lat, lon, accuracy_m, source, fetched_at)"
     " SELECT u.tracker_id, u.observed_at, u.lat, u.lon, u.accuracy_m, u.source, u.fetched_at"
-    " FROM unnest(CAST(:t AS text[]), CAST(:o AS timestamptz[]), CAST(:lat AS float8[]),"
-    " CAST(:lon AS float8[]), CAST(:acc AS float8[]), CAST(:src AS text[]),"
-    " CAST(:fa AS timestamptz[])) WITH ORDINALITY"
+    " FROM ROWS FROM (json_to_recordset(CAST(:rows AS json)) AS (tracker_id text,"
+    " observed_at timestamptz, lat float8, lon float8, accuracy_m float8, source text,"
+    " fetched_at timestamptz)) WITH ORDINALITY"
     " AS u(tracker_id, observed_at, lat, lon, accuracy_m, source, fetched_at, n)"
     " JOIN trackers ON trackers.external_id = u.tracker_id"
     " ORDER BY u.n"
@@ -339,15 +341,7 @@ def insert_reports(
     rows = [unique[k] for k in ordered]
     inserted: set[tuple[str, datetime]] = set()
     if rows and _dialect(session) == "postgresql":
-        params = {
-            "t": [r.tracker_id for r in rows],
-            "o": [r.observed_at for r in rows],
-            "lat": [r.lat for r in rows],
-            "lon": [r.lon for r in rows],
-            "acc": [r.accuracy_m for r in rows],
-            "src": [r.source for r in rows],
-            "fa": [r.fetched_at for r in rows],
-        }
+        params = {"rows": json_param(_report_row(r) for r in rows)}
         inserted.update((t, o) for t, o in session.execute(_INSERT_REPORTS_PG, params))
     else:
         for chunk in _chunks([_report_row(r) for r in rows]):
@@ -374,9 +368,8 @@ _SET_ADDRESSES_PG = text(
     " country = v.country, address = v.address, geocoded_at = :at"
     " FROM (SELECT l.id, u.city, u.country_code, u.country, u.address"
     " FROM location_history AS l"
-    " JOIN unnest(CAST(:t AS text[]), CAST(:o AS timestamptz[]), CAST(:city AS text[]),"
-    " CAST(:cc AS text[]), CAST(:country AS text[]), CAST(:address AS text[]))"
-    " AS u(tracker_id, observed_at, city, country_code, country, address)"
+    " JOIN json_to_recordset(CAST(:rows AS json)) AS u(tracker_id text, observed_at"
+    " timestamptz, city text, country_code text, country text, address text)"
     " ON l.tracker_id = u.tracker_id AND l.observed_at = u.observed_at"
     " ORDER BY l.id FOR UPDATE OF l) AS v"
     " WHERE h.id = v.id"
@@ -420,12 +413,17 @@ def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: da
         return
     if _dialect(session) == "postgresql":
         params = {
-            "t": [g.tracker_id for g in rows],
-            "o": [g.observed_at for g in rows],
-            "city": [g.city for g in rows],
-            "cc": [g.country_code for g in rows],
-            "country": [g.country for g in rows],
-            "address": [g.address for g in rows],
+            "rows": json_param(
+                {
+                    "tracker_id": g.tracker_id,
+                    "observed_at": g.observed_at,
+                    "city": g.city,
+                    "country_code": g.country_code,
+                    "country": g.country,
+                    "address": g.address,
+                }
+                for g in rows
+            ),
             "at": at,
         }
         session.execute(_SET_ADDRESSES_PG, params)
