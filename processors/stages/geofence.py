@@ -8,8 +8,11 @@ written in one UPDATE, one DELETE and one INSERT. Events stay a pure function of
 stored history: a late or repeated report recomputes from the accepted report before
 it forward, until the stored state agrees again. If the batch fails (a bad row), each
 report is checked again on its own, each in a fresh transaction, so only the bad one
-fails. Geofences are reloaded when their version in the database changes; after a
-change each tracker's history is evaluated again, with the fences in force.
+fails. A batch of 100 reports or more is checked as two groups of whole trackers, in
+two transactions at once, so that one group's evaluation (Python) overlaps the other's
+statements (PostgreSQL). Geofences are reloaded when their version in the database
+changes; after a change each tracker's history is evaluated again, with the fences in
+force.
 """
 
 from __future__ import annotations
