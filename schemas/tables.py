@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -156,12 +157,21 @@ class LocationReport(Base):
 
     __table_args__ = (
         UniqueConstraint("tracker_id", "observed_at"),
-        # the reconciler: reports not geocoded / not checked
-        Index("ix_location_history_geocoded_at_fetched_at", "geocoded_at", "fetched_at"),
+        # the reconciler: reports not geocoded / not checked (partial: only those
+        # in flight, and a stage's update removes its row from them)
         Index(
-            "ix_location_history_geofence_checked_at_geocoded_at",
-            "geofence_checked_at",
+            "ix_location_history_not_geocoded",
+            "fetched_at",
+            "id",
+            postgresql_where=text("geocoded_at IS NULL"),
+            sqlite_where=text("geocoded_at IS NULL"),
+        ),
+        Index(
+            "ix_location_history_not_checked",
             "geocoded_at",
+            "id",
+            postgresql_where=text("geofence_checked_at IS NULL"),
+            sqlite_where=text("geofence_checked_at IS NULL"),
         ),
     )
 
