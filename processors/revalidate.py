@@ -5,14 +5,13 @@ against the database again. Trackers claimed by another request within
 call and counted; the rest are claimed for this request (:func:`schemas.schedule.claim_fetch`).
 
 A retry of the same request (after a failed call) is admitted again; once its fetch
-succeeded (:meth:`FetchRevalidator.fetched`) it is not.
+succeeded (the fetch stage marks its trackers fetched in the transaction that stores
+the reports, :func:`schemas.schedule.mark_fetched`) it is not.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -82,7 +81,3 @@ class FetchRevalidator:
         if claim.admitted == list(request.tracker_ids):
             return request
         return request.model_copy(update={"tracker_ids": claim.admitted})
-
-    async def fetched(self, tracker_ids: Sequence[str], at: datetime) -> None:
-        """Their fetch succeeded: what the 12-hour guarantee is measured on."""
-        await self.db.run(schedule.mark_fetched, list(tracker_ids), at)

@@ -12,7 +12,8 @@ request finds nothing new: the reconciler publishes those reports after its grac
 period (the database shows them as not geocoded).
 
 Per batch: one statement for the positions, then one transaction with one bulk
-``INSERT ... ON CONFLICT DO NOTHING RETURNING`` and one ``UPDATE`` of the trackers. If
+``INSERT ... ON CONFLICT DO NOTHING RETURNING``, one ``UPDATE`` of the trackers and,
+with fetch-time re-validation, one marking them fetched. If
 that fails for a reason other than the database being unavailable, the reports are
 stored one by one (each in a savepoint): a bad row is logged and skipped, the rest are
 stored and published. A tracker id the database cannot hold (a NUL byte) is skipped
@@ -36,7 +37,7 @@ from processors.resilience import CircuitOpen
 from processors.revalidate import FetchRevalidator
 from processors.sources import LocationSource, SourceRejected, SourceUnavailable
 from processors.topology import GEOCODE
-from schemas import store
+from schemas import schedule, store
 from schemas.events import FetchRequested, LocationReported
 from streams.consumer import Context
 from streams.errors import Defer, RateLimited, Reject, Retry
@@ -124,30 +125,43 @@ class FetchStage:
             for f in fixes
         ]
         known = set(positions)
+        # the fetch succeeded: recorded with the reports, in the same transaction
+        fetched = list(request.tracker_ids) if self.revalidator is not None else []
         try:
-            new = await self.db.run(_store, reports, ids, now, known)
+            new = await self.db.run(_store, reports, ids, now, known, fetched)
         except DatabaseUnavailable:
             raise  # deferred: the retry fetches these reports again (see the docstring)
         except Exception as exc:
             log.warning("storing the batch failed (%s): storing its reports one by one", exc)
-            new = await self.db.run(_store_each, reports, ids, now, known)
+            new = await self.db.run(_store_each, reports, ids, now, known, fetched)
         self.reports_new += len(new)
         for report in new:
             ctx.publish(self.downstream, report, partition_key=report.tracker_id, trace=_trace(msg))
-        if self.revalidator is not None:
-            await self.revalidator.fetched(request.tracker_ids, now)
 
 
 def _store(
-    session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any, known: Any
+    session: Any,
+    reports: list[LocationReported],
+    tracker_ids: list[str],
+    now: Any,
+    known: Any,
+    fetched: list[str],
 ) -> Any:
+    """Stores the reports, marks the trackers processed and ``fetched`` fetched (what
+    the 12-hour guarantee is measured on, :func:`schemas.schedule.mark_fetched`)."""
     new = store.insert_reports(session, reports, known)
     store.mark_processed(session, tracker_ids, now)
+    schedule.mark_fetched(session, fetched, now)
     return new
 
 
 def _store_each(
-    session: Any, reports: list[LocationReported], tracker_ids: list[str], now: Any, known: Any
+    session: Any,
+    reports: list[LocationReported],
+    tracker_ids: list[str],
+    now: Any,
+    known: Any,
+    fetched: list[str],
 ) -> list[LocationReported]:
     """:func:`_store` row by row, each in a savepoint; bad rows are logged and skipped."""
     new: list[LocationReported] = []
@@ -167,6 +181,13 @@ def _store_each(
             if classify(exc) is not None:
                 raise
             log.error("could not mark tracker %r processed: %s", t, exc)
+    try:
+        with session.begin_nested():
+            schedule.mark_fetched(session, fetched, now)
+    except Exception as exc:
+        if classify(exc) is not None:
+            raise
+        log.error("could not mark %d tracker(s) fetched: %s", len(fetched), exc)
     order = {(r.tracker_id, r.observed_at): i for i, r in enumerate(reports)}
     return sorted(new, key=lambda r: order[(r.tracker_id, r.observed_at)])
 
