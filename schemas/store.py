@@ -406,7 +406,7 @@ def _address_params(g: LocationGeocoded, at: datetime) -> dict[str, Any]:
 def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: datetime) -> None:
     """Stores the address of each report and sets ``geocoded_at`` (rewrites on repeat).
 
-    One statement per batch on PostgreSQL (``UPDATE ... FROM unnest(...)``, rows locked
+    One statement per batch on PostgreSQL (``UPDATE ... FROM json_to_recordset``, rows locked
     in id order); on SQLite one executemany in (tracker, observed_at) order."""
     rows = _address_rows(geocoded)
     if not rows:
