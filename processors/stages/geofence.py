@@ -73,6 +73,14 @@ class BatchResult:
     failed: dict[int, BaseException] = field(default_factory=dict)
     stale: bool = False  # the fences changed: reload them and check again
 
+    def add(self, other: BatchResult, positions: Sequence[int]) -> None:
+        """Adds the result of checking items ``positions`` (by index into ``other``)."""
+        self.written += other.written
+        self.events += other.events
+        self.new_events += other.new_events
+        self.rejected.update(other.rejected)
+        self.failed.update({positions[i]: exc for i, exc in other.failed.items()})
+
 
 class GeofenceStage:
     batch_size = 500  # entries per read unless TRACKSTREAM_BATCH_SIZE is set
@@ -128,11 +136,7 @@ class GeofenceStage:
         for part, one in zip(parts, done, strict=True):
             if isinstance(one, BaseException):
                 raise one  # a transient fault: the whole batch is retried (idempotent)
-            result.written += one.written
-            result.events += one.events
-            result.new_events += one.new_events
-            result.rejected.update(one.rejected)
-            result.failed.update({part[i]: exc for i, exc in one.failed.items()})
+            result.add(one, part)
         self.events_written += result.written
         for reason, n in result.rejected.items():
             self.rejected[reason] += n
@@ -182,18 +186,14 @@ class GeofenceStage:
                     raise
                 result.failed[i] = one_exc
                 continue
-            result.written += one.written
-            result.events += one.events
-            result.new_events += one.new_events
-            result.rejected.update(one.rejected)
-            if one.failed:
-                result.failed[i] = next(iter(one.failed.values()))
+            result.add(one, [i])
         return result
 
 
 def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]:
     """Indices of ``items`` in at most ``parts`` groups of about equal size, every
-    tracker's reports in one group (trackers dealt out in sorted order)."""
+    tracker's reports in one group (the trackers with most reports first, each to the
+    smallest group so far)."""
     if parts <= 1:
         return [list(range(len(items)))]
     by_tracker: dict[str, list[int]] = {}
