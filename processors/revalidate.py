@@ -12,13 +12,18 @@ the reports, :func:`schemas.schedule.mark_fetched`) it is not.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.orm import Session
 
 from processors.clock import Clock
 from processors.database import Database
-from schemas import schedule
+from schemas import schedule, store
 from schemas.events import FetchRequested
+
+Positions = dict[str, datetime | None]  # tracker -> its latest stored report's time
 
 log = logging.getLogger("trackstream.fetch")
 
@@ -52,11 +57,12 @@ class FetchRevalidator:
             for reason in REASONS:
                 self._counter.labels(reason)
 
-    async def admit(self, request: FetchRequested) -> FetchRequested | None:
+    async def admit(self, request: FetchRequested) -> tuple[FetchRequested, Positions] | None:
         """The request with only the trackers that may be fetched now (claimed for it),
-        or None when none may."""
-        claim = await self.db.run(
-            schedule.claim_fetch,
+        and where fetching them starts (:func:`schemas.store.fetch_positions`, read in
+        the claim's transaction); None when none may be fetched."""
+        claim, positions = await self.db.run(
+            _claim_and_positions,
             request.tracker_ids,
             request.batch_id,
             self.clock(),
@@ -78,6 +84,13 @@ class FetchRevalidator:
             )
         if not claim.admitted:
             return None
-        if claim.admitted == list(request.tracker_ids):
-            return request
-        return request.model_copy(update={"tracker_ids": claim.admitted})
+        if claim.admitted != list(request.tracker_ids):
+            request = request.model_copy(update={"tracker_ids": claim.admitted})
+        return request, positions
+
+
+def _claim_and_positions(
+    session: Session, tracker_ids: Sequence[str], batch_id: str, now: datetime, interval_s: float
+) -> tuple[schedule.FetchClaim, Positions]:
+    claim = schedule.claim_fetch(session, tracker_ids, batch_id, now, interval_s)
+    return claim, (store.fetch_positions(session, claim.admitted) if claim.admitted else {})

@@ -11,9 +11,10 @@ published. If the process dies after the insert and before publishing, the redel
 request finds nothing new: the reconciler publishes those reports after its grace
 period (the database shows them as not geocoded).
 
-Per batch: one statement for the positions, then one transaction with one bulk
-``INSERT ... ON CONFLICT DO NOTHING RETURNING``, one ``UPDATE`` of the trackers and,
-with fetch-time re-validation, one marking them fetched. If
+Per request, two transactions: one claims the trackers (fetch-time re-validation) and
+reads where to fetch them from; after the source call, the other runs one bulk
+``INSERT ... ON CONFLICT DO NOTHING RETURNING``, one ``UPDATE`` of the trackers and
+one marking them fetched. If
 that fails for a reason other than the database being unavailable, the reports are
 stored one by one (each in a savepoint): a bad row is logged and skipped, the rest are
 stored and published. A tracker id the database cannot hold (a NUL byte) is skipped
@@ -80,15 +81,17 @@ class FetchStage:
 
     async def handle(self, msg: Message[FetchRequested], ctx: Context) -> None:
         request = msg.payload
+        positions = None
         if self.revalidator is not None:  # the 5-minute floor and runs, now (revalidate.py)
             if (admitted := await self.revalidator.admit(request)) is None:
                 return
-            request = admitted
+            request, positions = admitted
         ids = list(dict.fromkeys(request.tracker_ids))
         if bad := [t for t in ids if "\x00" in t]:
             log.error("skipping %d tracker id(s) with a NUL byte: %r", len(bad), bad[:5])
             ids = [t for t in ids if "\x00" not in t]
-        positions = await self.db.run(store.fetch_positions, ids)
+        if positions is None:
+            positions = await self.db.run(store.fetch_positions, ids)
         if unknown := [t for t in ids if t not in positions]:
             log.warning(
                 "not fetching %d unknown tracker(s): %s", len(unknown), ", ".join(unknown[:10])
