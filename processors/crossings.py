@@ -407,10 +407,12 @@ class _Samples:
         last = first + k
         lat[first], lon[first] = lat_a[p_seg], lon_a[p_seg]  # the fixes exactly as stored
         lat[last], lon[last] = lat_b[p_seg], lon_b[p_seg]
-        covered, dist_m = index.probe(p_fence[owner], lat, lon)
+        margin = m_a[s] + frac * (m_b[s] - m_a[s])
+        # each pair's samples follow each other along the segment (step 0 starts one)
+        covered, dist_m = index.probe(p_fence[owner], lat, lon, margin, step > 0)
         self.covered = covered.tolist()
         self.dist_m = dist_m.tolist()
-        self.margin = (m_a[s] + frac * (m_b[s] - m_a[s])).tolist()
+        self.margin = margin.tolist()
         self.offset_us = (frac * dt[s]).tolist()
         ids = index.ids
         order = np.lexsort((ids[p_fence], p_seg))

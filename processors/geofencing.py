@@ -153,6 +153,10 @@ class GeofenceIndex:
             self._p_lon0[pos], self._p_lat0[pos], self._p_kx[pos] = lon0, lat0, kx
             boundaries[pos] = boundary
         self._p_boundary = np.array(boundaries, dtype=object)
+        # each boundary's bounding box in its plane (min x, min y, max x, max y)
+        self._p_box = np.zeros((n, 4))
+        for pos, *_, boundary in planes:
+            self._p_box[pos] = shapely.bounds(boundary)
 
     @property
     def ids(self) -> np.ndarray:
@@ -173,11 +177,23 @@ class GeofenceIndex:
         return pairs.astype(np.int64)
 
     def probe(
-        self, fence: np.ndarray, lat: np.ndarray, lon: np.ndarray
+        self,
+        fence: np.ndarray,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        near_m: np.ndarray | None = None,
+        linked: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """For each (fence position, lat, lon): whether the fence covers the point
         (boundary inclusive) and the point's distance to the fence's boundary in metres.
-        Longitudes must be within [-180, 180]."""
+        Longitudes must be within [-180, 180].
+
+        With ``near_m`` (per point) and ``linked`` (point i follows point i - 1 on a
+        path): a polygon's point farther from the boundary's bounding box than its
+        ``near_m`` and than its path neighbours gets that box distance instead (a lower
+        bound, computed without GEOS) and is uncovered, as are its neighbours: a caller
+        comparing distances with ``near_m`` and looking at distances only where
+        coverage changes between neighbours gets the same answers."""
         n = len(fence)
         covered = np.zeros(n, dtype=bool)
         dist_m = np.zeros(n, dtype=float)
@@ -196,11 +212,33 @@ class GeofenceIndex:
         if poly.any():
             f = fence[poly]
             plat, plon = lat[poly], lon[poly]
-            # for a point, intersecting a polygon is being covered by it (boundary inclusive)
-            covered[poly] = shapely.intersects_xy(self._polygons[f], plon, plat)
             x = wrap_lon_np(plon - self._p_lon0[f], always=True) * self._p_kx[f]
             y = (plat - self._p_lat0[f]) * M_PER_DEG
-            dist_m[poly] = shapely.distance(self._p_boundary[f], shapely.points(x, y))
+            box = self._p_box[f]
+            gap = np.hypot(
+                np.maximum(np.maximum(box[:, 0] - x, x - box[:, 2]), 0.0),
+                np.maximum(np.maximum(box[:, 1] - y, y - box[:, 3]), 0.0),
+            )
+            exact = np.ones(len(f), dtype=bool)
+            if near_m is not None and linked is not None:
+                near = near_m[poly].astype(float)
+                hop = np.zeros(len(f))  # metres from the point before on its path
+                hop[1:] = np.where(linked[poly][1:], np.hypot(np.diff(x), np.diff(y)), 0.0)
+                near = np.maximum(near, hop)
+                near[:-1] = np.maximum(near[:-1], hop[1:])
+                # 1 cm more: the plane's boundary is snapped to a 1 mm grid
+                exact = gap <= near + 0.01
+            cov = np.zeros(len(f), dtype=bool)
+            d = gap
+            if exact.any():
+                fe = f[exact]
+                # for a point, intersecting a polygon is being covered by it (boundary
+                # inclusive)
+                cov[exact] = shapely.intersects_xy(self._polygons[fe], plon[exact], plat[exact])
+                d[exact] = shapely.distance(
+                    self._p_boundary[fe], shapely.points(x[exact], y[exact])
+                )
+            covered[poly], dist_m[poly] = cov, d
         return covered, dist_m
 
     def __len__(self) -> int:

@@ -13,8 +13,9 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+import shapely
 
-from processors.crossings import Fix, Rules, evaluate_history
+from processors.crossings import Fix, Rules, Window, evaluate, evaluate_history
 from processors.geofencing import GeofenceIndex
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -262,3 +263,75 @@ def test_each_rejection_has_its_reason() -> None:
     assert [s for _, s, _, _ in out.results] == [
         "ok", "zero", "duplicate", "accuracy", "speed", "invalid", "ok", "future",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("rules", [EXACT, Rules()], ids=["exact", "default"])
+def test_distances_skipped_far_from_a_polygon_change_no_answer(
+    rules: Rules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """probe() gives a polygon's far samples their bounding-box distance instead of the
+    exact one; 40 random tracks past a concave polygon, a polygon with a hole and one
+    split at the antimeridian get exactly the verdicts, states and events they get
+    with every distance computed exactly (here for about half the exact distances)."""
+    lat0, lon0 = 51.9, 4.4
+    c = [
+        east(*north(lat0, lon0, n), e)
+        for n, e in (
+            (0, 0),
+            (0, 900),
+            (700, 900),
+            (700, 600),
+            (250, 600),
+            (250, 300),
+            (700, 300),
+            (700, 0),
+        )
+    ]
+    concave = {"type": "Polygon", "coordinates": [[[lo, la] for la, lo in [*c, c[0]]]]}
+    holed = {
+        "type": "Polygon",
+        "coordinates": [rect(4.43, 51.89, 4.45, 51.91), rect(4.436, 51.896, 4.444, 51.904)],
+    }
+    split = {
+        "type": "MultiPolygon",
+        "coordinates": [
+            [rect(179.99, -17.01, 180.0, -16.99)],
+            [rect(-180.0, -17.01, -179.99, -16.99)],
+        ],
+    }
+    index = GeofenceIndex([polygon(1, concave), polygon(2, holed), polygon(3, split)])
+    rng = random.Random(5)
+    tracks = []
+    for i in range(40):
+        la, lo = (lat0 + 0.003, lon0 + 0.02) if i % 4 else (-17.0, 179.995)
+        points = []
+        for _ in range(12):
+            la, lo = north(la, lo, rng.uniform(-900, 900))
+            la, lo = east(la, lo, rng.uniform(-900, 900))
+            points.append((la, (lo + 180) % 360 - 180))
+        tracks.append(fixes_at(points, accuracy_m=rng.choice([None, 5.0, 60.0])))
+    measured: list[int] = []
+    distance = shapely.distance
+
+    def counting(a, b):  # type: ignore[no-untyped-def]
+        measured.append(len(b))
+        return distance(a, b)
+
+    monkeypatch.setattr(shapely, "distance", counting)
+
+    def outcomes() -> list[Any]:
+        done = evaluate(index, rules, [Window(str(i), t) for i, t in enumerate(tracks)])
+        return [[(s, state, evs) for _, s, state, evs in o.results] for o in done]
+
+    fast = outcomes()
+    fast_points, measured[:] = sum(measured), []
+    original = GeofenceIndex.probe
+
+    def exact(self, fence, lat, lon, near_m=None, linked=None):  # type: ignore[no-untyped-def]
+        return original(self, fence, lat, lon)
+
+    monkeypatch.setattr(GeofenceIndex, "probe", exact)
+    slow = outcomes()
+    assert fast == slow  # each fix's verdict, state and events
+    assert sum(len(evs) for track in fast for *_, evs in track) >= 40, "tracks cross fences"
+    assert fast_points < 0.75 * sum(measured), (fast_points, sum(measured))  # some skipped
