@@ -192,16 +192,15 @@ class GeofenceStage:
 
 def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]:
     """Indices of ``items`` in at most ``parts`` groups of about equal size, every
-    tracker's reports in one group (the trackers with most reports first, each to the
-    smallest group so far)."""
+    tracker's reports in one group (each tracker to the smallest group so far)."""
     if parts <= 1:
         return [list(range(len(items)))]
     by_tracker: dict[str, list[int]] = {}
     for i, p in enumerate(items):
         by_tracker.setdefault(p.tracker_id, []).append(i)
     groups: list[list[int]] = [[] for _ in range(parts)]
-    for tracker in sorted(by_tracker, key=lambda t: -len(by_tracker[t])):
-        min(groups, key=len).extend(by_tracker[tracker])
+    for indices in by_tracker.values():
+        min(groups, key=len).extend(indices)
     return [g for g in groups if g]
 
 
