@@ -40,6 +40,10 @@ def _run(connection: Connection) -> None:
         include_object=include_object,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # SQLite's DDL is transactional too (we issue BEGIN IMMEDIATE ourselves): one
+        # transaction for the whole upgrade, so a concurrent upgrade waits for all of
+        # it instead of starting between two revisions and running them again
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
