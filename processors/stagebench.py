@@ -130,7 +130,7 @@ def bench_geofence(
         stage = GeofenceStage(db, routes("bench"), lambda: now)
 
         class Ctx:
-            def publish(self, route: Any, payload: Any) -> None:
+            def publish(self, route: Any, payload: Any, **options: Any) -> None:
                 pass
 
         msgs = [
