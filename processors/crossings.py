@@ -310,7 +310,7 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
         state = carry.dumps()
         converged = False
         hi_us: int | None = None
-        seg_end = seg_i + sum(1 for st in statuses[w_i][1 if w.anchored else 0 :] if st == OK)
+        seg_end = seg_i + statuses[w_i].count(OK) - w.anchored  # the anchor is no segment
         for f_i in range(1 if w.anchored else 0, ends[w_i]):
             fix, status = w.fixes[f_i], statuses[w_i][f_i]
             if status != OK:

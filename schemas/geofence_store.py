@@ -17,9 +17,8 @@ SQLite (the demo default) takes a portable path.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, column, text
 from sqlalchemy.orm import Session
@@ -40,8 +39,8 @@ __all__ = [
 LOCK_NAMESPACE = "trackstream.tracker."
 
 
-@dataclass(frozen=True)
-class TrackerWindow:
+# named tuples, not dataclasses: a batch makes hundreds of them (a tuple is made in C)
+class TrackerWindow(NamedTuple):
     # (id, tracker_id, observed_at, lat, lon, accuracy_m, fetched_at, fix_status,
     #  fence_state, ...)
     rows: list[Any]
@@ -49,16 +48,14 @@ class TrackerWindow:
     truncated: bool  # more reports follow the last one loaded
 
 
-@dataclass(frozen=True)
-class StatusRow:
+class StatusRow(NamedTuple):
     id: int
     status: str
     state: str | None
     checked: bool  # a report of this batch: set geofence_checked_at
 
 
-@dataclass(frozen=True)
-class EventRow:
+class EventRow(NamedTuple):
     tracker_id: str
     geofence_id: int
     observed_at: datetime
