@@ -14,11 +14,10 @@ period (the database shows them as not geocoded).
 Per request, two transactions: one claims the trackers (fetch-time re-validation) and
 reads where to fetch them from; after the source call, the other runs one bulk
 ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, one ``UPDATE`` of the trackers and
-one marking them fetched. If
-that fails for a reason other than the database being unavailable, the reports are
-stored one by one (each in a savepoint): a bad row is logged and skipped, the rest are
-stored and published. A tracker id the database cannot hold (a NUL byte) is skipped
-before any query.
+one marking them fetched. If that fails for a reason other than the database being
+unavailable, the reports are stored one by one (each in a savepoint): a bad row is
+logged and skipped, the rest are stored and published. A tracker id the database
+cannot hold (a NUL byte) is skipped before any query.
 
 A source outage: once the source's circuit breaker opens, the worker's gate
 (:meth:`FetchStage.ready`) stops reading, and requests that hit the open circuit are
