@@ -14,7 +14,7 @@ first entry is read, so the first batch does not pay for it inside its timeout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,16 +43,19 @@ class GeocodeStage:
         self.clock = clock
         self.warm = False
 
+    def _layers(self) -> Iterator[Any]:
+        """The geocoder and what it wraps (a cache's ``inner``), outermost first."""
+        geocoder: Any = self.geocoder
+        while geocoder is not None:
+            yield geocoder
+            geocoder = getattr(geocoder, "inner", None)
+
     @property
     def batch_size(self) -> int | None:
         """Entries per read unless ``TRACKSTREAM_BATCH_SIZE`` is set: large batches for
         the offline geocoder (set-based, no network), the default for a remote one."""
-        geocoder: Any = self.geocoder
-        while geocoder is not None:
-            if isinstance(geocoder, OfflineGeocoder):
-                return SET_BATCH_SIZE
-            geocoder = getattr(geocoder, "inner", None)
-        return None
+        offline = any(isinstance(g, OfflineGeocoder) for g in self._layers())
+        return SET_BATCH_SIZE if offline else None
 
     async def ready(self) -> None:
         """The worker's gate: the first time, load the geocoder's data (an offline
@@ -60,12 +63,10 @@ class GeocodeStage:
         if self.warm:
             return
         self.warm = True  # once: a failed load is retried by the first batch instead
-        geocoder: Any = self.geocoder
-        while geocoder is not None:
+        for geocoder in self._layers():
             if (warm_up := getattr(geocoder, "warm_up", None)) is not None:
                 await warm_up()
                 return
-            geocoder = getattr(geocoder, "inner", None)
 
     async def _addresses(
         self, reports: Sequence[LocationReported]
