@@ -68,9 +68,9 @@ def _pg(session: Session) -> bool:
 
 
 def lock_trackers(session: Session, tracker_ids: Sequence[str]) -> None:
-    """Locks the trackers until the transaction ends (the same keys as
-    :func:`schemas.store.lock_tracker`), sorted by lock key: two workers whose batches
-    share trackers wait for each other, never deadlock."""
+    """Locks the trackers until the transaction ends (transaction-scoped advisory locks
+    on ``LOCK_NAMESPACE`` + id), sorted by lock key: two workers whose batches share
+    trackers wait for each other, never deadlock."""
     if not tracker_ids or not _pg(session):
         return
     session.execute(

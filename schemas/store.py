@@ -23,7 +23,6 @@ import shapely
 from shapely.geometry import shape
 from shapely.validation import explain_validity
 from sqlalchemy import (
-    Select,
     String,
     Table,
     and_,
@@ -56,7 +55,6 @@ __all__ = [
     "count_not_checked",
     "count_not_geocoded",
     "deactivate_geofence",
-    "eligible_trackers",
     "events_for",
     "fetch_positions",
     "geofences_version",
@@ -64,12 +62,10 @@ __all__ = [
     "incomplete_reports",
     "insert_reports",
     "list_geofences",
-    "lock_tracker",
     "mark_geofence_checked",
     "mark_processed",
     "mark_republished",
     "replace_events_at",
-    "report_with_neighbours",
     "reports_for",
     "set_addresses",
     "set_addresses_each",
@@ -160,47 +156,6 @@ def upsert_trackers(session: Session, rows: Sequence[Mapping[str, Any]]) -> int:
     return len(values)
 
 
-def eligible_trackers(
-    session: Session, now: datetime, min_interval_s: float, limit: int, lock: bool = False
-) -> list[str]:
-    """External ids of the trackers to fetch now, fairest first.
-
-    Eligible: active, inside the production run (``run_starts_at <= now < run_ends_at``,
-    a NULL bound is open), and not processed within ``min_interval_s``
-    (``last_processed_at`` NULL or ``<= now - min_interval_s``). Order: never fetched
-    first, then oldest ``last_processed_at``, then id.
-
-    ``lock=True`` reserves the rows for this transaction: ``FOR UPDATE SKIP LOCKED`` on
-    PostgreSQL (a concurrent scheduler gets a disjoint set); on SQLite every transaction
-    already holds the write lock from its ``BEGIN IMMEDIATE`` (see :mod:`schemas.db`).
-    The caller then marks them processed in the same transaction.
-    """
-    if limit <= 0:
-        return []
-    cutoff = now - timedelta(seconds=min_interval_s)
-    stmt: Select[Any] = (
-        select(Tracker.external_id)
-        .where(
-            _in_run(now),
-            or_(Tracker.last_processed_at.is_(None), Tracker.last_processed_at <= cutoff),
-        )
-        .order_by(Tracker.last_processed_at.asc().nulls_first(), Tracker.id)
-        .limit(limit)
-    )
-    if lock:
-        if _dialect(session) == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        else:
-            _take_sqlite_write_lock(session)
-    return list(session.scalars(stmt))
-
-
-def _take_sqlite_write_lock(session: Session) -> None:
-    """Makes sure this SQLite transaction holds the write lock (a no-op write), for
-    connections not made by :func:`schemas.db.make_engine` (which begin IMMEDIATE)."""
-    session.execute(text("UPDATE trackers SET id = id WHERE id = (SELECT MIN(id) FROM trackers)"))
-
-
 def mark_processed(session: Session, external_ids: Sequence[str], at: datetime) -> None:
     """Sets ``last_processed_at`` of these trackers to ``at``."""
     ids = sorted(set(external_ids))  # a stable order keeps row locks deadlock-free
@@ -225,16 +180,6 @@ _MARK_PROCESSED_PG = text(
     " (SELECT json_array_elements_text(CAST(:ids AS json)))"
     " ORDER BY id FOR UPDATE) AS l WHERE trackers.id = l.id"
 ).bindparams(bindparam("at", type_=UTCDateTime()))
-
-
-def lock_tracker(session: Session, tracker_id: str) -> None:
-    """Serialises work on one tracker until the transaction ends: a transaction-scoped
-    advisory lock on PostgreSQL; nothing on SQLite, where writers are serialised."""
-    if _dialect(session) == "postgresql":
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
-            {"k": f"trackstream.tracker.{tracker_id}"},
-        )
 
 
 def stalest_active_tracker_age_s(session: Session, now: datetime) -> float | None:
@@ -464,26 +409,6 @@ def mark_geofence_checked(
         .values(geofence_checked_at=bindparam("b_at", type_=UTCDateTime()))
     )
     session.execute(stmt, [{"b_tracker": t, "b_observed": o, "b_at": at} for t, o in reports])
-
-
-def report_with_neighbours(
-    session: Session, tracker_id: str, observed_at: datetime
-) -> tuple[LocationReport | None, LocationReport | None, LocationReport | None]:
-    """The tracker's report at ``observed_at`` and the reports just before and after it
-    (by ``observed_at``); each None when there is none."""
-    base = select(LocationReport).where(LocationReport.tracker_id == tracker_id)
-    cur = session.scalars(base.where(LocationReport.observed_at == observed_at)).first()
-    prev = session.scalars(
-        base.where(LocationReport.observed_at < observed_at)
-        .order_by(LocationReport.observed_at.desc())
-        .limit(1)
-    ).first()
-    nxt = session.scalars(
-        base.where(LocationReport.observed_at > observed_at)
-        .order_by(LocationReport.observed_at.asc())
-        .limit(1)
-    ).first()
-    return prev, cur, nxt
 
 
 def incomplete_reports(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -211,74 +210,6 @@ def test_upsert_trackers_updates_on_conflict(tx: Tx) -> None:
     assert rows == {"A": ("x", True), "B": ("B", True)}
 
 
-def test_eligibility_rules(tx: Tx) -> None:
-    now = T0
-    tx(
-        store.upsert_trackers,
-        [
-            tracker("never"),
-            tracker("old"),
-            tracker("older"),
-            tracker("recent"),
-            tracker("exactly-5-min"),
-            tracker("inactive", active=False),
-            tracker("not-started", run_starts_at=now + timedelta(hours=1)),
-            tracker("ended", run_ends_at=now - timedelta(seconds=1)),
-            tracker("ends-now", run_ends_at=now),
-            tracker(
-                "in-window",
-                run_starts_at=now - timedelta(days=1),
-                run_ends_at=now + timedelta(days=1),
-            ),
-        ],
-    )
-    tx(store.mark_processed, ["old"], now - timedelta(hours=1))
-    tx(store.mark_processed, ["older"], now - timedelta(hours=2))
-    tx(store.mark_processed, ["recent"], now - timedelta(minutes=4, seconds=59))
-    tx(store.mark_processed, ["exactly-5-min"], now - timedelta(minutes=5))
-    ids = tx(store.eligible_trackers, now, 300, 100)
-    # never fetched first (by id), then oldest last_processed_at
-    assert ids == ["never", "in-window", "older", "old", "exactly-5-min"]
-    assert tx(store.eligible_trackers, now, 300, 2) == ["never", "in-window"]
-    assert tx(store.eligible_trackers, now, 300, 0) == []
-    # reserving: once marked processed they wait for the interval
-    tx(store.mark_processed, ids, now)
-    assert tx(store.eligible_trackers, now + timedelta(minutes=4), 300, 100) == ["recent"]
-    later = tx(store.eligible_trackers, now + timedelta(minutes=5), 300, 100)
-    assert set(later) == {*ids, "recent"}
-
-
-def test_lock_true_gives_disjoint_sets_to_concurrent_schedulers(engine: Engine, tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker(f"T{i:03d}") for i in range(40)])
-    factory = session_factory(engine)
-    barrier = threading.Barrier(2, timeout=30)
-    picked: list[list[str]] = []
-    errors: list[BaseException] = []
-
-    def scheduler() -> None:
-        try:
-            with factory.begin() as session:
-                ids = store.eligible_trackers(session, T0, 300, 25, lock=True)
-                store.mark_processed(session, ids, T0)
-                picked.append(ids)
-                if engine.dialect.name == "postgresql":
-                    barrier.wait()  # both hold their row locks at once
-        except BaseException as exc:
-            errors.append(exc)
-
-    # on SQLite the two transactions are serialised (BEGIN IMMEDIATE)
-    threads = [threading.Thread(target=scheduler) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    a, b = picked
-    assert len(a) + len(b) == 40
-    assert not set(a) & set(b)
-    assert tx(store.eligible_trackers, T0, 300, 100) == []
-
-
 def test_stalest_age_and_counts(tx: Tx) -> None:
     assert tx(store.stalest_active_tracker_age_s, T0) is None
     tx(store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C", active=False)])
@@ -380,22 +311,20 @@ def test_datetimes_come_back_timezone_aware_utc(tx: Tx) -> None:
         assert value.tzinfo is UTC
     assert r.observed_at == T0
     # comparisons against aware values of another zone are correct
-    assert tx(store.report_with_neighbours, "A", T0.astimezone(cest))[1] is not None
+    fetched = T0 + timedelta(seconds=2)
+    assert len(tx(store.incomplete_reports, fetched.astimezone(cest), 10)[0]) == 1
+    assert (
+        tx(store.incomplete_reports, (fetched - timedelta(seconds=1)).astimezone(cest), 10)[0] == []
+    )
     # naive values are refused, never silently mis-stored
     with pytest.raises(Exception, match="naive datetime"):
         tx(store.mark_processed, ["A"], datetime(2026, 3, 2, 8))
 
 
-def test_report_with_neighbours_and_incomplete(tx: Tx) -> None:
+def test_incomplete_reports(tx: Tx) -> None:
     tx(store.upsert_trackers, [tracker("A"), tracker("B")])
     rs = [report("A", m) for m in (0, 10, 20)]
     tx(store.insert_reports, [*rs, report("B", 5)])
-    prev, cur, nxt = tx(store.report_with_neighbours, "A", rs[1].observed_at)
-    assert (prev.observed_at, cur.observed_at, nxt.observed_at) == tuple(r.observed_at for r in rs)
-    prev, cur, nxt = tx(store.report_with_neighbours, "A", rs[0].observed_at)
-    assert prev is None and nxt.observed_at == rs[1].observed_at
-    assert tx(store.report_with_neighbours, "A", T0 + timedelta(minutes=3))[1] is None
-
     # fetched_at is observed_at + 2 s
     not_geocoded, not_checked = tx(
         store.incomplete_reports, T0 + timedelta(minutes=10, seconds=2), 100
@@ -571,10 +500,6 @@ def test_replace_events_at(tx: Tx) -> None:
     assert tx(store.events_for) == [("A", T0, g2, "exit"), ("A", T0, g3, "enter")]
     with pytest.raises(ValueError, match="enter"):
         tx(store.replace_events_at, "A", t1, {g1: "inside"})
-
-
-def test_lock_tracker_runs(tx: Tx) -> None:
-    tx(store.lock_tracker, "A")  # an advisory lock on PostgreSQL, nothing on SQLite
 
 
 # -- views
