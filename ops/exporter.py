@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,8 @@ from processors.clock import Clock, system_clock
 from processors.scheduler import SchedulerReport, read_report
 from streams.connection import Client, connect
 from streams.errors import ConfigError, GroupMissing
-from streams.faults import classify
 from streams.keys import StageKeys
-from streams.monitor import StageStatus, stage_status
+from streams.monitor import StageStatus, retrying, stage_status
 from streams.settings import StreamSettings
 
 log = logging.getLogger("trackstream.exporter")
@@ -245,21 +245,11 @@ class PipelineCollector(Collector):
             self._client = self._client_factory(self.settings)
         client, url = self._client, self.settings.redis_url
 
-        async def status(keys: StageKeys) -> StageStatus:
-            # a transient fault (a cluster connection dropped under a concurrent read)
-            # is retried within the scrape rather than leaving the stage out of it
-            for delay_s in (0.05, 0.1):
-                try:
-                    return await stage_status(client, keys, url)
-                except Exception as exc:
-                    if not classify(exc).transient:
-                        raise
-                    await asyncio.sleep(delay_s)
-            return await stage_status(client, keys, url)
-
         results = list(
             await asyncio.gather(
-                *(status(keys) for keys in self.keys),
+                # a transient fault is retried within the scrape rather than leaving
+                # the stage out of it
+                *(retrying(partial(stage_status, client, k, url)) for k in self.keys),
                 read_report(client, self.report_key, url),
                 return_exceptions=True,
             )

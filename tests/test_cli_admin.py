@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -535,6 +536,51 @@ def test_unreachable_redis_exits_3_without_the_password(cluster, args):
     text = flat(result.output)
     assert f"redis://user:***@127.0.0.1:{port}" in text and "unavailable" in text
     assert "secret" not in result.output
+
+
+def _flaky_stage_status(monkeypatch: pytest.MonkeyPatch, failures: int) -> Counter[str]:
+    """Each stage's first ``failures`` samples fail as a dropped connection does."""
+    import ops.commands.status as status_cmd
+    from streams.errors import RedisUnavailable
+
+    real = status_cmd.stage_status
+    calls: Counter[str] = Counter()
+
+    async def flaky(client: Any, keys: Any, url: str) -> Any:
+        calls[keys.stage] += 1
+        if calls[keys.stage] <= failures:
+            raise RedisUnavailable("redis://127.0.0.1:1", ConnectionError("Connection lost"))
+        return await real(client, keys, url)
+
+    monkeypatch.setattr(status_cmd, "stage_status", flaky)
+    return calls
+
+
+def test_status_retries_a_transient_fault(standalone_target, unique_prefix, monkeypatch):
+    """A sample only reads: a dropped connection is tried again (three times), not an
+    exit 3."""
+    calls = _flaky_stage_status(monkeypatch, failures=3)
+    result = cli(standalone_target, unique_prefix, "status", "--json", "--no-require-consumers")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["stages"]) == 5
+    assert set(calls.values()) == {4}
+    _flaky_stage_status(monkeypatch, failures=4)
+    result = cli(standalone_target, unique_prefix, "status", "--json", "--no-require-consumers")
+    assert result.exit_code == 3 and "Connection lost" in result.output
+
+
+def test_status_watch_rides_out_refreshes_that_fail(standalone_target, unique_prefix, monkeypatch):
+    """Every attempt of the first refresh fails: the watch says so and goes on; the
+    second refresh reports. With no refresh at all reaching Redis it exits 3."""
+    _flaky_stage_status(monkeypatch, failures=4)
+    args = ["status", "--watch", "--json", "--count", "2", "--interval", "0.05"]
+    result = cli(standalone_target, unique_prefix, *args, "--no-require-consumers")
+    assert result.exit_code == 0, result.output
+    assert "Connection lost" in result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.startswith("{")]) == 1
+    _flaky_stage_status(monkeypatch, failures=10**6)
+    result = cli(standalone_target, unique_prefix, *args, "--no-require-consumers")
+    assert result.exit_code == 3, result.output
 
 
 def test_help_paragraphs_are_not_cut_mid_sentence():

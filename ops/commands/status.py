@@ -8,6 +8,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -32,9 +33,10 @@ from ops.commands._operator import (
 )
 from ops.common import console, err_console, handle_errors, options
 from processors import topology
-from streams.connection import Client, redact
+from streams.connection import Client, redact, translate
+from streams.errors import RedisUnavailable
 from streams.keys import StageKeys
-from streams.monitor import StageStatus, stage_status
+from streams.monitor import StageStatus, retrying, stage_status
 from streams.settings import StreamSettings
 
 
@@ -94,14 +96,18 @@ async def _acked(client: Client, keys: StageKeys) -> int | None:
 async def _sample(client: Client, keys: StageKeys, url: str) -> Sample:
     status = await stage_status(client, keys, url)
     try:
-        acked = await _acked(client, keys)
+        with translate(url, keys.stream, keys.group):
+            acked = await _acked(client, keys)
     except rex.ResponseError:
         acked = None
     return Sample(keys, status, acked, time.monotonic())
 
 
 async def _sample_all(client: Client, all_keys: list[StageKeys], url: str) -> list[Sample]:
-    return list(await asyncio.gather(*(_sample(client, k, url) for k in all_keys)))
+    """Every stage at once, each read :func:`~streams.monitor.retrying`."""
+    return list(
+        await asyncio.gather(*(retrying(partial(_sample, client, k, url)) for k in all_keys))
+    )
 
 
 def _view(sample: Sample, previous: Sample | None, limits: Thresholds) -> StageView:
@@ -340,11 +346,18 @@ def register(app: typer.Typer) -> None:
                 if live is not None:
                     live.start()
                 while count is None or n < count:
-                    samples = await _sample_all(client, all_keys, url)
-                    views = views_of(samples, previous)
-                    previous = samples
-                    last["report"] = await report_of(client, views)
                     n += 1
+                    try:
+                        samples = await _sample_all(client, all_keys, url)
+                        views = views_of(samples, previous)
+                        last["report"] = await report_of(client, views)
+                    except RedisUnavailable as exc:  # a watch rides out an outage
+                        last["error"] = exc
+                        err_console.print(f"{datetime.now(UTC):%H:%M:%S}Z: {exc}")
+                        if count is None or n < count:
+                            await asyncio.sleep(every)
+                        continue
+                    previous = samples
                     if live is not None:
                         footer = Text(
                             f"{datetime.now(UTC):%H:%M:%S}Z, every {every:g}s; Ctrl-C to stop",
@@ -373,6 +386,8 @@ def register(app: typer.Typer) -> None:
             run(settings, watching if watch else once)
         report = last.get("report")
         if report is None:
+            if "error" in last:  # --count refreshes, none of which reached Redis
+                raise last["error"]
             raise typer.Exit(130)
         if not report["healthy"]:
             _print_breaches(report)

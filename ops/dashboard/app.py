@@ -62,7 +62,7 @@ from streams.connection import Client, connect, redact
 from streams.deadletter import CATEGORIES, DeadLetters
 from streams.errors import RedisUnavailable, StreamsError
 from streams.keys import StageKeys
-from streams.monitor import StageStatus, stage_status
+from streams.monitor import StageStatus, stage_statuses
 from streams.settings import StreamSettings
 
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -301,7 +301,7 @@ async def readyz(request: Request) -> Response:
 async def stages(request: Request) -> Response:
     d = _dashboard(request)
     everything = [k for shards in d.keys.values() for k in shards]
-    statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in everything))
+    statuses = await stage_statuses(d.client, everything, d.url)
     dead_after_ms = d.settings.consumer_dead_after_ms
     out = []
     for stage, shard_keys in d.keys.items():
@@ -327,7 +327,7 @@ async def consumers(request: Request) -> Response:
     d = _dashboard(request)
     stage = request.path_params["stage"]
     shard_keys = d.stage_keys(stage)
-    statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in shard_keys))
+    statuses = await stage_statuses(d.client, shard_keys, d.url)
     dead_after_ms = d.settings.consumer_dead_after_ms
     rows = [c for st in statuses for c in _consumer_view(st, dead_after_ms)]
     return JSONResponse({"stage": stage, "consumers": rows})

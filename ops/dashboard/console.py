@@ -3,7 +3,6 @@ workers, history and bulk dead-letter actions (routes in :mod:`ops.dashboard.app
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -113,13 +112,13 @@ async def search(request: Request) -> Response:
 
 
 async def workers(request: Request) -> Response:
-    from streams.monitor import stage_status
+    from streams.monitor import stage_statuses
 
     d = _d(request)
     now_ms = time.time_ns() // 1_000_000
     rows: list[dict[str, Any]] = []
     for stage, shard_keys in d.keys.items():
-        statuses = await asyncio.gather(*(stage_status(d.client, k, d.url) for k in shard_keys))
+        statuses = await stage_statuses(d.client, shard_keys, d.url)
         names: dict[str, dict[str, Any]] = {}
         for st in statuses:
             for c in st.consumers:
