@@ -1,12 +1,13 @@
 """The operator's view of the fleet, read from the database: each tracker's last fix and
-state, the freshness distribution against the 12-hour guarantee, what the map draws, and
-the database side of one report's trace. Read-only; shared by the CLI and the dashboard.
+state, the freshness distribution against the guarantee (``max_tracker_age_s``, 12 h by
+default), what the map draws, and the database side of one report's trace. Read-only;
+shared by the CLI and the dashboard.
 
 A tracker's state, in this order:
 
 - ``inactive``: ``active`` is false;
 - ``out of run``: now is outside its production run (``run_starts_at``/``run_ends_at``);
-- ``past 12 h``: its last successful fetch (``fetched_at`` of its latest report; a
+- ``overdue``: its last successful fetch (``fetched_at`` of its latest report; a
   never-fetched tracker counts from ``created_at``) is older than the guarantee;
 - ``late``: older than twice ``min_fetch_interval_s``;
 - ``fresh``: otherwise.
@@ -25,16 +26,24 @@ from sqlalchemy.orm import Session
 
 from schemas.tables import Geofence, GeofenceEvent, LocationReport, Tracker
 
-GUARANTEE_S = 12 * 3600
-STATES = ("fresh", "late", "past 12 h", "out of run", "inactive")
+GUARANTEE_S = 12 * 3600  # the default of max_tracker_age_s
+OVERDUE = "overdue"  # past the guarantee
+STATES = ("fresh", "late", OVERDUE, "out of run", "inactive")
 # freshness buckets of in-run trackers: (label, upper bound in seconds)
 BUCKETS = (
     ("< 1 h", 3600),
     ("1-3 h", 3 * 3600),
     ("3-6 h", 6 * 3600),
-    ("6-12 h", GUARANTEE_S),
+    ("6-12 h", 12 * 3600),
     ("> 12 h", None),
 )
+
+
+def hours_text(seconds: float) -> str:
+    """A guarantee as people say it: "12 h", "1.5 h", "45 min"."""
+    if seconds < 3600:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"
 
 
 def iso(value: datetime | None) -> str | None:
@@ -71,7 +80,11 @@ def _latest_reports() -> Any:
 
 
 def state_of(
-    t: Tracker, fetched: datetime | None, now: datetime, min_fetch_interval_s: float
+    t: Tracker,
+    fetched: datetime | None,
+    now: datetime,
+    min_fetch_interval_s: float,
+    guarantee_s: float = GUARANTEE_S,
 ) -> tuple[str, float]:
     age_s = max(0.0, (now - (fetched or t.created_at)).total_seconds())
     if not t.active:
@@ -80,15 +93,19 @@ def state_of(
         t.run_ends_at is not None and t.run_ends_at <= now
     ):
         return "out of run", age_s
-    if age_s > GUARANTEE_S:
-        return "past 12 h", age_s
+    if age_s > guarantee_s:
+        return OVERDUE, age_s
     if age_s > 2 * min_fetch_interval_s:
         return "late", age_s
     return "fresh", age_s
 
 
 def trackers(
-    session: Session, now: datetime, min_fetch_interval_s: float, tracker_id: str | None = None
+    session: Session,
+    now: datetime,
+    min_fetch_interval_s: float,
+    tracker_id: str | None = None,
+    guarantee_s: float = GUARANTEE_S,
 ) -> list[TrackerRow]:
     """Every tracker (or one) with its latest report and state, stalest first."""
     latest = _latest_reports()
@@ -107,7 +124,8 @@ def trackers(
         stmt = stmt.where(Tracker.external_id == tracker_id)
     rows = []
     for t, r in session.execute(stmt):
-        state, age_s = state_of(t, r.fetched_at if r else None, now, min_fetch_interval_s)
+        fetched = r.fetched_at if r else None
+        state, age_s = state_of(t, fetched, now, min_fetch_interval_s, guarantee_s)
         rows.append(
             TrackerRow(
                 tracker_id=t.external_id,
@@ -126,8 +144,9 @@ def trackers(
     return rows
 
 
-def distribution(rows: list[TrackerRow]) -> dict[str, Any]:
-    """Counts by state, and the in-run trackers' ages in buckets against the guarantee."""
+def distribution(rows: list[TrackerRow], guarantee_s: float = GUARANTEE_S) -> dict[str, Any]:
+    """Counts by state, and the in-run trackers' ages in buckets and against the
+    guarantee."""
     states = Counter(r.state for r in rows)
     buckets = dict.fromkeys((label for label, _ in BUCKETS), 0)
     for r in rows:
@@ -138,13 +157,20 @@ def distribution(rows: list[TrackerRow]) -> dict[str, Any]:
                 buckets[label] += 1
                 break
     in_run = sum(buckets.values())
+    within = sum(
+        1
+        for r in rows
+        if r.state not in ("inactive", "out of run") and r.age_s is not None
+        and r.age_s <= guarantee_s
+    )
     return {
         "total": len(rows),
         "in_run": in_run,
         "states": {s: states.get(s, 0) for s in STATES},
         "buckets": [{"label": k, "count": v} for k, v in buckets.items()],
-        "within_guarantee": in_run - buckets["> 12 h"],
-        "guarantee_s": GUARANTEE_S,
+        "within_guarantee": within,
+        "guarantee_s": guarantee_s,
+        "guarantee": hours_text(guarantee_s),
     }
 
 
@@ -166,11 +192,16 @@ def map_data(
     track_points: int = 50,
     max_tracks: int = 200,
     events: int = 100,
+    guarantee_s: float = GUARANTEE_S,
 ) -> dict[str, Any]:
     """Last positions, recent tracks (the last ``track_points`` reports within
     ``track_hours`` of the ``max_tracks`` most recently reporting trackers), active
     geofences and the latest geofence events."""
-    rows = [r for r in trackers(session, now, min_fetch_interval_s) if r.lat is not None]
+    rows = [
+        r
+        for r in trackers(session, now, min_fetch_interval_s, guarantee_s=guarantee_s)
+        if r.lat is not None
+    ]
     since = now - timedelta(hours=track_hours)
     tracks: dict[str, list[list[float]]] = {}
     # tracks of the most recently reporting trackers only: each is a range scan of the

@@ -93,7 +93,7 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
     assert states == {
         "A-FRESH": "fresh",
         "B-LATE": "late",
-        "C-OLD": "past 12 h",
+        "C-OLD": "overdue",
         "D-OFF": "inactive",
         "E-ENDED": "out of run",
         "F-NEVER": "fresh",  # created just now: counts from creation
@@ -115,7 +115,7 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
     table = cli("--database-url", db_url, "trackers")
     assert table.exit_code == 0, table.output
     readme_samples.check("trackers", table.output)
-    assert "6 trackers (2 fresh, 1 late, 1 past 12 h, 1 out of run, 1 inactive)" in table.output
+    assert "6 trackers (2 fresh, 1 late, 1 overdue, 1 out of run, 1 inactive)" in table.output
     assert "3 of 4 in run fetched within 12 h" in table.output
     assert "F-NEVER" in table.output and "51.500,4.250" in table.output
     assert max(len(ln) for ln in table.output.splitlines()[2:]) <= 80
@@ -130,6 +130,22 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
     missing = cli("--database-url", f"sqlite:///{tmp_path}/none.db", "trackers")
     assert missing.exit_code == 2 and "no database at" in missing.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_the_guarantee_is_max_tracker_age_s(tmp_path):
+    """A guarantee of 20 minutes: the tracker fetched 30 minutes ago is overdue too."""
+    db_url = f"sqlite:///{tmp_path}/fleet.db"
+    _fleet(db_url, datetime.now(UTC))
+    args = ["--database-url", db_url, "trackers"]
+    env = {"TRACKSTREAM_MAX_TRACKER_AGE_S": "1200"}
+    result = runner.invoke(app, [*args, "--json"], env=env, catch_exceptions=False)
+    body = json.loads(result.output)
+    overdue = {t["tracker_id"] for t in body["trackers"] if t["state"] == "overdue"}
+    assert overdue == {"B-LATE", "C-OLD"}
+    assert body["summary"]["within_guarantee"] == 2 and body["summary"]["guarantee_s"] == 1200
+    table = runner.invoke(app, [*args, "--state", "overdue"], env=env, catch_exceptions=False)
+    assert "2 of 4 in run fetched within 20 min" in table.output
+    assert "B-LATE" in table.output and "A-FRESH" not in table.output
 
 
 async def test_trace_follows_one_report_through_db_streams_and_dead_letters(

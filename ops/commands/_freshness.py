@@ -1,4 +1,4 @@
-"""The fleet lines of ``status``: freshness against the 12-hour guarantee (read from
+"""The fleet lines of ``status``: freshness against the guarantee, ``max_tracker_age_s`` (read from
 the database, never written) and the scheduler's last report (demand vs capacity,
 the fetch backlog; left in Redis by the leading scheduler)."""
 

@@ -45,7 +45,8 @@ def fleet_lines(summary: dict[str, Any]) -> list[str]:
     buckets = "  ".join(f"{b['label']}: {b['count']}" for b in summary["buckets"])
     return [
         f"{summary['total']} trackers ({states or 'none'}); "
-        f"{summary['within_guarantee']} of {summary['in_run']} in run fetched within 12 h",
+        f"{summary['within_guarantee']} of {summary['in_run']} in run fetched within "
+        f"{summary['guarantee']}",
         f"since last fetch  {buckets}",
     ]
 
@@ -63,11 +64,12 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Each tracker's last fix, age, last fetch and state, stalest first, with the
-        fleet's freshness against the 12-hour guarantee.
+        fleet's freshness against the guarantee (max_tracker_age_s, 12 h by default).
 
-        States: fresh (fetched within 2 x min_fetch_interval_s), late, past 12 h, out of
-        run (outside its production run), inactive. Ages count from the last successful
-        fetch (a never-fetched tracker: from its creation). Times are UTC.
+        States: fresh (fetched within 2 x min_fetch_interval_s), late, overdue (not
+        fetched within max_tracker_age_s), out of run (outside its production run),
+        inactive. Ages count from the last successful fetch (a never-fetched tracker: from
+        its creation). Times are UTC.
         """
         from ops.fleet import distribution
         from ops.fleet import trackers as fleet_trackers
@@ -76,8 +78,11 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"must be one of: {', '.join(STATES)}", param_hint="--state")
         _, app_settings = options(ctx).settings()
         now = datetime.now(UTC)
-        rows = read_db(ctx, fleet_trackers, now, app_settings.min_fetch_interval_s)
-        summary = distribution(rows)
+        guarantee_s = app_settings.max_tracker_age_s
+        rows = read_db(
+            ctx, fleet_trackers, now, app_settings.min_fetch_interval_s, None, guarantee_s
+        )
+        summary = distribution(rows, guarantee_s)
         shown = [r for r in rows if state is None or r.state == state][:limit]
         if as_json:
             echo_json({"summary": summary, "trackers": [r.as_dict() for r in shown]})

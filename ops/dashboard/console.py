@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -62,11 +63,13 @@ async def trackers(request: Request) -> Response:
     state = request.query_params.get("state") or None
     if state is not None and state not in fleet.STATES:
         raise HTTPException(400, f"state must be one of: {', '.join(fleet.STATES)}")
-    rows = await d.read_db(fleet.trackers, _now(), d.app_settings.min_fetch_interval_s)
+    app = d.app_settings
+    guarantee_s = app.max_tracker_age_s
+    rows = await d.read_db(fleet.trackers, _now(), app.min_fetch_interval_s, None, guarantee_s)
     shown = [r.as_dict() for r in rows if state is None or r.state == state]
     return JSONResponse(
         {
-            "summary": fleet.distribution(rows),
+            "summary": fleet.distribution(rows, guarantee_s),
             "trackers": shown[:TRACKER_LIMIT],
             "shown": min(len(shown), TRACKER_LIMIT),
         }
@@ -75,7 +78,11 @@ async def trackers(request: Request) -> Response:
 
 async def map_view(request: Request) -> Response:
     d = _d(request)
-    data = await d.read_db(fleet.map_data, _now(), d.app_settings.min_fetch_interval_s)
+    data = await d.read_db(
+        partial(fleet.map_data, guarantee_s=d.app_settings.max_tracker_age_s),
+        _now(),
+        d.app_settings.min_fetch_interval_s,
+    )
     data["tiles"] = {
         "url": d.app_settings.map_tiles_url,
         "attribution": d.app_settings.map_tiles_attribution,
