@@ -28,7 +28,9 @@ nothing; the breaker's half-open trial finds out when the source is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from processors.clock import Clock
@@ -168,30 +170,29 @@ def _store_each(
     """:func:`_store` row by row, each in a savepoint; bad rows are logged and skipped."""
     new: list[LocationReported] = []
     for r in sorted(reports, key=lambda r: (r.tracker_id, r.observed_at)):
-        try:
-            with session.begin_nested():
-                new += store.insert_reports(session, [r], known)
-        except Exception as exc:
-            if classify(exc) is not None:
-                raise
-            log.error("skipping report %s@%s: %s", r.tracker_id, r.observed_at, exc)
+        with _on_its_own(session, f"skipping report {r.tracker_id}@{r.observed_at}"):
+            new += store.insert_reports(session, [r], known)
     for t in sorted(tracker_ids):
-        try:
-            with session.begin_nested():
-                store.mark_processed(session, [t], now)
-        except Exception as exc:
-            if classify(exc) is not None:
-                raise
-            log.error("could not mark tracker %r processed: %s", t, exc)
+        with _on_its_own(session, f"could not mark tracker {t!r} processed"):
+            store.mark_processed(session, [t], now)
+    with _on_its_own(session, f"could not mark {len(fetched)} tracker(s) fetched"):
+        schedule.mark_fetched(session, fetched, now)
+    order = {(r.tracker_id, r.observed_at): i for i, r in enumerate(reports)}
+    return sorted(new, key=lambda r: order[(r.tracker_id, r.observed_at)])
+
+
+@contextlib.contextmanager
+def _on_its_own(session: Any, failure: str) -> Iterator[None]:
+    """A step in its own savepoint: if it fails for a reason other than the database
+    being unavailable, it is rolled back and logged (``failure: error``), and the
+    caller goes on."""
     try:
         with session.begin_nested():
-            schedule.mark_fetched(session, fetched, now)
+            yield
     except Exception as exc:
         if classify(exc) is not None:
             raise
-        log.error("could not mark %d tracker(s) fetched: %s", len(fetched), exc)
-    order = {(r.tracker_id, r.observed_at): i for i, r in enumerate(reports)}
-    return sorted(new, key=lambda r: order[(r.tracker_id, r.observed_at)])
+        log.error("%s: %s", failure, exc)
 
 
 def _ms(seconds: float | None) -> int | None:
