@@ -146,7 +146,7 @@ def trackers(
 
 def distribution(rows: list[TrackerRow], guarantee_s: float = GUARANTEE_S) -> dict[str, Any]:
     """Counts by state, and the in-run trackers' ages in buckets and against the
-    guarantee."""
+    guarantee (``rows`` judged against the same ``guarantee_s``)."""
     states = Counter(r.state for r in rows)
     buckets = dict.fromkeys((label for label, _ in BUCKETS), 0)
     for r in rows:
@@ -157,18 +157,12 @@ def distribution(rows: list[TrackerRow], guarantee_s: float = GUARANTEE_S) -> di
                 buckets[label] += 1
                 break
     in_run = sum(buckets.values())
-    within = sum(
-        1
-        for r in rows
-        if r.state not in ("inactive", "out of run") and r.age_s is not None
-        and r.age_s <= guarantee_s
-    )
     return {
         "total": len(rows),
         "in_run": in_run,
         "states": {s: states.get(s, 0) for s in STATES},
         "buckets": [{"label": k, "count": v} for k, v in buckets.items()],
-        "within_guarantee": within,
+        "within_guarantee": in_run - states[OVERDUE],  # trackers' state says it
         "guarantee_s": guarantee_s,
         "guarantee": hours_text(guarantee_s),
     }
