@@ -166,6 +166,9 @@ CROSS JOIN LATERAL (
 RETURNING geofence_id, kind""",
         "presence_delete": """DELETE FROM geofence_presence
 WHERE tracker_id = ANY(CAST(:ids AS varchar[])) RETURNING geofence_id, kind""",
+        "latest_gone": """DELETE FROM latest_location
+WHERE tracker_id = ANY(CAST(:ids AS varchar[])) AND NOT EXISTS (
+    SELECT 1 FROM location_history h WHERE h.tracker_id = latest_location.tracker_id)""",
         "presence_all": f"""{_PRESENCE_INSERT}
 SELECT DISTINCT ON (e.tracker_id, e.geofence_id)
     e.tracker_id, e.geofence_id, e.kind, e.observed_at
@@ -193,6 +196,9 @@ WHERE e.observed_at = (SELECT MAX(e2.observed_at) FROM geofence_events e2
 RETURNING geofence_id, kind""",
         "presence_delete": """DELETE FROM geofence_presence
 WHERE tracker_id IN (SELECT value FROM json_each(:ids)) RETURNING geofence_id, kind""",
+        "latest_gone": """DELETE FROM latest_location
+WHERE tracker_id IN (SELECT value FROM json_each(:ids)) AND NOT EXISTS (
+    SELECT 1 FROM location_history h WHERE h.tracker_id = latest_location.tracker_id)""",
         "presence_all": f"""{_PRESENCE_INSERT}
 SELECT e.tracker_id, e.geofence_id, e.kind, e.observed_at FROM geofence_events e
 WHERE e.observed_at = (SELECT MAX(e2.observed_at) FROM geofence_events e2
@@ -431,15 +437,9 @@ def refresh_view(engine: Engine, name: str) -> int | None:
 
 
 def _refresh_latest(conn: Connection, ids: Sequence[str]) -> None:
-    conn.execute(_sql(conn, "latest_some"), {"ids": _ids_param(conn, ids)})
-    # trackers whose reports are all gone (a tracker deleted)
-    conn.execute(
-        text(
-            "DELETE FROM latest_location WHERE tracker_id IN :ids AND NOT EXISTS ("
-            "SELECT 1 FROM location_history h WHERE h.tracker_id = latest_location.tracker_id)"
-        ).bindparams(_expanding("ids")),
-        {"ids": list(ids)},
-    )
+    param = {"ids": _ids_param(conn, ids)}
+    conn.execute(_sql(conn, "latest_some"), param)
+    conn.execute(_sql(conn, "latest_gone"), param)  # trackers whose reports are all gone
 
 
 def _refresh_occupancy(conn: Connection, ids: Sequence[str]) -> None:
@@ -456,12 +456,6 @@ def _refresh_occupancy(conn: Connection, ids: Sequence[str]) -> None:
             text(_OCCUPANCY_MOVE),
             [{"gid": gid, "delta": d} for gid, d in sorted(delta.items())],
         )
-
-
-def _expanding(name: str) -> Any:
-    from sqlalchemy import bindparam
-
-    return bindparam(name, expanding=True)
 
 
 def _rebuild(conn: Connection, v: _View, *, clear: bool = False) -> None:
