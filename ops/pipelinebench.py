@@ -133,7 +133,7 @@ def servers(
             embedded = EmbeddedRedis().start()
             cleanups.append(embedded.stop)
             redis_url = embedded.url
-            described["redis"] = "throwaway redis-server (no persistence)"
+            described["redis"] = f"throwaway {embedded.name} (no persistence)"
         else:
             described["redis"] = "given"
         pg_pid = None

