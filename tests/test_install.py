@@ -156,3 +156,28 @@ def test_the_wheel_holds_the_code_its_data_and_one_version(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == f"trackstream {version}"
+
+
+def test_without_chromium_the_browser_tests_skip_with_the_reason_and_fail_on_ci(monkeypatch):
+    from tests import browser
+
+    monkeypatch.setattr(browser, "find_chromium", lambda: None)
+    monkeypatch.setattr(browser, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match=r"no Chromium found.*apt-get install"):
+        browser.require_chromium()
+    monkeypatch.setattr(browser, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="no Chromium found"):
+        browser.require_chromium()
+
+
+def test_the_suites_server_fixtures_start(redis_server, redis_cluster, pg_server):
+    """Redis (or the wheel's Valkey), a 3-master cluster of it and PostgreSQL (system or
+    wheel) all come up; the quick-start test runs this one as an unprivileged user
+    on a PATH without the system's servers."""
+    assert redis_server.cmd("PING").startswith(b"+PONG")
+    assert redis_cluster.state_ok() and len(redis_cluster.nodes) == 3
+    with psycopg.connect(
+        f"host=127.0.0.1 port={pg_server.port} user=postgres dbname=postgres"
+    ) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    print(f"servers: {server_binary('redis')}, PostgreSQL from {pg_server.bindir}")
