@@ -70,12 +70,14 @@ def _preconditions() -> None:
 
 def _hiding_script(empty_dir: Path, empty_file: Path) -> str:
     """Shell lines, run as root inside the namespace, that hide the system's servers."""
-    lines = [f"[ -d /usr/lib/postgresql ] && mount --bind {empty_dir} /usr/lib/postgresql"]
+    lines = [
+        f"if [ -d /usr/lib/postgresql ]; then mount --bind {empty_dir} /usr/lib/postgresql; fi"
+    ]
     for directory in SYSTEM_PATH.split(":"):
         for name in HIDDEN:
-            path = Path(directory) / name
-            if path.exists():
-                lines.append(f"mount --bind {empty_file} {shlex.quote(str(path))}")
+            path = shlex.quote(str(Path(directory) / name))
+            # after the line above, Debian's links into /usr/lib/postgresql lead nowhere
+            lines.append(f"if [ -e {path} ]; then mount --bind {empty_file} {path}; fi")
     return "\n".join([*lines, ""])
 
 
