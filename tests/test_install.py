@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import psycopg
@@ -181,3 +182,62 @@ def test_the_suites_server_fixtures_start(redis_server, redis_cluster, pg_server
     ) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     print(f"servers: {server_binary('redis')}, PostgreSQL from {pg_server.bindir}")
+
+
+@pytest.mark.slow
+def test_the_dockerfiles_install_commands_make_a_venv_that_runs_the_demo(tmp_path):
+    """No Docker engine here: what the image build does, in a clean venv. The files the
+    Dockerfile copies (minus .dockerignore) into a fresh directory, its `pip install`
+    commands with that venv's pip, then `trackstream demo` with only the venv on PATH,
+    as `docker run ... trackstream demo` runs it."""
+    repo = Path(__file__).resolve().parents[1]
+    lines = [
+        line.strip()
+        for line in (repo / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    ignored = [
+        p.strip().rstrip("/")
+        for p in (repo / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    files = [
+        f
+        for f in _source_files(repo)
+        if not any(fnmatch(f, pat) or fnmatch(f, pat + "/*") for pat in ignored)
+    ]
+    src = tmp_path / "src"  # the image's WORKDIR
+    for line in lines:
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            for source in sources:
+                assert dest in ("./", f"./{source}"), line  # as the image lays them out
+                for name in files:
+                    if name == source or name.startswith(source + "/"):
+                        (src / name).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(repo / name, src / name)
+    installs = [
+        line.removeprefix("RUN ").split("&&")[0].split()
+        for line in lines
+        if line.startswith("RUN pip install")
+    ]
+    assert installs, "the Dockerfile installs nothing with pip"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for words in installs:
+        done = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", *words],
+            cwd=src, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": str(venv / "bin"), "HOME": str(home), "COLUMNS": "120"}
+    demo = subprocess.run(
+        [str(venv / "bin" / "trackstream"), "demo", "--trackers", "30", "--duration", "5"],
+        cwd=home, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    out = demo.stdout + demo.stderr
+    assert demo.returncode == 0, out[-3000:]
+    assert "started valkey-server" in out and "drained" in out, out[-3000:]
+    assert (home / ".trackstream" / "demo.db").exists()
