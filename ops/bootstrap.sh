@@ -27,7 +27,8 @@ done
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-have() { command -v "$1" >/dev/null 2>&1; }
+# bash's command -v also names a file that is not executable: check that it is
+have() { local p; p=$(command -v "$1" 2>/dev/null) && [[ -x $p ]]; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || have initdb; }
 
 if ((system)); then
