@@ -45,6 +45,7 @@ class Address:
     address: str | None = None  # one line for display
     region: str | None = None  # state / province (GeoNames admin1)
     district: str | None = None  # neighbourhood or borough within the city
+    time_zone: str | None = None  # IANA name, e.g. "Europe/Paris"; "Etc/GMT+3" at sea
 
 
 UNKNOWN = Address()
@@ -216,6 +217,48 @@ def load_places() -> tuple[Places, dict[str, str]]:
     return places, countries
 
 
+class Zones:
+    """Country and IANA time zone of a point, by point-in-polygon against the zone
+    boundaries ``timezonefinder`` ships (timezone-boundary-builder: OpenStreetMap
+    borders, territorial waters included; about 30 MB in memory). Every land zone lies
+    in one country (``zone_countries.tab``, tzdata's zone.tab); the sea beyond
+    territorial waters is an ``Etc/GMT±N`` zone and no country."""
+
+    def __init__(self) -> None:
+        from timezonefinder import TimezoneFinder
+
+        self.finder = TimezoneFinder(in_memory=True)
+        self.country: dict[str, str] = {}
+        path = Path(__file__).with_name("zone_countries.tab")
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.startswith("#") and line.strip():
+                    cols = line.rstrip("\n").split("\t")
+                    self.country[cols[2]] = cols[0]
+
+    def at(
+        self, lat: Sequence[float], lon: Sequence[float]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """(time zone, ISO country code or None) per point."""
+        zone_at = self.finder.timezone_at
+        tz = [zone_at(lng=x, lat=y) for y, x in zip(lat, lon, strict=True)]
+        return tz, [self.country.get(z) if z else None for z in tz]
+
+    def shared(self, places: Places) -> dict[str, list[str]]:
+        """Zones that hold the places of more than one country (5 or more places each:
+        Asia/Bangkok holds northern Vietnam, Asia/Jerusalem the West Bank, Europe/Belgrade
+        Kosovo), with those countries: there the boundaries tell no country apart."""
+        from collections import Counter
+
+        zones, _ = self.at(places.lat.tolist(), places.lon.tolist())
+        seen = Counter(zip(zones, places.country_code.tolist(), strict=True))
+        out: dict[str, list[str]] = {}
+        for (zone, code), count in seen.items():
+            if zone and count >= 5:
+                out.setdefault(zone, []).append(code)
+        return {z: sorted(c) for z, c in out.items() if len(c) > 1}
+
+
 @dataclass(frozen=True, slots=True)
 class _Tier:
     tree: Any  # cKDTree over the tier's unit vectors
@@ -244,6 +287,20 @@ class _Index:
         self.all = cKDTree(xyz)
         self.sections = np.flatnonzero(~places.is_city)
         self.section_tree = cKDTree(xyz[self.sections])
+        # the anchor of a point is the nearest place in the point's country
+        self.zones = Zones()
+        self.cc_codes = np.unique(places.country_code.astype(str))
+        self.cc_index = {str(c): i for i, c in enumerate(self.cc_codes)}
+        self.by_country: dict[int, tuple[Any, Any]] = {}
+        order = np.argsort(places.cc_id, kind="stable")
+        bounds = np.searchsorted(places.cc_id[order], np.arange(len(self.cc_codes) + 1))
+        for c in range(len(self.cc_codes)):
+            rows = order[bounds[c] : bounds[c + 1]]
+            self.by_country[c] = (cKDTree(xyz[rows]), rows)
+        self.shared = {
+            zone: [self.cc_index[c] for c in codes if c in self.cc_index]
+            for zone, codes in self.zones.shared(places).items()
+        }
         self.tiers: list[_Tier] = []
         lower = 0.0
         for upper in _TIER_RADII_M:
@@ -255,16 +312,22 @@ class _Index:
                 self.tiers.append(_Tier(cKDTree(xyz[rows]), rows, top))
             lower = upper
 
-    def address(self, city: int, district: int) -> Address:
-        """The Address of a city row and a district row (-1: none)."""
+    def address(
+        self, city: int, district: int, zone: str | None = None, code: str | None = None
+    ) -> Address:
+        """The Address of a city row and a district row (-1: none), in time zone
+        ``zone`` and country ``code`` (the point's, which the city row's is too)."""
         if city < 0:
-            return UNKNOWN
+            if code is None:
+                return Address(time_zone=zone) if zone else UNKNOWN
+            country = self.countries.get(code) or None
+            return Address(None, code, country, country, time_zone=zone)
         p = self.places
         name, code, region = p.name[city], p.country_code[city], p.state[city]
         country = self.countries.get(code) or None
         quarter = p.name[district] if district >= 0 and p.name[district] != name else None
         line = ", ".join(x for x in (quarter, name, region, country) if x)
-        return Address(name, code, country, line, region, quarter)
+        return Address(name, code, country, line, region, quarter, zone)
 
     def _compatible(self, rows: Any, anchor: Any) -> Any:
         """Places in the same country and admin1 region as the anchor place."""
@@ -274,25 +337,49 @@ class _Index:
         same_country = p.cc_id[rows] == p.cc_id[anchor]
         return same_country & ((c_state == a_state) | (c_state < 0) | (a_state < 0))
 
-    def search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
-        """Best city row per point (-1: none within reach) and its district row (-1)."""
+    def countries_at(self, lat: Any, lon: Any) -> tuple[list[str | None], list[str | None], Any]:
+        """(time zone, country code, country number or -1) per point: by the zone's
+        country, or in a zone several countries share, the nearest place's among them."""
+        import numpy as np
+
+        zones, codes = self.zones.at(lat.tolist(), lon.tolist())
+        cc = np.array([self.cc_index.get(c, -1) if c else -1 for c in codes], dtype=np.int64)
+        for i, zone in enumerate(zones):
+            among = self.shared.get(zone) if zone else None
+            if among:
+                q = _unit_vectors(lat[i : i + 1], lon[i : i + 1])
+                best = min(among, key=lambda c: self.by_country[c][0].query(q, k=1)[0][0])
+                cc[i] = best
+                codes[i] = str(self.cc_codes[best])
+        return zones, codes, cc
+
+    def search(self, lat: Any, lon: Any, max_distance_m: float, cc: Any) -> tuple[Any, Any]:
+        """Best city row per point (-1: none within reach) and its district row (-1),
+        among the places of the point's country (``cc``, a country number of
+        :class:`Places`; -1: none, so no city)."""
         import numpy as np
 
         if len(lat) > 256:  # nearby points one after another: the trees stay in cache
             order = np.lexsort((lon, np.floor(lat)))
-            city, district = self._search(lat[order], lon[order], max_distance_m)
+            city, district = self._search(lat[order], lon[order], max_distance_m, cc[order])
             back = np.empty_like(order)
             back[order] = np.arange(len(order))
             return city[back], district[back]
-        return self._search(lat, lon, max_distance_m)
+        return self._search(lat, lon, max_distance_m, cc)
 
-    def _search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
+    def _search(self, lat: Any, lon: Any, max_distance_m: float, cc: Any) -> tuple[Any, Any]:
         import numpy as np
 
         n = len(lat)
         q = _unit_vectors(lat, lon)
         limit = _chord(max_distance_m)
-        d_anchor, anchor = self.all.query(q, k=1)
+        d_anchor = np.full(n, np.inf)
+        anchor = np.zeros(n, dtype=np.int64)
+        for c in np.unique(cc[cc >= 0]).tolist():
+            here = np.flatnonzero(cc == c)
+            tree, rows = self.by_country[c]
+            d, j = tree.query(q[here], k=1)
+            d_anchor[here], anchor[here] = d, rows[j]
         valid = d_anchor <= limit
         best = np.full(n, np.inf)
         city = np.full(n, -1, dtype=np.int64)
@@ -398,10 +485,11 @@ class OfflineGeocoder:
         index = _shared_index()
         lat = np.fromiter((p[0] for p in points), float, len(points))
         lon = np.fromiter((p[1] for p in points), float, len(points))
-        city, district = index.search(lat, lon, self.max_distance_m)
-        made: dict[tuple[int, int], Address] = {}  # Address is immutable: share equal ones
+        zones, codes, cc = index.countries_at(lat, lon)
+        city, district = index.search(lat, lon, self.max_distance_m, cc)
+        made: dict[tuple[int, int, str | None, str | None], Address] = {}  # immutable: shared
         out: list[Address] = []
-        for key in zip(city.tolist(), district.tolist(), strict=True):
+        for key in zip(city.tolist(), district.tolist(), zones, codes, strict=True):
             address = made.get(key)
             if address is None:
                 address = made[key] = index.address(*key)
