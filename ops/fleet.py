@@ -62,6 +62,7 @@ class TrackerRow:
     last_fetch_at: str | None  # fetched_at of the latest report
     scheduled_at: str | None  # trackers.last_processed_at (the scheduler's reservation)
     city: str | None
+    time_zone: str | None = None  # IANA, of the latest report
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +139,7 @@ def trackers(
                 last_fetch_at=iso(r.fetched_at) if r else None,
                 scheduled_at=iso(t.last_processed_at),
                 city=r.city if r else None,
+                time_zone=r.time_zone if r else None,
             )
         )
     rows.sort(key=lambda x: (-(x.age_s or 0), x.tracker_id))
@@ -275,6 +277,7 @@ def report_trace(session: Session, tracker_id: str, at: datetime | None) -> dict
         "address": report.address,
         "city": report.city,
         "country_code": report.country_code,
+        "time_zone": report.time_zone,
         "geofence_checked_at": iso(report.geofence_checked_at),
         "events": [
             {"geofence_id": e.geofence_id, "geofence": name, "kind": e.kind} for e, name in produced

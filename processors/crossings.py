@@ -11,9 +11,14 @@ The rules, applied to a tracker's stored reports in ``observed_at`` order:
    take no part in geofencing.
 2. **Path**: accepted fixes are joined by straight segments (linear in lat/lon, across
    the antimeridian the short way), and the tracker is taken to move along them at a
-   steady pace. Segments near a fence are sampled (every ``margin / 2``, 2 to 25 m,
-   at most 512 samples) and each sample, like each fix, is tested exactly (haversine
-   for circles, boundary-inclusive covers for polygons).
+   steady pace. Each segment is tested exactly (haversine for circles,
+   boundary-inclusive covers for polygons) at its ends, where it crosses a fence's
+   boundary, between two crossings, and where it comes deepest into a circle (closed
+   form, in a plane around the centre: within millimetres of the sphere there); for a
+   polygon, between those, at a place beyond the margin found by halving under the
+   distance's Lipschitz bound (to 1 mm; at most 64 stretches at a time, so a path
+   running for kilometres within a millimetre of the margin could be missed), if there
+   is one. No fence is skipped at any segment length.
 3. **Hysteresis**: a tracker outside a fence enters it only at a point inside by at
    least the margin, and leaves only at a point outside by more than the margin. The
    margin is ``margin_m``, or the fix's accuracy when larger (``use_accuracy``),
@@ -21,8 +26,8 @@ The rules, applied to a tracker's stored reports in ``observed_at`` order:
    nothing; ``margin_m=0`` without accuracies is the exact rule (on the boundary is
    inside).
 4. **Event times**: an event is dated at the tracker's last crossing of the true
-   boundary before it was confirmed (interpolated between samples, rounded up to the
-   microsecond), or at the fix itself for the first fix of a tracker. Events of one
+   boundary before it was confirmed (interpolated between tested places, rounded up
+   to the microsecond), or at the fix itself for the first fix of a tracker. Events of one
    fence are strictly increasing in time. An event belongs to the fix that confirmed
    it (``report_at``); its time may be earlier.
 
@@ -68,7 +73,9 @@ __all__ = [
 
 OK = "ok"
 REASONS = ("invalid", "zero", "future", "accuracy", "duplicate", "speed")
-MAX_SAMPLES = 512
+MAX_HALVINGS = 48  # a stretch of 100 km halved to 1 mm takes 27
+MAX_STRETCHES = 64  # per stretch between tested places, in a search beyond the margin
+BOUND_TOL_M = 1e-3  # a place beyond the margin by less than this may be missed
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -365,6 +372,7 @@ class _Samples:
         m_a = np.array([rules.margin(f.accuracy_m) for f in starts], dtype=float)
         m_b = np.array([rules.margin(f.accuracy_m) for f in ends], dtype=float)
         dlon = wrap_lon_np(lon_b - lon_a, always=True) if n else np.zeros(0)
+        self.lon_b = lon_b
         self.by_seg: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
         if n == 0 or len(index) == 0:
             return
@@ -389,27 +397,64 @@ class _Samples:
         pair_seg = np.array(box_seg, dtype=np.int64)[pairs[0]]
         both = np.unique(np.stack([pair_seg, pairs[1]]), axis=1)
         p_seg, p_fence = both[0], both[1]
-        # samples: K+1 per pair (k = 0 is the segment's start), 1 for a first fix
-        length_m = _haversine_np(lat_a, lon_a, lat_b, lon_b)
-        step_m = np.clip(np.maximum(m_a, m_b) / 2, 2.0, 25.0)
-        k_seg = np.clip(np.ceil(length_m / step_m), 1, MAX_SAMPLES).astype(np.int64)
-        k_seg[self.point] = 0
-        k = k_seg[p_seg]
-        counts = k + 1
+        # the places to test, per pair: the segment's ends, where it crosses the
+        # boundary, and where it comes deepest (circles, in closed form) or a place
+        # beyond the margin between two of those (polygons, searched below); 1 for a
+        # first fix
+        n_pair = len(p_seg)
+        moving = ~self.point[p_seg]
+        path, frac = index.path_points(
+            p_fence[moving],
+            lat_a[p_seg][moving],
+            lon_a[p_seg][moving],
+            (lat_b - lat_a)[p_seg][moving],
+            dlon[p_seg][moving],
+            (m_b - m_a)[p_seg][moving],
+        )
+        pairs_idx = np.arange(n_pair)
+        owner = np.concatenate([pairs_idx, pairs_idx[moving], pairs_idx[moving][path]])
+        frac = np.concatenate([np.zeros(n_pair), np.ones(int(moving.sum())), frac])
+        owner, frac = _sorted_unique(owner, frac)
+        # and a place between each two, so that every stretch between crossings (a hole
+        # passed through, say) is seen from inside
+        between = np.flatnonzero(owner[1:] == owner[:-1])
+        owner = np.concatenate([owner, owner[between]])
+        frac = np.concatenate([frac, (frac[between] + frac[between + 1]) / 2])
+        owner, frac = _sorted_unique(owner, frac)
+        covered, dist_m = self._probe(
+            index, p_seg, p_fence, owner, frac, lat_a, lat_b, lon_a, dlon, m_a, m_b, near=True
+        )
+        # polygons: between two such places the boundary distance is 1-Lipschitz in
+        # metres along the path, so a place beyond the margin (deep inside or far
+        # outside) is found, or ruled out to 1 mm, by halving the stretches whose bound
+        # allows one
+        more_o, more_f, more_c, more_d = self._beyond_margin(
+            index,
+            p_seg,
+            p_fence,
+            owner,
+            frac,
+            covered,
+            dist_m,
+            lat_a,
+            lat_b,
+            lon_a,
+            dlon,
+            m_a,
+            m_b,
+        )
+        if len(more_o):
+            owner = np.concatenate([owner, more_o])
+            frac = np.concatenate([frac, more_f])
+            covered = np.concatenate([covered, more_c])
+            dist_m = np.concatenate([dist_m, more_d])
+            order = np.lexsort((frac, owner))
+            owner, frac, covered, dist_m = owner[order], frac[order], covered[order], dist_m[order]
+        counts = np.bincount(owner, minlength=n_pair)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        total = int(counts.sum())
-        owner = np.repeat(np.arange(len(p_seg)), counts)
-        step = np.arange(total) - first[owner]
-        frac = step / np.maximum(k, 1)[owner]
+        last = first + counts - 1
         s = p_seg[owner]
-        lat = lat_a[s] + frac * (lat_b[s] - lat_a[s])
-        lon = wrap_lon_np(lon_a[s] + frac * dlon[s])
-        last = first + k
-        lat[first], lon[first] = lat_a[p_seg], lon_a[p_seg]  # the fixes exactly as stored
-        lat[last], lon[last] = lat_b[p_seg], lon_b[p_seg]
         margin = m_a[s] + frac * (m_b[s] - m_a[s])
-        # each pair's samples follow each other along the segment (step 0 starts one)
-        covered, dist_m = index.probe(p_fence[owner], lat, lon, margin, step > 0)
         self.covered = covered.tolist()
         self.dist_m = dist_m.tolist()
         self.margin = margin.tolist()
@@ -418,6 +463,115 @@ class _Samples:
         order = np.lexsort((ids[p_fence], p_seg))
         for j in order.tolist():
             self.by_seg[int(p_seg[j])].append((int(ids[p_fence[j]]), int(first[j]), int(last[j])))
+
+    def _probe(
+        self,
+        index: GeofenceIndex,
+        p_seg: np.ndarray,
+        p_fence: np.ndarray,
+        owner: np.ndarray,
+        frac: np.ndarray,
+        lat_a: np.ndarray,
+        lat_b: np.ndarray,
+        lon_a: np.ndarray,
+        dlon: np.ndarray,
+        m_a: np.ndarray,
+        m_b: np.ndarray,
+        near: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Coverage and boundary distance at fraction ``frac`` of pair ``owner``'s
+        segment; the segment's ends exactly as stored."""
+        s = p_seg[owner]
+        lat = lat_a[s] + frac * (lat_b[s] - lat_a[s])
+        lon = wrap_lon_np(lon_a[s] + frac * dlon[s])
+        lat = np.where(frac == 1.0, lat_b[s], np.where(frac == 0.0, lat_a[s], lat))
+        lon = np.where(frac == 1.0, self.lon_b[s], np.where(frac == 0.0, lon_a[s], lon))
+        if not near:
+            return index.probe(p_fence[owner], lat, lon)
+        margin = m_a[s] + frac * (m_b[s] - m_a[s])
+        linked = np.ones(len(owner), dtype=bool)
+        linked[0] = False
+        linked[1:] = owner[1:] == owner[:-1]
+        return index.probe(p_fence[owner], lat, lon, margin, linked)
+
+    def _beyond_margin(
+        self,
+        index: GeofenceIndex,
+        p_seg: np.ndarray,
+        p_fence: np.ndarray,
+        owner: np.ndarray,
+        frac: np.ndarray,
+        covered: np.ndarray,
+        dist_m: np.ndarray,
+        lat_a: np.ndarray,
+        lat_b: np.ndarray,
+        lon_a: np.ndarray,
+        dlon: np.ndarray,
+        m_a: np.ndarray,
+        m_b: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Places beyond the margin between consecutive tested places of polygon pairs
+        where neither end is: ``(owner, frac, covered, dist_m)``."""
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0))
+        s = p_seg[owner]
+        gap = dist_m - (m_a[s] + frac * (m_b[s] - m_a[s]))
+        same = owner[1:] == owner[:-1]
+        poly = ~index.is_circle(p_fence[owner[1:]])
+        todo = np.flatnonzero(same & poly & (gap[1:] < 0) & (gap[:-1] < 0))
+        if len(todo) == 0:
+            return empty
+        # stretches: (pair, run id, f lo, f hi, gap lo, gap hi)
+        o = owner[todo + 1]
+        run = np.arange(len(todo))
+        lo, hi, g_lo, g_hi = frac[todo], frac[todo + 1], gap[todo], gap[todo + 1]
+        seg = p_seg[o]
+        slope = index.path_speed(p_fence[o], lat_b[seg] - lat_a[seg], dlon[seg])
+        slope = slope + np.abs(m_b[seg] - m_a[seg])  # the gap's Lipschitz bound per unit f
+        found: list[tuple[np.ndarray, ...]] = []
+        done = np.zeros(len(todo), dtype=bool)
+        for _ in range(MAX_HALVINGS):
+            bound = (g_lo + g_hi + slope * (hi - lo)) / 2
+            alive = (bound >= BOUND_TOL_M) & ~done[run]
+            if not alive.any():
+                break
+            o, run, lo, hi, g_lo, g_hi, slope = (
+                a[alive] for a in (o, run, lo, hi, g_lo, g_hi, slope)
+            )
+            bound = bound[alive]
+            # at most MAX_STRETCHES per run, the most promising
+            order = np.lexsort((-bound, run))
+            o, run, lo, hi, g_lo, g_hi, slope = (
+                a[order] for a in (o, run, lo, hi, g_lo, g_hi, slope)
+            )
+            starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])
+            rank = np.arange(len(run)) - np.repeat(starts, np.diff(np.r_[starts, len(run)]))
+            keep = rank < MAX_STRETCHES
+            o, run, lo, hi, g_lo, g_hi, slope = (
+                a[keep] for a in (o, run, lo, hi, g_lo, g_hi, slope)
+            )
+            mid = (lo + hi) / 2
+            cov, d = self._probe(index, p_seg, p_fence, o, mid, lat_a, lat_b, lon_a, dlon, m_a, m_b)
+            sm = p_seg[o]
+            g_mid = d - (m_a[sm] + mid * (m_b[sm] - m_a[sm]))
+            hit = g_mid >= 0
+            if hit.any():
+                # one place per run is enough
+                h_run, first = np.unique(run[hit], return_index=True)
+                pick = np.flatnonzero(hit)[first]
+                found.append((o[pick], mid[pick], cov[pick], d[pick]))
+                done[h_run] = True
+            o, run, slope = np.repeat(o, 2), np.repeat(run, 2), np.repeat(slope, 2)
+            lo, hi = np.stack([lo, mid], 1).ravel(), np.stack([mid, hi], 1).ravel()
+            g_lo = np.stack([g_lo, g_mid], 1).ravel()
+            g_hi = np.stack([g_mid, g_hi], 1).ravel()
+        if not found:
+            return empty
+        return (
+            np.concatenate([f[0] for f in found]),
+            np.concatenate([f[1] for f in found]),
+            np.concatenate([f[2] for f in found]),
+            np.concatenate([f[3] for f in found]),
+        )
 
     def run(self, seg: int, carry: Carry, events: list[tuple[int, int, Kind]]) -> bool:
         """Advances ``carry`` over segment ``seg``; appends its events. True when the
@@ -479,6 +633,13 @@ class _Samples:
             else:
                 carry.pending.pop(gid, None)
         return True
+
+
+def _sorted_unique(owner: np.ndarray, frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((frac, owner))
+    owner, frac = owner[order], frac[order]
+    keep = np.r_[True, (owner[1:] != owner[:-1]) | (frac[1:] != frac[:-1])]
+    return owner[keep], frac[keep]
 
 
 def _split_box(

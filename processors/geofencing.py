@@ -163,6 +163,11 @@ class GeofenceIndex:
         """Geofence ids by position (positions are what :meth:`candidates` returns)."""
         return self._ids
 
+    def is_circle(self, fence: np.ndarray) -> np.ndarray:
+        """Whether each fence position is a circle (else a polygon)."""
+        out: np.ndarray = self._is_circle[fence]
+        return out
+
     def candidates(self, boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
         """``(box index, fence position)`` pairs, shape (2, n), whose boxes intersect:
         a cheap first cut before :meth:`probe`. Boxes are (min_lon, min_lat, max_lon,
@@ -240,6 +245,93 @@ class GeofenceIndex:
                 )
             covered[poly], dist_m[poly] = cov, d
         return covered, dist_m
+
+    def path_points(
+        self,
+        fence: np.ndarray,
+        lat_a: np.ndarray,
+        lon_a: np.ndarray,
+        dlat: np.ndarray,
+        dlon: np.ndarray,
+        dm: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Where, along each path ``lat_a + f * dlat``, ``lon_a + f * dlon`` (f in
+        [0, 1]; ``dlon`` already the short way), its fence's boundary is crossed, and for
+        a circle where the path comes deepest into it against a margin growing by ``dm``
+        metres from f = 0 to 1: ``(path index, f)`` pairs, f in [0, 1].
+
+        Circles are solved in closed form in an equirectangular plane around the centre
+        (within millimetres of the sphere at fence distances; the answers are places to
+        test, each then tested exactly); polygons by intersecting the path with the
+        boundary in the fence's own plane (:meth:`probe`'s), in one GEOS call."""
+        n = len(fence)
+        out_i: list[np.ndarray] = []
+        out_f: list[np.ndarray] = []
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        circ = self._is_circle[fence]
+        mid_lon = lon_a + dlon / 2
+        if circ.any():
+            idx = np.flatnonzero(circ)
+            f = fence[idx]
+            c_lat, c_lon = np.degrees(self._c_lat[f]), np.degrees(self._c_lon[f])
+            kx = M_PER_DEG * np.cos(self._c_lat[f])
+            px = (wrap_lon_np(mid_lon[idx] - c_lon, always=True) - dlon[idx] / 2) * kx
+            py = (lat_a[idx] - c_lat) * M_PER_DEG
+            vx, vy = dlon[idx] * kx, dlat[idx] * M_PER_DEG
+            vv = vx * vx + vy * vy
+            ok = vv > 0
+            safe = np.where(ok, vv, 1.0)
+            pv = px * vx + py * vy
+            r = self._c_radius_m[f]
+            disc = pv * pv - vv * (px * px + py * py - r * r)
+            root = np.sqrt(np.maximum(disc, 0.0))
+            hit = ok & (disc >= 0)
+            for sign in (-1.0, 1.0):
+                out_i.append(idx[hit])
+                out_f.append(((-pv + sign * root) / safe)[hit])
+            # deepest: the minimum of |p + f v| + dm f (convex), where its slope is 0
+            speed = np.sqrt(safe)
+            h = np.abs(px * vy - py * vx) / speed  # the line's distance from the centre
+            c = -dm[idx] / speed
+            inner = ok & (np.abs(c) < 1)
+            t = c * h / np.sqrt(np.where(inner, 1 - c * c, 1.0))
+            out_i.append(idx[inner])
+            out_f.append(((t * speed - pv) / safe)[inner])
+        poly = ~circ
+        if poly.any():
+            idx = np.flatnonzero(poly)
+            f = fence[idx]
+            kx = self._p_kx[f]
+            ax = (wrap_lon_np(mid_lon[idx] - self._p_lon0[f], always=True) - dlon[idx] / 2) * kx
+            ay = (lat_a[idx] - self._p_lat0[f]) * M_PER_DEG
+            vx, vy = dlon[idx] * kx, dlat[idx] * M_PER_DEG
+            vv = vx * vx + vy * vy
+            moving = vv > 0
+            idx, f, ax, ay, vx, vy, vv = (a[moving] for a in (idx, f, ax, ay, vx, vy, vv))
+            if len(idx):
+                coords = np.stack([ax, ay, ax + vx, ay + vy], axis=1).reshape(-1, 2)
+                lines = shapely.linestrings(coords, indices=np.repeat(np.arange(len(idx)), 2))
+                meets = shapely.intersection(lines, self._p_boundary[f])
+                xy, which = shapely.get_coordinates(meets, return_index=True)
+                if len(which):
+                    fr = (xy[:, 0] - ax[which]) * vx[which] + (xy[:, 1] - ay[which]) * vy[which]
+                    out_i.append(idx[which])
+                    out_f.append(fr / vv[which])
+        if not out_i:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        path = np.concatenate(out_i).astype(np.int64)
+        frac = np.concatenate(out_f)
+        keep = (frac > 0.0) & (frac < 1.0)
+        return path[keep], frac[keep]
+
+    def path_speed(self, fence: np.ndarray, dlat: np.ndarray, dlon: np.ndarray) -> np.ndarray:
+        """Metres per unit of f along each path in its polygon fence's plane: the
+        boundary distance :meth:`probe` gives changes along the path by at most this
+        much per unit of f."""
+        kx = self._p_kx[fence]
+        out: np.ndarray = np.hypot(dlon * kx, dlat * M_PER_DEG)
+        return out
 
     def __len__(self) -> int:
         return len(self._ids)

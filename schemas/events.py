@@ -89,6 +89,10 @@ AddressLine = Annotated[
 Latitude = Annotated[float, Field(ge=-90.0, le=90.0, allow_inf_nan=False)]
 Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 CountryCode = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
+# an IANA time zone name: "Europe/Paris", "America/Argentina/Buenos_Aires", "Etc/GMT+3"
+TimeZoneName = Annotated[
+    str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$", max_length=64)
+]
 
 
 class Event(BaseModel):
@@ -144,6 +148,7 @@ class LocationGeocoded(Event):
     address: AddressLine | None = None
     region: Name | None = None  # state / province
     district: Name | None = None  # neighbourhood within the city
+    time_zone: TimeZoneName | None = None  # IANA, where the report was
 
 
 class ViewsChanged(Event):

@@ -310,11 +310,11 @@ def _address_rows(geocoded: Sequence[LocationGeocoded]) -> list[LocationGeocoded
 # updates them: one statement per batch, the same lock order as every other writer.
 _SET_ADDRESSES_PG = text(
     "UPDATE location_history AS h SET city = v.city, country_code = v.country_code,"
-    " country = v.country, address = v.address, geocoded_at = :at"
-    " FROM (SELECT l.id, u.city, u.country_code, u.country, u.address"
+    " country = v.country, address = v.address, time_zone = v.time_zone, geocoded_at = :at"
+    " FROM (SELECT l.id, u.city, u.country_code, u.country, u.address, u.time_zone"
     " FROM location_history AS l"
     " JOIN json_to_recordset(CAST(:rows AS json)) AS u(tracker_id text, observed_at"
-    " timestamptz, city text, country_code text, country text, address text)"
+    " timestamptz, city text, country_code text, country text, address text, time_zone text)"
     " ON l.tracker_id = u.tracker_id AND l.observed_at = u.observed_at"
     " ORDER BY l.id FOR UPDATE OF l) AS v"
     " WHERE h.id = v.id"
@@ -331,6 +331,7 @@ _SET_ADDRESS = (
         country_code=bindparam("b_cc"),
         country=bindparam("b_country"),
         address=bindparam("b_address"),
+        time_zone=bindparam("b_tz"),
         geocoded_at=bindparam("b_at", type_=UTCDateTime()),
     )
 )
@@ -344,6 +345,7 @@ def _address_params(g: LocationGeocoded, at: datetime) -> dict[str, Any]:
         "b_cc": g.country_code,
         "b_country": g.country,
         "b_address": g.address,
+        "b_tz": g.time_zone,
         "b_at": at,
     }
 
@@ -366,6 +368,7 @@ def set_addresses(session: Session, geocoded: Sequence[LocationGeocoded], at: da
                     "country_code": g.country_code,
                     "country": g.country,
                     "address": g.address,
+                    "time_zone": g.time_zone,
                 }
                 for g in rows
             ),

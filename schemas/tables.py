@@ -145,6 +145,7 @@ class LocationReport(Base):
     country_code: Mapped[str | None] = mapped_column(String(8))
     country: Mapped[str | None] = mapped_column(String(256))
     address: Mapped[str | None] = mapped_column(Text)
+    time_zone: Mapped[str | None] = mapped_column(String(64))  # IANA, from the geocoder
     geocoded_at: Mapped[datetime | None]
     geofence_checked_at: Mapped[datetime | None]
     # the reconciler's bookkeeping: last re-publish, and how many so far

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typer.testing import CliRunner
 
 from ops.cli import app
+from ops.commands.trackers import local_time
 from processors.database import Database
 from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
 from schemas import store
@@ -61,6 +62,7 @@ def _fleet(db_url: str, now: datetime) -> None:
                     lon=lon,
                     source="test",
                     fetched_at=at,
+                    time_zone="Europe/Amsterdam",
                 )
             )
             # an older report too: the latest must win
@@ -102,6 +104,7 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
     assert (a["lat"], a["lon"]) == (51.5, 4.25), "the latest report, not the older one"
     assert 100 < a["age_s"] < 200
     assert a["last_fix_at"].endswith("Z")
+    assert a["time_zone"] == "Europe/Amsterdam"
     summary = body["summary"]
     assert summary["in_run"] == 4 and summary["within_guarantee"] == 3
     assert {b["label"]: b["count"] for b in summary["buckets"]} == {
@@ -118,6 +121,8 @@ def test_trackers_lists_states_and_the_freshness_distribution(tmp_path):
     assert "6 trackers (2 fresh, 1 late, 1 overdue, 1 out of run, 1 inactive)" in table.output
     assert "3 of 4 in run fetched within 12 h" in table.output
     assert "F-NEVER" in table.output and "51.500,4.250" in table.output
+    local = local_time(a["last_fix_at"], "Europe/Amsterdam")  # beside UTC
+    assert local[-4:] in (" CET", "CEST") and local in table.output
     assert max(len(ln) for ln in table.output.splitlines()[2:]) <= 80
     lines = table.output.splitlines()
     order = [ln.split()[0] for ln in lines if ln[:1] in "ABCDEF" and "-" in ln.split()[0]]
@@ -240,3 +245,16 @@ async def test_scheduler_and_reconciler_leave_their_last_tick_and_round(
     assert "published 0 batches: another scheduler leads (" in follower.output
     leader = state["scheduler"]["leader"]
     assert f"{leader['host']} pid {leader['pid']}" in follower.output
+
+
+def test_trace_shows_the_local_time_beside_utc() -> None:
+    from ops.commands.trackers import trace_lines
+
+    report = {
+        "observed_at": "2026-07-01T12:00:00Z", "lat": 35.0, "lon": 139.0, "report_id": 7,
+        "fetched_at": "2026-07-01T12:00:05Z", "source": "test", "geocoded_at": None,
+        "city": None, "address": None, "geofence_checked_at": None, "events": [],
+        "republish_count": 0, "republished_at": None, "time_zone": "Asia/Tokyo",
+    }  # fmt: skip
+    lines = trace_lines("T-1", report, {"entries": [], "dead_letters": []})
+    assert "  local time        2026-07-01 21:00:00 JST (Asia/Tokyo)" in lines

@@ -272,7 +272,8 @@ def test_distances_skipped_far_from_a_polygon_change_no_answer(
     """probe() gives a polygon's far samples their bounding-box distance instead of the
     exact one; 40 random tracks past a concave polygon, a polygon with a hole and one
     split at the antimeridian get exactly the verdicts, states and events they get
-    with every distance computed exactly (here for about half the exact distances)."""
+    with every distance computed exactly (some distances are skipped; far fewer since
+    segments are tested at their crossings rather than sampled)."""
     lat0, lon0 = 51.9, 4.4
     c = [
         east(*north(lat0, lon0, n), e)
@@ -334,4 +335,4 @@ def test_distances_skipped_far_from_a_polygon_change_no_answer(
     slow = outcomes()
     assert fast == slow  # each fix's verdict, state and events
     assert sum(len(evs) for track in fast for *_, evs in track) >= 40, "tracks cross fences"
-    assert fast_points < 0.75 * sum(measured), (fast_points, sum(measured))  # some skipped
+    assert fast_points < sum(measured), (fast_points, sum(measured))  # some skipped

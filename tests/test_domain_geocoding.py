@@ -42,10 +42,14 @@ async def test_offline_geocoder_finds_known_cities() -> None:
         "Netherlands",
         "Rotterdam, South Holland, Netherlands",
         region="South Holland",
+        time_zone="Europe/Amsterdam",
     )
     assert [a.country_code for a in found] == ["NL", "NL", "BR", "US", "SG", None]
     assert found[2].city == "Santos" and found[3].city == "Los Angeles"
-    assert found[5] == UNKNOWN
+    assert found[5] == Address(time_zone="Etc/GMT+2")  # open sea: the nautical zone only
+    assert [a.time_zone for a in found[2:5]] == [
+        "America/Sao_Paulo", "America/Los_Angeles", "Asia/Singapore",
+    ]  # fmt: skip
     assert await geocoder.reverse([]) == []
     with pytest.raises(ValueError):
         await geocoder.reverse([(91.0, 0.0)])

@@ -79,6 +79,7 @@ def geocoded(r: LocationReported, city: str = "Rotterdam") -> LocationGeocoded:
         country_code="NL",
         country="Netherlands",
         address=f"{city} harbour",
+        time_zone="Europe/Amsterdam",
     )
 
 
@@ -294,7 +295,8 @@ def test_set_addresses(tx: Tx) -> None:
         "Rotterdam harbour",
     )
     assert first.geocoded_at == T0 + timedelta(minutes=5)
-    assert second.city is None and second.geocoded_at is None
+    assert first.time_zone == "Europe/Amsterdam"
+    assert second.city is None and second.geocoded_at is None and second.time_zone is None
 
 
 def test_datetimes_come_back_timezone_aware_utc(tx: Tx) -> None:

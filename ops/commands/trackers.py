@@ -37,7 +37,23 @@ def _when(value: str | None) -> str:
 
 
 def _minute(value: str | None) -> str:
-    return _when(value)[:16]
+    """Month, day, hour and minute ("12-07 16:22"): the table keeps to 80 columns."""
+    return _when(value)[5:16] if value is not None else "-"
+
+
+def local_time(value: str | None, zone: str | None, seconds: bool = False) -> str:
+    """An ISO UTC instant in the IANA zone ``zone``: "10:15 CET" (with ``seconds``
+    "2026-12-07 10:15:00 CET"; "-" when
+    either is unknown, or the zone is not in this machine's tz database)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if value is None or not zone:
+        return "-"
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(ZoneInfo(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return "-"
+    return at.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%H:%M %Z")
 
 
 def fleet_lines(summary: dict[str, Any]) -> list[str]:
@@ -69,7 +85,8 @@ def register(app: typer.Typer) -> None:
         States: fresh (fetched within 2 x min_fetch_interval_s), late, overdue (not
         fetched within max_tracker_age_s), out of run (outside its production run),
         inactive. Ages count from the last successful fetch (a never-fetched tracker: from
-        its creation). Times are UTC.
+        its creation). Times are UTC, and the last fix also in the local time of where it
+        was (its IANA zone, stored by the geocode stage).
         """
         from ops.fleet import distribution
         from ops.fleet import trackers as fleet_trackers
@@ -96,8 +113,9 @@ def register(app: typer.Typer) -> None:
         table.add_column("tracker", no_wrap=True, min_width=max(len(r.tracker_id) for r in shown))
         table.add_column("state", no_wrap=True, min_width=9)
         table.add_column("age", justify="right", no_wrap=True)
-        table.add_column("last fix UTC", no_wrap=True)
-        table.add_column("last fetch UTC", no_wrap=True)
+        table.add_column("fix UTC", no_wrap=True)
+        table.add_column("local", no_wrap=True)
+        table.add_column("fetch UTC", no_wrap=True)
         table.add_column("position")
         for r in shown:
             table.add_row(
@@ -105,6 +123,7 @@ def register(app: typer.Typer) -> None:
                 r.state,
                 age_text((r.age_s or 0) * 1000),
                 _minute(r.last_fix_at),
+                local_time(r.last_fix_at, r.time_zone),
                 _minute(r.last_fetch_at),
                 "-" if r.lat is None else f"{r.lat:.3f},{r.lon:.3f}",
             )
@@ -190,6 +209,13 @@ def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, An
         out += [
             f"{tracker} report observed {_when(report['observed_at'])} UTC "
             f"at {report['lat']:.5f},{report['lon']:.5f} (report #{report['report_id']})",
+            "  local time        "
+            + (
+                f"{local_time(report['observed_at'], report.get('time_zone'), seconds=True)}"
+                f" ({report['time_zone']})"
+                if report.get("time_zone")
+                else "unknown (not geocoded yet, or no time zone)"
+            ),
             f"  fetched           {_when(report['fetched_at'])}  from {report['source']}",
             f"  geocoded          {_when(report['geocoded_at'])}"
             + (f"  {report['address'] or report['city']}" if report["city"] else ""),

@@ -108,6 +108,7 @@ class GeocodeStage:
                     address=a.address,
                     region=a.region,
                     district=a.district,
+                    time_zone=a.time_zone,
                 )
             except ValidationError as exc:  # the geocoder's answer for this point is unusable
                 failed[i] = Reject(f"unusable address for ({r.lat}, {r.lon}): {exc}")
