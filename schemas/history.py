@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session
 
 __all__ = [
     "AHEAD_MONTHS",
@@ -44,6 +45,7 @@ __all__ = [
     "PruneResult",
     "ensure_partitions",
     "is_partitioned",
+    "maintain",
     "month_start",
     "next_month",
     "parse_age",
@@ -59,6 +61,7 @@ PARTITIONED = ("location_history", "geofence_events")
 KEY = "observed_at"
 AHEAD_MONTHS = 3  # the current month and the next three exist at all times
 LEASE_KEY = 0x7472_6B68  # "trkh": the advisory lock partition maintenance holds
+PRUNE_KEY = 0x7472_6B70  # "trkp": the one a prune holds while it runs
 LOCK_TIMEOUT_MS = 50  # how long a DDL statement may wait for its lock (writers wait too)
 BATCH_TARGET_S = 0.05  # SQLite: a delete batch holds the write lock about this long
 DDL_RETRIES = 20
@@ -266,6 +269,11 @@ def ensure_partitions(
     return created
 
 
+def maintain(session: Session, now: datetime) -> list[str] | None:
+    """:func:`ensure_partitions` in a session's transaction (``Database.run``)."""
+    return ensure_partitions(session.connection(), now)
+
+
 # -- retention
 
 
@@ -277,6 +285,7 @@ class PruneResult:
     rows: dict[str, int] = field(default_factory=dict)  # rows deleted (or to delete) by table
     seconds: float = 0.0
     longest_batch_s: float = 0.0
+    busy: bool = False  # another process is pruning: nothing done
 
 
 def _droppable(conn: Connection, cutoff: datetime) -> list[Partition]:
@@ -340,6 +349,23 @@ def prune(engine: Engine, cutoff: datetime, *, dry_run: bool = False) -> PruneRe
     end at or before it), batched deletes elsewhere (SQLite's tables, the default
     partition's stragglers, finished webhook deliveries and the delivery log)."""
     result = PruneResult(cutoff, dry_run)
+    if not _pg(engine) or dry_run:
+        return _prune(engine, result)
+    with engine.connect() as lease:  # a session lock: the prune spans transactions
+        if not lease.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_KEY}):
+            lease.rollback()
+            result.busy = True
+            return result
+        lease.commit()
+        try:
+            return _prune(engine, result)
+        finally:
+            lease.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_KEY})
+            lease.commit()
+
+
+def _prune(engine: Engine, result: PruneResult) -> PruneResult:
+    cutoff, dry_run = result.cutoff, result.dry_run
     t0 = time.perf_counter()
     params: dict[str, object] = {"cutoff": cutoff if _pg(engine) else _sqlite_ts(cutoff)}
     with engine.connect() as conn:

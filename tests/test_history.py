@@ -294,3 +294,36 @@ def test_migration_converts_todays_tables_with_their_data(pg_url: str) -> None:
             assert conn.scalar(text("SELECT count(*) FROM location_history")) == 102
     finally:
         eng.dispose()
+
+
+def test_the_exporter_reads_partition_sizes(pg_url: str, pg: Engine) -> None:
+    from ops.exporter import FreshnessReader
+
+    reader = FreshnessReader(pg_url)
+    try:
+        fresh = reader.read()
+    finally:
+        reader.close()
+    names = {(t, p) for t, p, _rows, _size in fresh.partitions}
+    assert ("location_history", "location_history_default") in names
+    assert ("geofence_events", f"geofence_events_p{THIS_MONTH:%Y%m}") in names
+    assert all(size > 0 for *_, size in fresh.partitions)
+
+
+async def test_the_reconciler_keeps_partitions_ahead(pg_url: str, pg: Engine) -> None:
+    from processors.database import Database
+    from processors.reconciler import Reconciler
+
+    db = Database(pg_url)
+    try:
+        rec = Reconciler(db, None, {}, lambda: NOW, retention_days=400)  # type: ignore[arg-type]
+        later = NOW + timedelta(days=150)
+        await rec.maintain(later)
+        with pg.connect() as conn:
+            starts = {p.start for p in history.partitions(conn, "location_history")}
+        m = history.month_start(later)
+        for _ in range(history.AHEAD_MONTHS + 1):
+            assert m in starts
+            m = history.next_month(m)
+    finally:
+        db.dispose()
