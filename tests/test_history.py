@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from schemas import history, store, views
 from schemas.db import make_engine, session_factory, upgrade
@@ -327,3 +328,82 @@ async def test_the_reconciler_keeps_partitions_ahead(pg_url: str, pg: Engine) ->
             m = history.next_month(m)
     finally:
         db.dispose()
+
+
+_SCANNED = re.compile(r"Scan .*on ((?:location_history|geofence_events)_(?:p\d{6}|default))(?!\w)")
+
+
+def _partitions_read(engine: Engine, work: Any) -> dict[str, set[str]]:
+    """``work(session)`` with every statement on the history explained (EXPLAIN ANALYZE
+    in a savepoint, rolled back): the partitions each statement read, by its first
+    words."""
+    read: dict[str, set[str]] = {}
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        if "EXPLAIN" in statement or "location_history" not in statement:
+            return
+        raw = conn.connection.driver_connection
+        raw.execute("SAVEPOINT ex")
+        # the plans of a large history (index paths): on these few rows the planner
+        # would hash-join or scan whole partitions, cheaper here and never pruned
+        for knob in ("enable_seqscan", "enable_hashjoin", "enable_mergejoin"):
+            raw.execute(f"SET LOCAL {knob} = off")
+        try:
+            plan = raw.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + statement,
+                params[0] if many else params,
+            ).fetchall()
+        finally:
+            raw.execute("ROLLBACK TO SAVEPOINT ex")
+        key = " ".join(statement.split()[:8])
+        read[key] = read.get(key, set()) | {
+            m.group(1)
+            for (line,) in plan
+            if "never executed" not in line and (m := _SCANNED.search(line)) is not None
+        }
+
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        with session_factory(engine).begin() as s:
+            work(s)
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    return read
+
+
+def test_the_stages_writes_touch_only_their_partition(pg: Engine) -> None:
+    from schemas import geofence_store
+    from schemas.events import LocationGeocoded
+
+    for n in range(1, 4):
+        with pg.begin() as conn:
+            history.create_partition(conn, "location_history", _months_back(n))
+    _trackers(pg, "A")
+    _insert(pg, [_report("A", _months_back(n) + timedelta(days=2)) for n in range(1, 4)])
+    _insert(pg, [_report("A", NOW)])
+    this = f"location_history_p{NOW:%Y%m}"
+    geocoded = LocationGeocoded(
+        tracker_id="A", observed_at=NOW, lat=51.9, lon=4.4, city="c", country_code="NL",
+        country="n", address="a",
+    )  # fmt: skip
+    with pg.connect() as conn:
+        rid = conn.scalar(
+            text("SELECT id FROM location_history WHERE observed_at = :t"), {"t": NOW}
+        )
+
+    def stages(s: Any) -> None:
+        store.set_addresses(s, [geocoded], NOW)
+        store.mark_geofence_checked(s, [("A", NOW)], NOW)
+        geofence_store.save(
+            s, [geofence_store.StatusRow(rid, "ok", None, True, NOW)], [], [], [], NOW
+        )
+        store.mark_republished(s, [rid], NOW, (NOW, NOW))
+
+    read = _partitions_read(pg, stages)
+    assert read and all(parts == {this} for parts in read.values()), read
+    # a track of the last day reads this month's partition (and the default), not older ones
+    from ops import fleet
+
+    read = _partitions_read(pg, lambda s: fleet.map_data(s, NOW, 300))
+    track = next(v for k, v in read.items() if "location_history.tracker_id," in k)
+    assert this in track and not any(p.endswith(f"{_months_back(2):%Y%m}") for p in track)
