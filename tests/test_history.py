@@ -407,3 +407,33 @@ def test_the_stages_writes_touch_only_their_partition(pg: Engine) -> None:
     read = _partitions_read(pg, lambda s: fleet.map_data(s, NOW, 300))
     track = next(v for k, v in read.items() if "location_history.tracker_id," in k)
     assert this in track and not any(p.endswith(f"{_months_back(2):%Y%m}") for p in track)
+
+
+def test_the_history_commands_on_sqlite(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    try:
+        _trackers(eng, "A")
+        _insert(eng, [_report("A", NOW - timedelta(days=500)), _report("A", NOW)])
+    finally:
+        eng.dispose()
+    env = {"TRACKSTREAM_DATABASE_URL": url, "COLUMNS": "200"}
+    run = CliRunner().invoke
+    bad = run(app, ["history", "prune"], env=env)
+    assert bad.exit_code == 2 and "--older-than" in bad.output
+    assert run(app, ["history", "prune", "--older-than", "10x"], env=env).exit_code == 2
+    dry = run(app, ["history", "prune", "--older-than", "400d", "--dry-run", "--json"], env=env)
+    assert dry.exit_code == 0 and '"location_history": 1' in dry.output
+    done = run(app, ["history", "prune", "--older-than", "400d"], env=env)
+    assert done.exit_code == 0 and "location_history: dropped 1 rows" in done.output
+    st = run(
+        app,
+        ["history", "status", "--json"],
+        env={**env, "TRACKSTREAM_HISTORY_RETENTION_DAYS": "400"},
+    )
+    assert st.exit_code == 0 and '"rows": 1' in st.output and '"retention_days": 400' in st.output
