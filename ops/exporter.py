@@ -23,6 +23,9 @@ trackstream_tracker_max_age_seconds             gauge                  the guara
 trackstream_scheduler_*                         gauge                  the scheduler's report
 trackstream_reports_not_geocoded                gauge                  reports to geocode
 trackstream_reports_not_checked                 gauge                  to geofence-check
+trackstream_history_partition_bytes             gauge    table, part.  PostgreSQL only
+trackstream_history_partition_rows              gauge    table, part.  (estimated; exact
+                                                                       for the default)
 trackstream_exporter_scrape_errors_total        counter  source        redis (| database)
 trackstream_exporter_up                         gauge                  1 if Redis answered
 ==============================================  =======  ============  ===================
@@ -104,6 +107,8 @@ class Freshness:
     in_run: int = 0
     stale: int = 0  # in-run trackers not fetched for more than max_age_s
     max_age_s: float = 43_200.0
+    # (table, partition, rows, bytes) of the history's partitions (PostgreSQL only)
+    partitions: tuple[tuple[str, str, int, int], ...] = ()
 
 
 def sqlite_file(database_url: str) -> Path | None:
@@ -168,7 +173,16 @@ class FreshnessReader:
 
         with self._factory()() as session:
             fleet = schedule.freshness(session, self.clock(), self.max_age_s)
+            parts: tuple[tuple[str, str, int, int], ...] = ()
+            if self._sqlite_file is None:  # SQLite's would be a count of the whole table
+                from schemas.history import partition_sizes
+
+                parts = tuple(
+                    (p.table, p.name, p.rows, p.bytes or 0)
+                    for p in partition_sizes(session.connection())
+                )
             return Freshness(
+                partitions=parts,
                 stalest_age_s=fleet.oldest_age_s,
                 not_geocoded=int(store.count_not_geocoded(session)),
                 not_checked=int(store.count_not_checked(session)),
@@ -323,6 +337,9 @@ class PipelineCollector(Collector):
             by_name["trackstream_tracker_max_age_seconds"].add_metric([], fresh.max_age_s)
             by_name["trackstream_reports_not_geocoded"].add_metric([], fresh.not_geocoded)
             by_name["trackstream_reports_not_checked"].add_metric([], fresh.not_checked)
+            for table, part, rows, size in fresh.partitions:
+                by_name["trackstream_history_partition_rows"].add_metric([table, part], rows)
+                by_name["trackstream_history_partition_bytes"].add_metric([table, part], size)
         if (report := self.scheduler_report) is not None:
             for name, value in (
                 ("trackstream_scheduler_demand_trackers_per_second", report.demand_per_s),
@@ -424,6 +441,16 @@ class PipelineCollector(Collector):
             ),
             gauge("trackstream_reports_not_geocoded", "Stored reports not yet geocoded", ()),
             gauge("trackstream_reports_not_checked", "Stored reports not yet geofence-checked", ()),
+            gauge(
+                "trackstream_history_partition_rows",
+                "Rows per history partition (the planner's estimate; exact for the default)",
+                ("table", "partition"),
+            ),
+            gauge(
+                "trackstream_history_partition_bytes",
+                "Size of each history partition with its indexes",
+                ("table", "partition"),
+            ),
             CounterMetricFamily(
                 "trackstream_exporter_scrape_errors",
                 "Failed reads during scrapes, by source",

@@ -59,6 +59,8 @@ class AppSettings(BaseSettings):
     reconcile_grace_s: int = Field(300, ge=1)
     reconcile_interval_s: float = Field(60.0, gt=0)
     reconcile_max_republish: int = Field(3, ge=1)
+    # reports, events and the webhook log older than this are dropped (None: kept)
+    history_retention_days: int | None = Field(None, ge=1)
 
     # notify: webhook delivery (see processors/stages/notify.py)
     notify_rate_per_min: float = Field(20.0, gt=0)  # per endpoint, all workers together

@@ -256,6 +256,7 @@ class Pipeline:
             self.clock,
             self.app.reconcile_grace_s,
             max_republish=self.app.reconcile_max_republish,
+            retention_days=self.app.history_retention_days,
         )
 
     async def aclose(self) -> None:

@@ -20,24 +20,33 @@ It also keeps the views from staying stale: trackers checked between ``3 x grace
 and ``grace_s`` ago that ``latest_location`` does not show yet (their ViewsChanged
 notice was lost, e.g. a commit whose acknowledgement was lost and whose entry was then
 dead-lettered) get a new notice.
+
+Each round also keeps the history's partitions ahead of time
+(:func:`schemas.history.ensure_partitions`: an advisory lock is the lease, so only one
+reconciler creates them) and, with ``retention_days``, prunes the history at most once
+an hour (:func:`schemas.history.prune`, under a lease of its own).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable
 from processors.topology import GEOCODE, GEOFENCE, VIEW_REFRESH
-from schemas import store
+from schemas import history, store
 from schemas.events import LocationGeocoded, LocationReported, ViewsChanged
 from schemas.views import VIEW_NAMES
 from streams.monitor import unfinished_age_ms
 from streams.producer import Producer, Route
 
 log = logging.getLogger("trackstream.reconciler")
+
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Reconciler:
         grace_s: int = 300,
         limit: int = 10_000,
         max_republish: int = 3,
+        retention_days: int | None = None,
     ) -> None:
         self.db = db
         self.producer = producer
@@ -68,6 +78,8 @@ class Reconciler:
         self.grace_s = grace_s
         self.limit = limit
         self.max_republish = max_republish
+        self.retention_days = retention_days
+        self._pruned_at: float | None = None  # monotonic
 
     async def _behind(self, stage: str) -> bool:
         keys = self.routes[stage].keys()
@@ -81,8 +93,36 @@ class Reconciler:
             return True
         return False
 
+    async def maintain(self, now: datetime) -> None:
+        """Partitions ahead of time, and retention: a failure is logged, never fatal
+        (the default partition takes what a missing partition would have)."""
+        try:
+            await self.db.run(history.maintain, now)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            log.warning("could not create the history's partitions ahead: %s", exc)
+        due = self._pruned_at is None or time.monotonic() - self._pruned_at >= PRUNE_EVERY_S
+        if self.retention_days is None or not due:
+            return
+        self._pruned_at = time.monotonic()
+        cutoff = now - timedelta(days=self.retention_days)
+        try:
+            result = await asyncio.to_thread(history.prune, self.db.engine, cutoff)
+        except Exception as exc:
+            log.warning("history retention failed (retried in an hour): %s", exc)
+            return
+        if result.partitions or result.rows:
+            log.info(
+                "retention: dropped %d partitions, %s rows, older than %s",
+                len(result.partitions),
+                sum(result.rows.values()),
+                cutoff.isoformat(),
+            )
+
     async def run_once(self) -> Round:
         now = self.clock()
+        await self.maintain(now)
         older_than = now - timedelta(seconds=self.grace_s)
         skipped = tuple([s for s in (GEOCODE, GEOFENCE) if await self._behind(s)])
         if len(skipped) == 2:

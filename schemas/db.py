@@ -112,13 +112,15 @@ def include_object(
     obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
     """For alembic autogenerate: skip the views and their tables that
-    :mod:`schemas.views` owns."""
+    :mod:`schemas.views` owns, and the history's partitions (:mod:`schemas.history`)."""
+    from schemas.history import is_partition_name
     from schemas.views import OWNED_TABLES
 
-    if type_ == "table" and name in OWNED_TABLES:
+    if type_ == "table" and (name in OWNED_TABLES or is_partition_name(name)):
         return False
     table = getattr(obj, "table", None)
-    return not (table is not None and getattr(table, "name", None) in OWNED_TABLES)
+    table_name = getattr(table, "name", None) if table is not None else None
+    return not (table_name in OWNED_TABLES or is_partition_name(table_name))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -53,6 +53,7 @@ class StatusRow(NamedTuple):
     status: str
     state: str | None
     checked: bool  # a report of this batch: set geofence_checked_at
+    observed_at: datetime  # with the id, the row's key in its partition
 
 
 class EventRow(NamedTuple):
@@ -211,7 +212,8 @@ _PG_UPDATE = text(
     " geofence_checked_at = CASE WHEN u.checked THEN CAST(:now AS timestamptz)"
     " ELSE h.geofence_checked_at END"
     " FROM json_to_recordset(CAST(:rows AS json))"
-    " AS u(id integer, status varchar, state text, checked boolean) WHERE h.id = u.id"
+    " AS u(id integer, observed_at timestamptz, status varchar, state text, checked boolean)"
+    " WHERE h.id = u.id AND h.observed_at = u.observed_at"  # the partition key: one probe
 )
 _PG_DELETE = text(
     "DELETE FROM geofence_events e USING json_to_recordset(CAST(:windows AS json))"
@@ -270,7 +272,13 @@ def save(
                 _PG_UPDATE,
                 {
                     "rows": json_param(
-                        {"id": s.id, "status": s.status, "state": s.state, "checked": s.checked}
+                        {
+                            "id": s.id,
+                            "observed_at": s.observed_at,
+                            "status": s.status,
+                            "state": s.state,
+                            "checked": s.checked,
+                        }
                         for s in statuses
                     ),
                     "now": now,

@@ -311,13 +311,14 @@ def _address_rows(geocoded: Sequence[LocationGeocoded]) -> list[LocationGeocoded
 _SET_ADDRESSES_PG = text(
     "UPDATE location_history AS h SET city = v.city, country_code = v.country_code,"
     " country = v.country, address = v.address, time_zone = v.time_zone, geocoded_at = :at"
-    " FROM (SELECT l.id, u.city, u.country_code, u.country, u.address, u.time_zone"
+    " FROM (SELECT l.id, l.observed_at, u.city, u.country_code, u.country, u.address,"
+    " u.time_zone"
     " FROM location_history AS l"
     " JOIN json_to_recordset(CAST(:rows AS json)) AS u(tracker_id text, observed_at"
     " timestamptz, city text, country_code text, country text, address text, time_zone text)"
     " ON l.tracker_id = u.tracker_id AND l.observed_at = u.observed_at"
     " ORDER BY l.id FOR UPDATE OF l) AS v"
-    " WHERE h.id = v.id"
+    " WHERE h.id = v.id AND h.observed_at = v.observed_at"  # one partition per row
 ).bindparams(bindparam("at", type_=UTCDateTime()))
 
 _SET_ADDRESS = (
@@ -510,18 +511,33 @@ def claim_incomplete(
         if geofence
         else []
     )
-    mark_republished(session, [r.id for r in (*not_geocoded, *not_checked)], at)
+    picked = (*not_geocoded, *not_checked)
+    if picked:
+        observed = [r.observed_at for r in picked]
+        mark_republished(session, [r.id for r in picked], at, (min(observed), max(observed)))
     for r in (*not_geocoded, *not_checked):
         session.expunge(r)  # keep the values read (the UPDATE must not expire them)
     return not_geocoded, not_checked
 
 
+STALE_VIEW_HORIZON = timedelta(days=35)
+
+
 def stale_view_trackers(
-    session: Session, changed_from: datetime, changed_until: datetime, limit: int = 10_000
+    session: Session,
+    changed_from: datetime,
+    changed_until: datetime,
+    limit: int = 10_000,
+    horizon: timedelta = STALE_VIEW_HORIZON,
 ) -> list[str]:
     """Trackers with a report checked in ``[changed_from, changed_until]`` that
     ``latest_location`` does not show yet (no row, an older report, or the report
-    without its address): their refresh notice was lost. Sorted."""
+    without its address): their refresh notice was lost. Sorted.
+
+    Only reports observed within ``horizon`` before ``changed_from`` are looked at, so
+    the scan reads the latest partitions, not the whole history (nothing indexes
+    ``geofence_checked_at``): a lost notice for a report older than that when checked
+    (a backlog uploaded weeks late) is left to the next report or a rebuild."""
     from schemas.views import LATEST_LOCATION as view
 
     changed = (
@@ -532,6 +548,7 @@ def stale_view_trackers(
         .where(
             _reports.c.geofence_checked_at >= changed_from,
             _reports.c.geofence_checked_at <= changed_until,
+            _reports.c.observed_at >= changed_from - horizon,
         )
         .group_by(_reports.c.tracker_id)
         .subquery()
@@ -561,13 +578,22 @@ def stale_view_trackers(
     return list(session.scalars(stmt))
 
 
-def mark_republished(session: Session, report_ids: Sequence[int], at: datetime) -> None:
+def mark_republished(
+    session: Session,
+    report_ids: Sequence[int],
+    at: datetime,
+    observed: tuple[datetime, datetime] | None = None,
+) -> None:
     """Records that the reconciler re-published these reports (by row id) at ``at``;
-    rows in id order, like every writer of ``location_history``."""
+    rows in id order, like every writer of ``location_history``. ``observed``, the
+    reports' first and last ``observed_at``, keeps the update to their partitions."""
+    bounds = []
+    if observed is not None:
+        bounds = [_reports.c.observed_at >= observed[0], _reports.c.observed_at <= observed[1]]
     for chunk in _chunks(sorted(set(report_ids)), 5000):
         session.execute(
             update(_reports)
-            .where(_reports.c.id.in_(list(chunk)))
+            .where(_reports.c.id.in_(list(chunk)), *bounds)
             .values(republished_at=at, republish_count=_reports.c.republish_count + 1)
         )
 

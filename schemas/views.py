@@ -4,7 +4,9 @@ Both are plain tables (on PostgreSQL and SQLite alike) with a unique index, kept
 date incrementally: a refresh costs what changed since the last one, not what exists.
 
 - ``latest_location``: one row per tracker with at least one report: its latest
-  report (by ``observed_at``) with the address, and the tracker's name.
+  report (by ``observed_at``) with the address, and the tracker's name. A tracker
+  whose reports retention dropped keeps its row (its last known position) until the
+  tracker itself is deleted.
 - ``geofence_occupancy``: one row per active geofence: how many trackers are inside
   (those whose latest event for that geofence is ``enter``), when its latest event
   happened, and when the row was last refreshed.
@@ -152,7 +154,8 @@ CROSS JOIN LATERAL (
         "latest_all": f"""{_LATEST_INSERT}
 SELECT DISTINCT ON (h.tracker_id) {_LATEST_SELECT}
 FROM location_history h JOIN trackers t ON t.external_id = h.tracker_id
-ORDER BY h.tracker_id, h.observed_at DESC""",
+ORDER BY h.tracker_id, h.observed_at DESC
+{_LATEST_UPSERT}""",
         # per tracker, a backward scan of its own events in the unique index: never a
         # scan of every event (the planner chose one for 10 % of the trackers)
         "presence_some": f"""{_PRESENCE_INSERT}
@@ -168,7 +171,7 @@ RETURNING geofence_id, kind""",
 WHERE tracker_id = ANY(CAST(:ids AS varchar[])) RETURNING geofence_id, kind""",
         "latest_gone": """DELETE FROM latest_location
 WHERE tracker_id = ANY(CAST(:ids AS varchar[])) AND NOT EXISTS (
-    SELECT 1 FROM location_history h WHERE h.tracker_id = latest_location.tracker_id)""",
+    SELECT 1 FROM trackers t WHERE t.external_id = latest_location.tracker_id)""",
         "presence_all": f"""{_PRESENCE_INSERT}
 SELECT DISTINCT ON (e.tracker_id, e.geofence_id)
     e.tracker_id, e.geofence_id, e.kind, e.observed_at
@@ -187,7 +190,8 @@ WHERE true
 SELECT {_LATEST_SELECT}
 FROM location_history h JOIN trackers t ON t.external_id = h.tracker_id
 WHERE h.observed_at = (
-    SELECT MAX(h2.observed_at) FROM location_history h2 WHERE h2.tracker_id = h.tracker_id)""",
+    SELECT MAX(h2.observed_at) FROM location_history h2 WHERE h2.tracker_id = h.tracker_id)
+{_LATEST_UPSERT}""",
         "presence_some": f"""{_PRESENCE_INSERT}
 SELECT e.tracker_id, e.geofence_id, e.kind, e.observed_at
 FROM json_each(:ids) d CROSS JOIN geofence_events e ON e.tracker_id = d.value
@@ -198,7 +202,7 @@ RETURNING geofence_id, kind""",
 WHERE tracker_id IN (SELECT value FROM json_each(:ids)) RETURNING geofence_id, kind""",
         "latest_gone": """DELETE FROM latest_location
 WHERE tracker_id IN (SELECT value FROM json_each(:ids)) AND NOT EXISTS (
-    SELECT 1 FROM location_history h WHERE h.tracker_id = latest_location.tracker_id)""",
+    SELECT 1 FROM trackers t WHERE t.external_id = latest_location.tracker_id)""",
         "presence_all": f"""{_PRESENCE_INSERT}
 SELECT e.tracker_id, e.geofence_id, e.kind, e.observed_at FROM geofence_events e
 WHERE e.observed_at = (SELECT MAX(e2.observed_at) FROM geofence_events e2
@@ -439,7 +443,7 @@ def refresh_view(engine: Engine, name: str) -> int | None:
 def _refresh_latest(conn: Connection, ids: Sequence[str]) -> None:
     param = {"ids": _ids_param(conn, ids)}
     conn.execute(_sql(conn, "latest_some"), param)
-    conn.execute(_sql(conn, "latest_gone"), param)  # trackers whose reports are all gone
+    conn.execute(_sql(conn, "latest_gone"), param)  # trackers deleted
 
 
 def _refresh_occupancy(conn: Connection, ids: Sequence[str]) -> None:
@@ -463,7 +467,14 @@ def _rebuild(conn: Connection, v: _View, *, clear: bool = False) -> None:
     if clear:
         conn.execute(text("DELETE FROM view_changes WHERE view = :v"), {"v": v.name})
     if v.table is LATEST_LOCATION:
-        conn.execute(text("DELETE FROM latest_location"))
+        # a tracker whose reports retention dropped keeps its last position: only the
+        # rows of trackers that are gone are cleared, the others are overwritten
+        conn.execute(
+            text(
+                "DELETE FROM latest_location WHERE NOT EXISTS (SELECT 1 FROM trackers t"
+                " WHERE t.external_id = latest_location.tracker_id)"
+            )
+        )
         conn.execute(_sql(conn, "latest_all"))
     else:
         conn.execute(text("DELETE FROM geofence_presence"))

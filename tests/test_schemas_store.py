@@ -664,8 +664,13 @@ def test_refresh_rewrites_only_the_recorded_trackers(engine: Engine, tx: Tx) -> 
     views.note_changes(engine, ["latest_location"], None)
     assert views.refresh_view(engine, "latest_location") is None
     assert latest() == {"A": 50.5, "B": 51.5}
-    # a tracker whose reports are all gone leaves the view; the others stay
+    # a tracker whose reports are all gone (retention) keeps its last position...
     tx(lambda s: s.execute(text("DELETE FROM location_history WHERE tracker_id = 'B'")))
+    views.note_changes(engine, ["latest_location"], ["A", "B"])
+    assert views.refresh_view(engine, "latest_location") == 2
+    assert latest() == {"A": 50.5, "B": 51.5}
+    # ... and a deleted tracker leaves the view; the others stay
+    tx(lambda s: s.execute(text("DELETE FROM trackers WHERE external_id = 'B'")))
     views.note_changes(engine, ["latest_location"], ["A", "B"])
     assert views.refresh_view(engine, "latest_location") == 2
     assert latest() == {"A": 50.5}

@@ -45,6 +45,14 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[
             str, typer.Option(help="--pipeline: workers per stage, e.g. 1,2 (one run each)")
         ] = "1,2",
+        history_rows: Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="--pipeline: end to end and trace latency at 0 and at this many stored "
+                "rows (seeded server-side), then a month dropped under writes",
+            ),
+        ] = 0,
         max_phase_s: Annotated[
             float, typer.Option(min=1, help="--pipeline: stop a phase after this long")
         ] = 30.0,
@@ -95,6 +103,9 @@ def register(app: typer.Typer) -> None:
             db_url = overrides.get("database_url")
             if db_url and not str(db_url).startswith("postgres"):
                 raise fail("--pipeline needs PostgreSQL: give a postgresql:// --database-url", 2)
+            if history_rows:
+                _growth(overrides, trackers, history_rows, max_phase_s, json_out)
+                return
             passthrough = messages or 10_000
             _pipeline(overrides, trackers, history, counts, max_phase_s, passthrough, json_out)
             return
@@ -179,6 +190,32 @@ def _pipeline(
     console.print(pipeline_table(results))
     for line in pipeline_summary(results):
         console.print(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {json_out}")
+
+
+def _growth(
+    overrides: dict[str, Any],
+    trackers: int,
+    history_rows: int,
+    max_phase_s: float,
+    json_out: Path | None,
+) -> None:
+    from ops.growthbench import growth_summary, run_growth_bench
+
+    with err_console.status("starting ...") as status:
+        results = run_growth_bench(
+            overrides.get("redis_url"),
+            overrides.get("database_url"),
+            history_rows=history_rows,
+            trackers=trackers,
+            max_phase_s=max_phase_s,
+            progress=err_console.print,
+            status=status.update,
+        )
+    for line in growth_summary(results):
+        console.print(line, highlight=False)
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"results written to {json_out}")

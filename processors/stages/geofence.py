@@ -259,7 +259,9 @@ def check_batch(
                 found.add(key)
             if checked or (fix.status is not None and (fix.status, fix.state) != (status, state)):
                 assert fix.id is not None
-                statuses.append(geofence_store.StatusRow(fix.id, status, state, checked))
+                statuses.append(
+                    geofence_store.StatusRow(fix.id, status, state, checked, fix.observed_at)
+                )
                 if status != OK and fix.status != status:
                     result.rejected[status] += 1
             for gid, at_us, kind in evs:
