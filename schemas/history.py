@@ -252,7 +252,9 @@ def ensure_partitions(
         return []
     if not conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LEASE_KEY}):
         return None
-    _lock_timeout(conn, 1000)
+    # a lock not had in time fails the round (retried at the next: months ahead leave
+    # plenty of rounds) rather than queue writers behind it
+    _lock_timeout(conn)
     last = month_start(now)
     for _ in range(ahead):
         last = next_month(last)
