@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ops.commands import _freshness
+from ops.commands import _freshness, _retention
 from ops.commands._operator import (
     JsonOption,
     age_text,
@@ -313,6 +313,7 @@ def register(app: typer.Typer) -> None:
             info = await _freshness.fleet(client, settings, app_settings, database)
             fleet_breaches = _freshness.breaches(info, max_tracker_age_s)
             report.update(info)
+            report["retention"] = await _retention.retention(client, settings, all_keys)
             report["breaches"] = [*report["breaches"], *fleet_breaches]
             report["healthy"] = not report["breaches"]
             return report
@@ -332,7 +333,7 @@ def register(app: typer.Typer) -> None:
                 echo_json(last["report"])
             else:
                 console.print(_status_tables(views, limits, settings))
-                for line in _freshness.lines(last["report"]):
+                for line in (*_freshness.lines(last["report"]), *_retention.lines(last["report"])):
                     console.print(line)
 
         async def watching(client: Client) -> None:
@@ -367,6 +368,7 @@ def register(app: typer.Typer) -> None:
                             Group(
                                 _status_tables(views, limits, settings, show_breaches=True),
                                 *_freshness.lines(last["report"]),
+                                *_retention.lines(last["report"]),
                                 footer,
                             ),
                             refresh=True,

@@ -54,6 +54,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ops.commands import _retention
 from ops.dashboard.throughput import Throughput
 from ops.dashboard.webhooks import webhooks
 from ops.exporter import backlog, client_settings, pipeline_keys
@@ -312,9 +313,15 @@ async def stages(request: Request) -> Response:
         )
         view["consumer_detail"] = [c for st in mine for c in _consumer_view(st, dead_after_ms)]
         out.append(view)
+    kept = await _retention.retention(d.client, d.settings, everything)
+    for view in out:
+        trims = [s for s in kept["shards"] if s["stage"].split(".")[0] == view["stage"]]
+        ages = [s["last_trim_age_ms"] for s in trims]
+        view["last_trim_age_s"] = None if None in ages or not ages else max(ages) / 1000
     return JSONResponse(
         {
             "prefix": d.settings.prefix,
+            "retention": {k: v for k, v in kept.items() if k != "shards"},
             "consumer_dead_after_ms": dead_after_ms,
             "mutations_enabled": d.token is not None,
             "now_ms": time.time_ns() // 1_000_000,
