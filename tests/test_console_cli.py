@@ -240,3 +240,34 @@ async def test_scheduler_and_reconciler_leave_their_last_tick_and_round(
     assert "published 0 batches: another scheduler leads (" in follower.output
     leader = state["scheduler"]["leader"]
     assert f"{leader['host']} pid {leader['pid']}" in follower.output
+
+
+def test_age_and_last_fetch_count_from_the_last_fetch_not_the_latest_report(tmp_path):
+    """A fetch that returns nothing new moves trackers.last_fetched_at, not a report:
+    B-LATE's latest report is 30 min old, but it was fetched a minute ago."""
+    db_url = f"sqlite:///{tmp_path}/fleet.db"
+    now = datetime.now(UTC)
+    _fleet(db_url, now)
+    fetched = now - timedelta(minutes=1)
+    db = Database(db_url)
+    try:
+        db.run_sync(lambda s: _set_fetched(s, "B-LATE", fetched))
+    finally:
+        db.dispose()
+    body = json.loads(cli("--database-url", db_url, "trackers", "--json").output)
+    b = next(t for t in body["trackers"] if t["tracker_id"] == "B-LATE")
+    assert b["state"] == "fresh" and 30 < b["age_s"] < 120
+    assert b["last_fetch_at"] == fetched.isoformat(timespec="seconds").replace("+00:00", "Z")
+    table = cli("--database-url", db_url, "trackers").output
+    row = next(ln for ln in table.splitlines() if ln.startswith("B-LATE"))
+    assert "fresh" in row and f"{fetched:%H:%M}" in row
+
+
+def _set_fetched(session, tracker_id, at):
+    from sqlalchemy import update
+
+    from schemas.tables import Tracker
+
+    session.execute(
+        update(Tracker).where(Tracker.external_id == tracker_id).values(last_fetched_at=at)
+    )
