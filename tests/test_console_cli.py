@@ -271,3 +271,43 @@ def _set_fetched(session, tracker_id, at):
     session.execute(
         update(Tracker).where(Tracker.external_id == tracker_id).values(last_fetched_at=at)
     )
+
+
+async def test_trace_shows_only_the_change_notice_of_this_report(standalone_target, unique_prefix):
+    """views.changed names trackers, not reports: the notices of the tracker's older
+    and newer reports are not this report's."""
+    from ops.tracing import find_entries
+    from processors import topology
+    from streams.connection import connect
+    from streams.settings import StreamSettings
+
+    settings = StreamSettings.build(redis_url=standalone_target.url, prefix=unique_prefix)
+    client = connect(settings)
+    routes = topology.routes(unique_prefix)
+    observed = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+    async def add(stage: str, kind: str, data: dict, ms: int) -> str:
+        fields = {"type": kind, "data": json.dumps(data)}
+        stream = routes[stage].keys().stream
+        return (await client.xadd(stream, fields, id=f"{ms}-0")).decode()
+
+    def notice() -> dict:
+        return {"views": ["v"], "changed_at": "2026-12-07T12:00:00Z", "tracker_ids": ["T-1"]}
+
+    try:
+        base = 1_796_000_000_000
+        await add(VIEW_REFRESH, "views.changed", notice(), base)  # an older report's
+        geocoded = {"tracker_id": "T-1", "observed_at": observed.isoformat()}
+        await add(GEOFENCE, "location.geocoded", geocoded, base + 1_000)
+        own = await add(VIEW_REFRESH, "views.changed", notice(), base + 1_100)
+        await add(VIEW_REFRESH, "views.changed", notice(), base + 60_000)  # a newer one's
+        for stage in (GEOFENCE, VIEW_REFRESH):
+            await client.xgroup_create(routes[stage].keys().stream, stage, id="0")
+        found = await find_entries(client, unique_prefix, "T-1", observed_at=observed)
+        notices = [e["id"] for e in found["entries"] if e["type"] == "views.changed"]
+        assert notices == [own]
+        # without a report: every notice naming the tracker
+        every = await find_entries(client, unique_prefix, "T-1")
+        assert len([e for e in every["entries"] if e["type"] == "views.changed"]) == 3
+    finally:
+        await client.aclose()

@@ -78,3 +78,32 @@ async def test_cards_follow_status_health_and_the_pipeline(standalone_target, un
             await page.screenshot(path=str(SCREENSHOT), full_page=False)
     finally:
         await client.aclose()
+
+
+async def test_read_token_page_waits_and_says_when_a_token_is_rejected(
+    standalone_target, unique_prefix
+):
+    from playwright.async_api import expect
+
+    require_chromium()
+    settings = fast_settings(standalone_target, unique_prefix)
+    app = create_app(settings, AppSettings.build(dashboard_read_token="reader"))
+    async with LiveServer(app) as server, chromium_page() as page:
+        await page.goto(server.url)
+        await expect(page.locator("#read-form")).to_be_visible()
+        # nothing was read yet: not "no consumers", not "no webhook subscriptions"
+        for empty in ("#consumers-empty", "#webhooks-empty"):
+            await expect(page.locator(empty)).to_have_text("Waiting for a read token\u2026")
+        await expect(page.locator("#read-error")).to_be_hidden()
+        await page.locator("#read-token").fill("wrong")
+        await page.locator("#read-save").click()
+        await expect(page.locator("#read-error")).to_be_visible()
+        await expect(page.locator("#read-error")).to_contain_text("rejected")
+        await expect(page.locator("#read-form")).to_be_visible()
+        await page.locator("#read-token").fill("reader")
+        await page.locator("#read-save").click()
+        await expect(page.locator("#conn")).to_have_text("live")
+        await expect(page.locator("#read-form")).to_be_hidden()
+        await expect(page.locator("#consumers-empty")).to_have_text(
+            "No consumers have joined any stage yet."
+        )
