@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+from typer import rich_utils
 
 from ops.common import Options
+
+# piped help (no terminal: rich assumes 80 columns) cut option names ("--max-pending-ag…"):
+# lay it out wide enough that every name and value stays whole
+if rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():
+    rich_utils.MAX_WIDTH = 200
 
 app = typer.Typer(
     name="trackstream",

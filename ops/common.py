@@ -14,11 +14,13 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 import typer
+from redis import exceptions as rex
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.exc import DBAPIError
 
 from processors.config import AppSettings, load
+from processors.database import DatabaseUnavailable
 from streams.connection import Client, connect, redact
 from streams.errors import ConfigError, GroupMissing, RedisUnavailable, StreamsError
 from streams.settings import StreamSettings
@@ -64,6 +66,26 @@ _DB_CONFIG = re.compile(
 )
 
 
+_REDIS_LOGIN = re.compile(
+    r"WRONGPASS|NOAUTH|invalid username-password|invalid password|Authentication required"
+    r"|called with the client already authenticated",
+    re.IGNORECASE,
+)
+
+
+def login_refused(exc: BaseException) -> bool:
+    """Redis refused the credentials of ``redis_url`` (a wrong or missing password)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        # the start-up probe keeps only the reply's text (ProbeFailed)
+        if isinstance(seen, rex.AuthenticationError) or _REDIS_LOGIN.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def database_failure(exc: DBAPIError, ctx: Any) -> typer.Exit:
     """A database error as one line: a wrong URL exits 2, an unreachable database 3."""
     url = ""
@@ -89,9 +111,21 @@ def handle_errors(fn: Callable[P, T]) -> Callable[P, T]:
         except DBAPIError as exc:
             ctx = next((a for a in (*args, *kwargs.values()) if hasattr(a, "find_root")), None)
             raise database_failure(exc, ctx) from None
+        except DatabaseUnavailable as exc:  # a processor's translation of the same
+            ctx = next((a for a in (*args, *kwargs.values()) if hasattr(a, "find_root")), None)
+            cause = exc.__cause__
+            if isinstance(cause, DBAPIError):
+                raise database_failure(cause, ctx) from None
+            raise fail(str(exc), EXIT_UNAVAILABLE) from None
         except ConfigError as exc:
             raise fail(str(exc), EXIT_CONFIG) from None
         except RedisUnavailable as exc:
+            if login_refused(exc):  # like a wrong database login: the setting is wrong
+                raise fail(
+                    "setting redis_url (TRACKSTREAM_REDIS_URL): "
+                    + str(exc).replace(" is unavailable: ", " refused the login: ", 1),
+                    EXIT_CONFIG,
+                ) from None
             raise fail(str(exc), EXIT_UNAVAILABLE) from None
         except GroupMissing as exc:
             raise fail(f"{exc} (has the stage run yet?)") from None

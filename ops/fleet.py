@@ -7,8 +7,9 @@ A tracker's state, in this order:
 
 - ``inactive``: ``active`` is false;
 - ``out of run``: now is outside its production run (``run_starts_at``/``run_ends_at``);
-- ``overdue``: its last successful fetch (``fetched_at`` of its latest report; a
-  never-fetched tracker counts from ``created_at``) is older than the guarantee;
+- ``overdue``: its last successful fetch (``trackers.last_fetched_at``, which a fetch
+  that returns nothing new moves too; a never-fetched tracker counts from
+  ``created_at``) is older than the guarantee;
 - ``late``: older than twice ``min_fetch_interval_s``;
 - ``fresh``: otherwise.
 """
@@ -59,7 +60,7 @@ class TrackerRow:
     last_fix_at: str | None  # observed_at of the latest report
     lat: float | None
     lon: float | None
-    last_fetch_at: str | None  # fetched_at of the latest report
+    last_fetch_at: str | None  # the last successful fetch (trackers.last_fetched_at)
     scheduled_at: str | None  # trackers.last_processed_at (the scheduler's reservation)
     city: str | None
     time_zone: str | None = None  # IANA, of the latest report
@@ -78,6 +79,13 @@ def _latest_reports() -> Any:
         .subquery()
     )
     return latest
+
+
+def last_fetch(t: Tracker, latest: LocationReport | None) -> datetime | None:
+    """The last successful fetch: ``last_fetched_at``, which an empty fetch moves too
+    (the latest report's ``fetched_at`` only counts for rows from before that column)."""
+    times = [x for x in (t.last_fetched_at, latest.fetched_at if latest else None) if x]
+    return max(times) if times else None
 
 
 def state_of(
@@ -125,7 +133,7 @@ def trackers(
         stmt = stmt.where(Tracker.external_id == tracker_id)
     rows = []
     for t, r in session.execute(stmt):
-        fetched = r.fetched_at if r else None
+        fetched = last_fetch(t, r)
         state, age_s = state_of(t, fetched, now, min_fetch_interval_s, guarantee_s)
         rows.append(
             TrackerRow(
@@ -136,7 +144,7 @@ def trackers(
                 last_fix_at=iso(r.observed_at) if r else None,
                 lat=r.lat if r else None,
                 lon=r.lon if r else None,
-                last_fetch_at=iso(r.fetched_at) if r else None,
+                last_fetch_at=iso(fetched),
                 scheduled_at=iso(t.last_processed_at),
                 city=r.city if r else None,
                 time_zone=r.time_zone if r else None,

@@ -81,6 +81,23 @@ async def _last_delivered(client: Client, stream: str, group: str) -> str | None
     return None
 
 
+def _own_change_notice(
+    entries: list[dict[str, Any]], fetched_at: datetime | None
+) -> list[dict[str, Any]]:
+    """A change notice (``views.changed``) names trackers, not reports: keep only the one
+    the geofence stage published after handling this report (the first one after the
+    report's geofence entry, or after its fetch when that entry is gone), never those
+    of the tracker's other reports."""
+    anchors = [e["at_ms"] for e in entries if e["stage"] == topology.GEOFENCE]
+    since = min(anchors) if anchors else None
+    if since is None and fetched_at is not None:
+        since = int(fetched_at.timestamp() * 1000)
+    notices = [e for e in entries if e["type"] == "views.changed"]
+    after = [e for e in notices if since is not None and e["at_ms"] >= since]
+    chosen = min(after, key=lambda e: (e["at_ms"], e["id"])) if after else None
+    return [e for e in entries if e["type"] != "views.changed" or e is chosen]
+
+
 async def find_entries(
     client: Client,
     prefix: str,
@@ -99,7 +116,8 @@ async def find_entries(
     and acknowledged, or dead-lettered) or ``waiting`` (not delivered yet). With
     ``observed_at`` only reports of that instant match (dead letters without a readable
     ``observed_at`` too); with ``fetched_at`` only the newest fetch request made by
-    then (the one that fetched the report).
+    then (the one that fetched the report), and only the change notice this report
+    caused.
     """
     entries: list[dict[str, Any]] = []
     letters: list[dict[str, Any]] = []
@@ -164,6 +182,8 @@ async def find_entries(
         before = [e for e in asked if e["_requested_at"] <= fetched_at]
         chosen = max(before, key=lambda e: e["_requested_at"]) if before else None
         entries = [e for e in entries if e["_requested_at"] is None or e is chosen]
+    if observed_at is not None:
+        entries = _own_change_notice(entries, fetched_at)
     for e in entries:
         del e["_requested_at"]
     entries.sort(key=lambda e: e["at_ms"], reverse=True)

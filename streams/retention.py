@@ -4,6 +4,11 @@ The cut-off (``MINID``) is the smallest of, over all groups on the stream: the o
 pending id, and the last-delivered id (kept itself, so the cut is conservative).
 Entries younger than ``keep_ms`` are kept too, so recent history stays replayable.
 A stream without groups is left alone: nobody has processed anything.
+
+The trim itself is one Lua script (:data:`~streams.scripts.SAFE_TRIM`): the groups'
+positions are read and the stream cut in one step, so no read or claim can slip in
+between. ``dry_run`` reads the same positions without the script and counts.
+:mod:`streams.trimmer` runs it periodically in every worker.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 
 from streams.connection import Client, translate
 from streams.parse import entry_ms
+from streams.scripts import SAFE_TRIM, Lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +65,13 @@ async def safe_trim(
     client: Client, stream: str, *, keep_ms: int = 0, dry_run: bool = False, url: str = ""
 ) -> TrimResult:
     with translate(url):
+        if not dry_run:
+            cut, removed, why = await Lua(client, SAFE_TRIM)(keys=[stream], args=[keep_ms])
+            return TrimResult(stream, _s(cut) or None, int(removed), _s(why))
         min_id, reason = await safe_min_id(client, stream, keep_ms=keep_ms)
         if min_id is None:
             return TrimResult(stream, None, 0, reason)
-        if dry_run:
-            from streams.replay import count_range
+        from streams.replay import count_range
 
-            n = await count_range(client, stream, "-", "(" + min_id, url)
-            return TrimResult(stream, min_id, n, reason + " (dry run)")
-        removed = await client.xtrim(stream, minid=min_id, approximate=False)
-    return TrimResult(stream, min_id, int(removed), reason)
+        n = await count_range(client, stream, "-", "(" + min_id, url)
+        return TrimResult(stream, min_id, n, reason + " (dry run)")

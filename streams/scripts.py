@@ -82,6 +82,51 @@ redis.call('HDEL', KEYS[2], ARGV[2])
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
 """
 
+# KEYS: stream. ARGV: keep_ms. Trims the stream below what every group still needs,
+# in one step (no group can read or claim in between): the cut is the smallest
+# last-delivered id and oldest pending id over the groups, or now - keep_ms when that
+# is older. Returns {cut or '', removed, reason}; a stream without groups is kept.
+SAFE_TRIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 0, 'no stream'} end
+local function key(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = key(a)
+  local bm, bs = key(b)
+  return am < bm or (am == bm and as < bs)
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {'', 0, 'no consumer groups'} end
+local cut = nil
+for _, g in ipairs(groups) do
+  local name, last, pending
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1]
+    elseif g[i] == 'last-delivered-id' then last = g[i + 1]
+    elseif g[i] == 'pending' then pending = g[i + 1] end
+  end
+  if cut == nil or less(last, cut) then cut = last end
+  if pending > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], name)[2]
+    if less(oldest, cut) then cut = oldest end
+  end
+end
+local reason = 'oldest unprocessed entry'
+local keep = tonumber(ARGV[1])
+if keep > 0 then
+  local t = redis.call('TIME')
+  local horizon = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - keep
+  if horizon < key(cut) then
+    cut = string.format('%d-0', math.max(horizon, 0))
+    reason = 'keep_ms=' .. ARGV[1]
+  end
+end
+if cut == '0-0' then return {'', 0, 'nothing processed yet'} end
+return {cut, redis.call('XTRIM', KEYS[1], 'MINID', cut), reason}
+"""
+
 # KEYS: heartbeats. ARGV: consumer. Records Redis's own time (unix ms) as the
 # consumer's heartbeat, so the hosts' clocks do not matter; returns it.
 HEARTBEAT = """

@@ -42,6 +42,11 @@ class StreamSettings(BaseSettings):
     shutdown_grace_ms: int = Field(10_000, ge=0)
     max_message_bytes: int = Field(512 * 1024, ge=64)
 
+    # automatic trimming (streams.trimmer): processed entries younger than
+    # retention_ms stay (for replay and trace); trim_interval_ms = 0 turns it off
+    retention_ms: int = Field(3_600_000, ge=0)
+    trim_interval_ms: int = Field(60_000, ge=0)
+
     connect_retries: int = Field(6, ge=0, le=100)
     connect_backoff_base_ms: int = Field(100, ge=1)
     connect_backoff_max_ms: int = Field(5_000, ge=1)

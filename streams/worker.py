@@ -16,6 +16,9 @@ never ends before the worker does. A worker whose beats have failed for half of
 claims nothing new (its gate stays closed) until a beat gets through, instead of
 consuming what they are about to claim.
 
+Retention: each worker also runs a :class:`~streams.trimmer.Trimmer` over its shards
+(one process per shard trims, by lease), so the streams stay bounded.
+
 Signal handlers are installed by :func:`run_until_signal`, never by constructors.
 """
 
@@ -43,6 +46,7 @@ from streams.middleware import Middleware
 from streams.producer import Route
 from streams.scripts import HEARTBEAT
 from streams.settings import StreamSettings
+from streams.trimmer import Trimmer
 
 log = logging.getLogger("streams.worker")
 T = TypeVar("T")
@@ -109,6 +113,7 @@ class Worker:
         self.stop_event = asyncio.Event()
         self.name: str | None = None
         self.consumers: list[Consumer] = []
+        self.trimmer: Trimmer | None = None
         self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         _workers_here[self._token] = self
         self._lease_keys = StageKeys(route.prefix, route.stage, 0, route.shards)
@@ -151,14 +156,20 @@ class Worker:
         )
         done = asyncio.Event()
         beat = asyncio.create_task(self._heartbeats(done))
+        self.trimmer = Trimmer(
+            self.client, self.settings, [c.keys for c in self.consumers], owner=self.name
+        )
+        trim = asyncio.create_task(self.trimmer.run(done))
         try:
             await asyncio.gather(*(c.run(burst=burst) for c in self.consumers))
         finally:
             if cancelling():  # given up on (Redis silent): no more Redis calls
                 beat.cancel()
+                trim.cancel()
             else:
                 done.set()  # not cancel(): a beat in flight finishes its command
                 await beat
+                await trim
                 if self.stop_event.is_set():
                     await self._release_name()
 

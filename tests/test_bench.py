@@ -63,6 +63,9 @@ def test_pipeline_bench_runs_every_phase_and_its_counts_add_up(tmp_path, redis_s
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "end to end" in out and "reports/s" in out, out
+    assert "\u2026" not in done.stdout, done.stdout  # piped: no cell cut to 80 columns
+    for header in ("workers", "phase", "view-refresh", "postgres", "worker RSS MB"):
+        assert header in done.stdout, done.stdout
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["config"]["workers_per_stage"] == [1]
     assert data["runtime"]["messages"] == 500 and data["runtime"]["runtime_per_s"] > 0

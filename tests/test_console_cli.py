@@ -258,3 +258,73 @@ def test_trace_shows_the_local_time_beside_utc() -> None:
     }  # fmt: skip
     lines = trace_lines("T-1", report, {"entries": [], "dead_letters": []})
     assert "  local time        2026-07-01 21:00:00 JST (Asia/Tokyo)" in lines
+
+def test_age_and_last_fetch_count_from_the_last_fetch_not_the_latest_report(tmp_path):
+    """A fetch that returns nothing new moves trackers.last_fetched_at, not a report:
+    B-LATE's latest report is 30 min old, but it was fetched a minute ago."""
+    db_url = f"sqlite:///{tmp_path}/fleet.db"
+    now = datetime.now(UTC)
+    _fleet(db_url, now)
+    fetched = now - timedelta(minutes=1)
+    db = Database(db_url)
+    try:
+        db.run_sync(lambda s: _set_fetched(s, "B-LATE", fetched))
+    finally:
+        db.dispose()
+    body = json.loads(cli("--database-url", db_url, "trackers", "--json").output)
+    b = next(t for t in body["trackers"] if t["tracker_id"] == "B-LATE")
+    assert b["state"] == "fresh" and 30 < b["age_s"] < 120
+    assert b["last_fetch_at"] == fetched.isoformat(timespec="seconds").replace("+00:00", "Z")
+    table = cli("--database-url", db_url, "trackers").output
+    row = next(ln for ln in table.splitlines() if ln.startswith("B-LATE"))
+    assert "fresh" in row and f"{fetched:%H:%M}" in row
+
+
+def _set_fetched(session, tracker_id, at):
+    from sqlalchemy import update
+
+    from schemas.tables import Tracker
+
+    session.execute(
+        update(Tracker).where(Tracker.external_id == tracker_id).values(last_fetched_at=at)
+    )
+
+
+async def test_trace_shows_only_the_change_notice_of_this_report(standalone_target, unique_prefix):
+    """views.changed names trackers, not reports: the notices of the tracker's older
+    and newer reports are not this report's."""
+    from ops.tracing import find_entries
+    from processors import topology
+    from streams.connection import connect
+    from streams.settings import StreamSettings
+
+    settings = StreamSettings.build(redis_url=standalone_target.url, prefix=unique_prefix)
+    client = connect(settings)
+    routes = topology.routes(unique_prefix)
+    observed = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+    async def add(stage: str, kind: str, data: dict, ms: int) -> str:
+        fields = {"type": kind, "data": json.dumps(data)}
+        stream = routes[stage].keys().stream
+        return (await client.xadd(stream, fields, id=f"{ms}-0")).decode()
+
+    def notice() -> dict:
+        return {"views": ["v"], "changed_at": "2026-12-07T12:00:00Z", "tracker_ids": ["T-1"]}
+
+    try:
+        base = 1_796_000_000_000
+        await add(VIEW_REFRESH, "views.changed", notice(), base)  # an older report's
+        geocoded = {"tracker_id": "T-1", "observed_at": observed.isoformat()}
+        await add(GEOFENCE, "location.geocoded", geocoded, base + 1_000)
+        own = await add(VIEW_REFRESH, "views.changed", notice(), base + 1_100)
+        await add(VIEW_REFRESH, "views.changed", notice(), base + 60_000)  # a newer one's
+        for stage in (GEOFENCE, VIEW_REFRESH):
+            await client.xgroup_create(routes[stage].keys().stream, stage, id="0")
+        found = await find_entries(client, unique_prefix, "T-1", observed_at=observed)
+        notices = [e["id"] for e in found["entries"] if e["type"] == "views.changed"]
+        assert notices == [own]
+        # without a report: every notice naming the tracker
+        every = await find_entries(client, unique_prefix, "T-1")
+        assert len([e for e in every["entries"] if e["type"] == "views.changed"]) == 3
+    finally:
+        await client.aclose()

@@ -97,7 +97,7 @@ async def test_readiness_follows_redis(redis_factory, unique_prefix):
 
 
 async def test_stages_show_backlog_consumers_and_dead_letters(api, env):
-    _, client, codec, routes = env
+    settings, client, codec, routes = env
     await poisoned_geocode(env)
     fetch = routes[topology.FETCH]
     await Producer(client, codec).publish(fetch, [Ping(n=n) for n in range(3)])
@@ -118,6 +118,13 @@ async def test_stages_show_backlog_consumers_and_dead_letters(api, env):
 
     assert [c["live"] for c in geocode["consumer_detail"]] == [True]
     assert fetch_view["consumer_detail"] == []
+    # the worker trimmed geocode (nothing removed: retention keeps an hour); fetch never
+    assert geocode["last_trim_age_s"] is not None and fetch_view["last_trim_age_s"] is None
+    assert body["retention"] == {
+        "retention_ms": settings.retention_ms,
+        "trim_interval_ms": settings.trim_interval_ms,
+        "automatic": True,
+    }
 
     consumers = (await api.get("/api/stages/geocode/consumers")).json()["consumers"]
     assert len(consumers) == 1

@@ -51,12 +51,31 @@ async def fleet(
                 asyncio.to_thread(_read_freshness, app), DB_TIMEOUT_S
             )
         except TimeoutError:
-            freshness = {"error": f"the database did not answer within {DB_TIMEOUT_S:g} s"}
+            freshness = {
+                "error": f"the database did not answer within {DB_TIMEOUT_S:g} s",
+                "unreachable": True,
+            }
         except Exception as exc:  # shown, never fatal: status is about Redis first
-            freshness = {"error": f"{type(exc).__name__}: {exc}"}
+            freshness = {"error": _one_line(exc), "unreachable": _down(exc, app)}
     key = StageKeys(settings.prefix, topology.SCHEDULER).state("report")
     report = await read_report(client, key, settings.redis_url)
     return {"freshness": freshness, "scheduler": None if report is None else asdict(report)}
+
+
+def _down(exc: Exception, app: AppSettings) -> bool:
+    """A database server that refuses or drops the connection (a breach); not a SQLite
+    file without tables, nor a schema not yet upgraded."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    local = sqlite_file(app.database_url) is not None
+    return not local and isinstance(exc, OperationalError | InterfaceError)
+
+
+def _one_line(exc: Exception) -> str:
+    from sqlalchemy.exc import DBAPIError
+
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
 
 
 def _age(seconds: float) -> str:
@@ -70,6 +89,8 @@ def _age(seconds: float) -> str:
 def breaches(info: dict[str, Any], max_tracker_age_s: float | None) -> list[str]:
     fresh = info.get("freshness") or {}
     out = []
+    if fresh.get("unreachable"):  # configured but not answering (a missing file is not)
+        out.append(f"database: unavailable ({fresh['error']})")
     if fresh.get("stale"):
         limit = _age(fresh["max_age_s"])
         out.append(f"freshness: {fresh['stale']} tracker(s) not fetched for {limit}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ops.common import console, err_console, fail, handle_errors, options
@@ -187,7 +188,11 @@ def _pipeline(
             progress=err_console.print,
             status=status.update,
         )
-    console.print(pipeline_table(results))
+    table = pipeline_table(results)
+    if console.is_terminal:
+        console.print(table)
+    else:  # piped: rich would cut the 12 columns to 80 ("wor...", "2,3..."); keep them whole
+        Console(file=console.file, width=PIPED_WIDTH).print(table)
     for line in pipeline_summary(results):
         console.print(line)
     if json_out is not None:
@@ -223,6 +228,9 @@ def _growth(
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+PIPED_WIDTH = 200
 
 
 def pipeline_table(results: dict[str, Any]) -> Table:

@@ -157,7 +157,10 @@ def register(app: typer.Typer) -> None:
         else:
             assert geojson is not None
             path = Path(geojson)
-            raw = path.read_text() if not geojson.lstrip().startswith("{") else geojson
+            try:
+                raw = path.read_text() if not geojson.lstrip().startswith("{") else geojson
+            except OSError as exc:  # no such file, a directory, no permission
+                raise fail(f"--geojson {geojson}: {exc.strerror or exc}", 2) from None
             fields = {"kind": "polygon", "geometry_geojson": raw}
         _, app_settings = options(ctx).settings()
         db = Database(app_settings.database_url)

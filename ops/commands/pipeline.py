@@ -66,6 +66,13 @@ async def _every(
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
+def _once_logging(verbose: bool) -> None:
+    """With --once a database outage ends the command with one error line (exit 3):
+    the long-running "holding reads until it answers" log would only repeat it."""
+    if not verbose:
+        logging.getLogger("trackstream.database").setLevel(logging.CRITICAL)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -115,6 +122,8 @@ def register(app: typer.Typer) -> None:
         from processors.pipeline import Pipeline
 
         setup_logging(verbose)
+        if once:
+            _once_logging(verbose)
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:
@@ -171,6 +180,8 @@ def register(app: typer.Typer) -> None:
         from processors.pipeline import Pipeline
 
         setup_logging(verbose)
+        if once:
+            _once_logging(verbose)
         stream_settings, app_settings = options(ctx).settings()
 
         async def main() -> None:

@@ -1,5 +1,6 @@
 """``status``: every stage's lag, pending entries, consumers, dead letters and
-throughput; with thresholds, a health check (exit 1 on a breach)."""
+throughput; with thresholds (defaults in :mod:`ops.commands._health`), a health check
+(exit 1 on a breach)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ops.commands import _freshness
+from ops.commands import _freshness, _health, _retention
 from ops.commands._operator import (
     JsonOption,
     age_text,
@@ -33,6 +34,7 @@ from ops.commands._operator import (
 )
 from ops.common import console, err_console, handle_errors, options
 from processors import topology
+from processors.config import AppSettings
 from streams.connection import Client, redact, translate
 from streams.errors import RedisUnavailable
 from streams.keys import StageKeys
@@ -48,6 +50,7 @@ class Sample:
     status: StageStatus
     acked: int | None
     at: float
+    health: _health.Health | None = None
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Thresholds:
     max_pending_age_s: float | None
     require_consumers: bool
     dead_after_ms: int
+    max_lag_age_s: float | None = None
+    max_dead_letters: int | None = None
+    app: AppSettings | None = None
 
 
 @dataclass
@@ -63,6 +69,7 @@ class StageView:
     sample: Sample
     throughput: float | None
     breaches: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _backlog(status: StageStatus) -> int:
@@ -93,20 +100,27 @@ async def _acked(client: Client, keys: StageKeys) -> int | None:
     return total if seen else None
 
 
-async def _sample(client: Client, keys: StageKeys, url: str) -> Sample:
+async def _sample(
+    client: Client, keys: StageKeys, url: str, app: AppSettings | None = None
+) -> Sample:
     status = await stage_status(client, keys, url)
     try:
         with translate(url, keys.stream, keys.group):
             acked = await _acked(client, keys)
     except rex.ResponseError:
         acked = None
-    return Sample(keys, status, acked, time.monotonic())
+    with translate(url, keys.stream, keys.group):
+        now_ms = time.time_ns() // 1_000_000
+        health = await _health.health(client, keys, status, now_ms, app)
+    return Sample(keys, status, acked, time.monotonic(), health)
 
 
-async def _sample_all(client: Client, all_keys: list[StageKeys], url: str) -> list[Sample]:
+async def _sample_all(
+    client: Client, all_keys: list[StageKeys], url: str, app: AppSettings | None = None
+) -> list[Sample]:
     """Every stage at once, each read :func:`~streams.monitor.retrying`."""
     return list(
-        await asyncio.gather(*(retrying(partial(_sample, client, k, url)) for k in all_keys))
+        await asyncio.gather(*(retrying(partial(_sample, client, k, url, app)) for k in all_keys))
     )
 
 
@@ -129,12 +143,32 @@ def _view(sample: Sample, previous: Sample | None, limits: Thresholds) -> StageV
         view.breaches.append(f"{label}: oldest pending entry is {age_text(age)} old > {max_age:g}s")
     if limits.require_consumers and not status.live_consumers(limits.dead_after_ms):
         view.breaches.append(f"{label}: no live consumer")
+    h = sample.health
+    if h is not None:
+        max_lag_age = limits.max_lag_age_s
+        if max_lag_age and h.lag_age_ms is not None and h.lag_age_ms / 1000 > max_lag_age:
+            view.breaches.append(
+                f"{label}: behind by {age_text(h.lag_age_ms)} (its oldest unfinished entry) "
+                f"> {max_lag_age:g}s"
+            )
+        drain = _health.drain_breach(label, status.stage, h, limits.app)
+        if drain is not None:
+            view.breaches.append(drain)
+        recent = h.newest_dead_letter_age_ms
+        if recent is not None and recent / 1000 <= _health.RECENT_DEAD_S:
+            view.warnings.append(
+                f"{label}: {status.dead_letters} dead letter(s), the newest {age_text(recent)} old"
+            )
+    max_dead = limits.max_dead_letters
+    if max_dead is not None and status.dead_letters > max_dead:
+        view.breaches.append(f"{label}: {status.dead_letters} dead letters > {max_dead}")
     return view
 
 
 def _view_dict(view: StageView, limits: Thresholds) -> dict[str, Any]:
     status = view.sample.status
     stream_exists, group_exists = stage_exists(status)
+    h = view.sample.health
     return {
         "stage": status.stage,
         "shard": status.shard,
@@ -153,9 +187,31 @@ def _view_dict(view: StageView, limits: Thresholds) -> dict[str, Any]:
         ],
         "live_consumers": len(status.live_consumers(limits.dead_after_ms)),
         "streams": [asdict(s) for s in status.streams],
+        "lag_age_ms": None if h is None else h.lag_age_ms,
+        "newest_dead_letter_age_ms": None if h is None else h.newest_dead_letter_age_ms,
+        "arrivals_per_min": None
+        if h is None or h.arrivals_per_min is None
+        else round(h.arrivals_per_min, 1),
+        "capacity_per_min": None if h is None else h.capacity_per_min,
         "breaches": view.breaches,
+        "warnings": view.warnings,
         "healthy": not view.breaches,
+        "state": _state(view),
     }
+
+
+def _state(view: StageView) -> str:
+    """ok, warn (recent dead letters), breach, or no stream / no group."""
+    stream_exists, group_exists = stage_exists(view.sample.status)
+    if view.breaches:
+        return "breach"
+    if view.warnings:
+        return "warn"
+    if not stream_exists:
+        return "no stream"
+    if not group_exists:
+        return "no group"
+    return "ok"
 
 
 def _report(views: list[StageView], limits: Thresholds, settings: StreamSettings) -> dict[str, Any]:
@@ -168,6 +224,8 @@ def _report(views: list[StageView], limits: Thresholds, settings: StreamSettings
         "thresholds": {
             "max_lag": limits.max_lag,
             "max_pending_age_s": limits.max_pending_age_s,
+            "max_lag_age_s": limits.max_lag_age_s,
+            "max_dead_letters": limits.max_dead_letters,
             "require_consumers": limits.require_consumers,
             "consumer_dead_after_ms": limits.dead_after_ms,
         },
@@ -203,17 +261,12 @@ def _status_tables(
     for view in views:
         status = view.sample.status
         label = shard_label(view.sample.keys)
-        stream_exists, group_exists = stage_exists(status)
-        if not stream_exists:
-            state = Text("no stream", style="dim")
-        elif not group_exists:
-            state = Text("no group", style="yellow")
-        elif view.breaches:
-            state = Text("BREACH", style="bold red")
-        else:
-            state = Text("ok", style="green")
-        if view.breaches and not stream_exists:
-            state = Text("BREACH", style="bold red")
+        state = {
+            "breach": Text("BREACH", style="bold red"),
+            "no stream": Text("no stream", style="dim"),
+            "no group": Text("no group", style="yellow"),
+            "warn": Text("warn", style="yellow"),
+        }.get(_state(view), Text("ok", style="green"))
         exact = all(s.lag_exact for s in status.streams if s.group_exists)
         live = len(status.live_consumers(limits.dead_after_ms))
         stages.add_row(
@@ -242,6 +295,7 @@ def _status_tables(
         parts.append(consumers)
     if show_breaches:
         parts.extend(Text(f"breach: {b}", style="bold red") for v in views for b in v.breaches)
+    parts.extend(Text(f"warning: {w}", style="yellow") for v in views for w in v.warnings)
     return Group(*parts)
 
 
@@ -275,6 +329,16 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option(min=0, help="breach when an entry has been pending longer (seconds)"),
         ] = None,
+        max_lag_age_s: Annotated[
+            float,
+            typer.Option(
+                min=0,
+                help="breach when a stage's oldest unfinished entry is older (seconds; 0: off)",
+            ),
+        ] = _health.MAX_LAG_AGE_S,
+        max_dead_letters: Annotated[
+            int, typer.Option(min=0, help="breach when a stage has more dead letters")
+        ] = _health.MAX_DEAD_LETTERS,
         require_consumers: Annotated[
             bool,
             typer.Option(
@@ -302,7 +366,13 @@ def register(app: typer.Typer) -> None:
         """
         settings, app_settings = options(ctx).settings()
         limits = Thresholds(
-            max_lag, max_pending_age_s, require_consumers, settings.consumer_dead_after_ms
+            max_lag,
+            max_pending_age_s,
+            require_consumers,
+            settings.consumer_dead_after_ms,
+            max_lag_age_s,
+            max_dead_letters,
+            app_settings,
         )
         all_keys = [k for stage in topology.STAGES for k in stage_shards(settings, stage)]
         url = settings.redis_url
@@ -313,6 +383,7 @@ def register(app: typer.Typer) -> None:
             info = await _freshness.fleet(client, settings, app_settings, database)
             fleet_breaches = _freshness.breaches(info, max_tracker_age_s)
             report.update(info)
+            report["retention"] = await _retention.retention(client, settings, all_keys)
             report["breaches"] = [*report["breaches"], *fleet_breaches]
             report["healthy"] = not report["breaches"]
             return report
@@ -324,15 +395,15 @@ def register(app: typer.Typer) -> None:
         async def once(client: Client) -> None:
             previous = None
             if interval:
-                previous = await _sample_all(client, all_keys, url)
+                previous = await _sample_all(client, all_keys, url, app_settings)
                 await asyncio.sleep(interval)
-            views = views_of(await _sample_all(client, all_keys, url), previous)
+            views = views_of(await _sample_all(client, all_keys, url, app_settings), previous)
             last["report"] = await report_of(client, views)
             if as_json:
                 echo_json(last["report"])
             else:
                 console.print(_status_tables(views, limits, settings))
-                for line in _freshness.lines(last["report"]):
+                for line in (*_freshness.lines(last["report"]), *_retention.lines(last["report"])):
                     console.print(line)
 
         async def watching(client: Client) -> None:
@@ -348,7 +419,7 @@ def register(app: typer.Typer) -> None:
                 while count is None or n < count:
                     n += 1
                     try:
-                        samples = await _sample_all(client, all_keys, url)
+                        samples = await _sample_all(client, all_keys, url, app_settings)
                         views = views_of(samples, previous)
                         last["report"] = await report_of(client, views)
                     except RedisUnavailable as exc:  # a watch rides out an outage
@@ -367,6 +438,7 @@ def register(app: typer.Typer) -> None:
                             Group(
                                 _status_tables(views, limits, settings, show_breaches=True),
                                 *_freshness.lines(last["report"]),
+                                *_retention.lines(last["report"]),
                                 footer,
                             ),
                             refresh=True,

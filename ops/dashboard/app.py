@@ -54,9 +54,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ops.commands import _health, _retention
 from ops.dashboard.throughput import Throughput
 from ops.dashboard.webhooks import webhooks
 from ops.exporter import backlog, client_settings, pipeline_keys
+from processors import topology
 from processors.config import AppSettings
 from streams.connection import Client, connect, redact
 from streams.deadletter import CATEGORIES, DeadLetters
@@ -65,6 +67,13 @@ from streams.keys import StageKeys
 from streams.monitor import StageStatus, stage_statuses
 from streams.settings import StreamSettings
 
+# the stage each stage reads from (see processors.topology): the console's arrows
+FED_BY = {
+    topology.GEOCODE: topology.FETCH,
+    topology.GEOFENCE: topology.GEOCODE,
+    topology.VIEW_REFRESH: topology.GEOFENCE,
+    topology.NOTIFY: topology.GEOFENCE,
+}
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_LIMIT = 500
 MAX_IDS = 1_000
@@ -262,6 +271,26 @@ def _stage_view(stage: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _health_view(healths: list[_health.Health]) -> dict[str, Any]:
+    """A stage's health over its shards, judged like ``status`` does (the thresholds
+    of :mod:`ops.commands._health`)."""
+    lags = [h.lag_age_ms for h in healths if h.lag_age_ms is not None]
+    dead = [h.newest_dead_letter_age_ms for h in healths if h.newest_dead_letter_age_ms is not None]
+    short = [
+        h.arrivals_per_min - h.capacity_per_min
+        for h in healths
+        if h.arrivals_per_min is not None and h.capacity_per_min is not None
+    ]
+    return {
+        "lag_age_s": max(lags) / 1000 if lags else None,
+        "newest_dead_letter_age_s": min(dead) / 1000 if dead else None,
+        "falls_behind_per_min": round(sum(short), 1) if short and sum(short) > 0 else None,
+        "max_lag_age_s": _health.MAX_LAG_AGE_S,
+        "recent_dead_s": _health.RECENT_DEAD_S,
+        "max_dead_letters": _health.MAX_DEAD_LETTERS,
+    }
+
+
 def _entry_id(value: str) -> str:
     if not ENTRY_ID.match(value):
         raise HTTPException(400, f"{value!r} is not a stream entry id (like 1700000000000-0)")
@@ -303,18 +332,33 @@ async def stages(request: Request) -> Response:
     everything = [k for shards in d.keys.values() for k in shards]
     statuses = await stage_statuses(d.client, everything, d.url)
     dead_after_ms = d.settings.consumer_dead_after_ms
+    now_ms = time.time_ns() // 1_000_000
+    healths = [
+        await _health.health(d.client, k, st, now_ms, d.app_settings)
+        for k, st in zip(everything, statuses, strict=True)
+    ]
     out = []
     for stage, shard_keys in d.keys.items():
         mine = [st for st, k in zip(statuses, everything, strict=True) if k in shard_keys]
         view = _stage_view(stage, [_shard_view(st, dead_after_ms) for st in mine])
+        view["fed_by"] = FED_BY.get(stage)
+        view.update(
+            _health_view([h for h, k in zip(healths, everything, strict=True) if k in shard_keys])
+        )
         view["throughput_per_s"] = d.throughput.observe(
             stage, view["length"] - view["lag"] - view["pending"]
         )
         view["consumer_detail"] = [c for st in mine for c in _consumer_view(st, dead_after_ms)]
         out.append(view)
+    kept = await _retention.retention(d.client, d.settings, everything)
+    for view in out:
+        trims = [s for s in kept["shards"] if s["stage"].split(".")[0] == view["stage"]]
+        ages = [s["last_trim_age_ms"] for s in trims]
+        view["last_trim_age_s"] = None if None in ages or not ages else max(ages) / 1000
     return JSONResponse(
         {
             "prefix": d.settings.prefix,
+            "retention": {k: v for k, v in kept.items() if k != "shards"},
             "consumer_dead_after_ms": dead_after_ms,
             "mutations_enabled": d.token is not None,
             "now_ms": time.time_ns() // 1_000_000,
