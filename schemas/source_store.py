@@ -143,7 +143,7 @@ def record_errors(
             "updated_at": stmt.excluded.updated_at,
         },
     ).returning(_stats.c.tracker_id, _stats.c.error_count)
-    counts = dict(session.execute(stmt).tuples().all())
+    counts = {t: int(n) for t, n in session.execute(stmt).all()}
     retry: dict[str, datetime] = {}
     for t in sorted(counts):
         wait_s = error_backoff_s(counts[t], min_interval_s, by_id[t].retry_after_s)
@@ -208,13 +208,14 @@ def totals(session: Session) -> dict[str, Any]:
     late, beyond, rejected = session.execute(
         select(*(func.coalesce(func.sum(_stats.c[c]), 0) for c in _COUNTS))
     ).one()
-    by_code = dict(
-        session.execute(
+    by_code = {
+        code: n
+        for code, n in session.execute(
             select(_stats.c.error_code, func.count())
             .where(_stats.c.error_code.is_not(None))
             .group_by(_stats.c.error_code)
-        ).tuples()
-    )
+        ).all()
+    }
     rejected_rows = session.scalar(select(func.count()).select_from(_rejected)) or 0
     return {
         "late_reports": int(late),

@@ -80,6 +80,7 @@ class Harness:
         start: datetime = START,
         breaker_failures: int = 1000,
         view_refresh_interval_s: float = 0,
+        source: Any = None,
         **stream_overrides: Any,
     ) -> None:
         self.clock = ManualClock(start)
@@ -89,7 +90,7 @@ class Harness:
             redis_cluster=target.cluster,
             prefix=prefix,
             database_url=db_url,
-            **{**FAST, **stream_overrides},
+            **{**FAST, **stream_overrides},  # app settings too (source_lateness_s=...)
             view_refresh_interval_s=view_refresh_interval_s,
             reconcile_grace_s=60,
         )
@@ -97,7 +98,7 @@ class Harness:
         self.recording = RecordingSource(self.fleet)
         self.breaker = CircuitBreaker(breaker_failures, 0.2)
         source = ResilientSource(
-            self.recording, self.breaker, RateLimiter(10_000, 10_000), attempts=1
+            source or self.recording, self.breaker, RateLimiter(10_000, 10_000), attempts=1
         )
         self.registry = CollectorRegistry()
         self.pipeline = Pipeline(
