@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,8 @@ class Freshness:
     in_run: int = 0
     stale: int = 0  # in-run trackers not fetched for more than max_age_s
     max_age_s: float = 43_200.0
+    # trackers the location API answers with an error, by code (schemas.source_store)
+    source_errors: dict[str, int] = field(default_factory=dict)
 
 
 def sqlite_file(database_url: str) -> Path | None:
@@ -164,7 +166,11 @@ class FreshnessReader:
     def read(self) -> Freshness:
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             raise FileNotFoundError(f"no SQLite database at {self._sqlite_file}")
-        from schemas import schedule, store  # type: ignore[attr-defined,unused-ignore]
+        from schemas import (  # type: ignore[attr-defined,unused-ignore]
+            schedule,
+            source_store,
+            store,
+        )
 
         with self._factory()() as session:
             fleet = schedule.freshness(session, self.clock(), self.max_age_s)
@@ -175,6 +181,7 @@ class FreshnessReader:
                 in_run=fleet.in_run,
                 stale=fleet.stale,
                 max_age_s=self.max_age_s,
+                source_errors=source_store.errors_by_code(session),
             )
 
     def close(self) -> None:
@@ -323,6 +330,8 @@ class PipelineCollector(Collector):
             by_name["trackstream_tracker_max_age_seconds"].add_metric([], fresh.max_age_s)
             by_name["trackstream_reports_not_geocoded"].add_metric([], fresh.not_geocoded)
             by_name["trackstream_reports_not_checked"].add_metric([], fresh.not_checked)
+            for code, n in fresh.source_errors.items():
+                by_name["trackstream_trackers_source_error"].add_metric([code], n)
         if (report := self.scheduler_report) is not None:
             for name, value in (
                 ("trackstream_scheduler_demand_trackers_per_second", report.demand_per_s),
@@ -424,6 +433,11 @@ class PipelineCollector(Collector):
             ),
             gauge("trackstream_reports_not_geocoded", "Stored reports not yet geocoded", ()),
             gauge("trackstream_reports_not_checked", "Stored reports not yet geofence-checked", ()),
+            gauge(
+                "trackstream_trackers_source_error",
+                "Trackers the location API answered with an error at their last fetch, by code",
+                ("code",),
+            ),
             CounterMetricFamily(
                 "trackstream_exporter_scrape_errors",
                 "Failed reads during scrapes, by source",

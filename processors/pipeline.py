@@ -55,7 +55,7 @@ def build_source(
         assert app.source_url is not None
         inner = HttpLocationSource(app.source_url, None, app.source_timeout_s, app.source_api_key)
     else:
-        fleet = SimulatedFleet(app.fleet_seed, clock)
+        fleet = SimulatedFleet(app.fleet_seed, clock, messy=app.fleet_messy)
         inner = fleet
     resilient = ResilientSource(
         inner,

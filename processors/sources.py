@@ -42,7 +42,7 @@ import struct
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -166,15 +166,28 @@ class SourceBatch:
 
 
 async def fetch_batch(
-    source: LocationSource, tracker_ids: Sequence[str], since: Since | None
+    source: LocationSource,
+    tracker_ids: Sequence[str],
+    since: Since | None,
+    lateness_s: float = 0.0,
 ) -> SourceBatch:
-    """``source.fetch_batch`` where the source has one, else its plain ``fetch``."""
+    """``source.fetch_batch`` where the source has one, else its plain ``fetch``.
+
+    ``since`` is each tracker's cursor; ``lateness_s`` how far before it the source is
+    to look again for reports delivered late (the HTTP API is sent ``since`` less
+    this). A plain ``fetch`` gets the shifted ``since``."""
     batch_fn = getattr(source, "fetch_batch", None)
     if batch_fn is not None:
-        return await batch_fn(tracker_ids, since)  # type: ignore[no-any-return]
+        return await batch_fn(tracker_ids, since, lateness_s)  # type: ignore[no-any-return]
     if since is None:
         return SourceBatch(await source.fetch(tracker_ids))
-    return SourceBatch(await source.fetch(tracker_ids, since))
+    return SourceBatch(await source.fetch(tracker_ids, shift(since, lateness_s)))
+
+
+def shift(since: Since, lateness_s: float) -> dict[str, datetime | None]:
+    """``since`` less the lateness bound (None stays None)."""
+    delta = timedelta(seconds=lateness_s)
+    return {t: None if at is None else at - delta for t, at in since.items()}
 
 
 # --- simulated fleet ----------------------------------------------------------------
@@ -278,9 +291,11 @@ class SimulatedFleet:
         *,
         report_interval_s: int = 300,
         max_reports_per_call: int = 12,
+        messy: bool = False,
     ) -> None:
         if report_interval_s < 1 or max_reports_per_call < 1:
             raise ValueError("report_interval_s and max_reports_per_call must be >= 1")
+        self.messy = messy
         self.seed = seed
         self.clock = clock
         self.report_interval_s = report_interval_s
@@ -331,6 +346,103 @@ class SimulatedFleet:
             self._cursor[tracker_id] = latest
         self.reports_returned += len(fixes)
         return fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
+        """:meth:`fetch`; with ``messy``, the trouble of :meth:`_messy_batch`. The tidy
+        fleet delivers every report on time, so it skips the lateness overlap (it
+        would only send again what is stored)."""
+        if not self.messy:
+            return SourceBatch(await self.fetch(tracker_ids, since))
+        self.calls += 1
+        if self._outage or self._fail_next > 0:
+            self._fail_next = max(0, self._fail_next - 1)
+            raise SourceUnavailable("simulated location API outage")
+        batch = self._messy_batch(list(dict.fromkeys(tracker_ids)), since or {}, lateness_s)
+        self.reports_returned += len(batch.fixes)
+        return batch
+
+    # -- the messy fleet (pure functions of seed, tracker, report and time)
+
+    def _traits(self, tracker_id: str) -> tuple[float, ...]:
+        return _units(self.seed, tracker_id, "trouble", n=5)
+
+    def available_at(self, tracker_id: str, k: int) -> float:
+        """When report ``k`` reaches the API (epoch seconds): on time for most trackers;
+        relayed 1 min to 2 h late (median 8 min) for 15 % of them; for 5 %, offline
+        8-16 h a day, the buffer uploaded in bulk when they come back."""
+        relay, offline = self._traits(tracker_id)[:2]
+        at_s = k * self.report_interval_s + self._route(tracker_id).report_offset_s
+        if relay < 0.15:
+            (v,) = _units(self.seed, tracker_id, "delay", k, n=1)
+            return at_s + 60.0 * (1 + 119 * v**4)
+        if relay < 0.20:
+            start_h, length_h = 24 * offline, 8 + 8 * offline
+            day_s = 86_400.0
+            into = (at_s - start_h * 3600) % day_s
+            if into < length_h * 3600:
+                return at_s - into + length_h * 3600  # the end of the offline spell
+        return at_s
+
+    def _messy_report(self, tracker_id: str, k: int) -> Fix:
+        """A report as the messy fleet sends it: 1 % of the reports of 4 % of the
+        trackers come from a wrong clock (a day ahead, or 20 years), 1 % of those of
+        another 4 % have ``lat: 95``."""
+        fix = self.report(tracker_id, k)
+        _, _, clock, garbage, _ = self._traits(tracker_id)
+        (v,) = _units(self.seed, tracker_id, "glitch", k, n=1)
+        if clock < 0.04 and v < 0.01:
+            ahead = timedelta(days=365 * 20) if v < 0.003 else timedelta(days=1)
+            return Fix(
+                tracker_id, fix.observed_at + ahead, fix.lat, fix.lon, fix.accuracy_m, fix.source
+            )
+        if garbage < 0.04 and v < 0.01:
+            return Fix(tracker_id, fix.observed_at, 95.0, fix.lon, fix.accuracy_m, fix.source)
+        return fix
+
+    def _tracker_error(self, tracker_id: str, now_s: float) -> TrackerError | None:
+        """3 % of the trackers are unavailable for about a third of the hours; one in
+        200 is forbidden."""
+        error = self._traits(tracker_id)[4]
+        if error < 0.005:
+            return TrackerError(tracker_id, "forbidden", "simulated: not your tracker")
+        (v,) = _units(self.seed, tracker_id, "outage", int(now_s // 3600), n=1)
+        if error < 0.035 and v < 0.33:
+            return TrackerError(tracker_id, "unavailable", "simulated: relay unreachable")
+        return None
+
+    def _messy_batch(self, ids: list[str], since: Since, lateness_s: float) -> SourceBatch:
+        """Reports observed after ``since`` less ``lateness_s`` and available now, plus
+        (like an API with a receive feed) every report that reached the API after the
+        tracker's cursor, however old: how a report later than the bound gets in. At
+        most 256 reports a tracker (a bulk upload comes whole)."""
+        now_s = self.clock().timestamp()
+        out = SourceBatch([])
+        for t in ids:
+            if (error := self._tracker_error(t, now_s)) is not None:
+                out.errors.append(error)
+                continue
+            latest = self._report_index(t, now_s)
+            cursor = since.get(t)
+            if cursor is None:  # the first call: the window's worth, so nothing is late
+                first = latest - int(lateness_s // self.report_interval_s)
+            else:
+                first = self._report_index(t, cursor.timestamp() - lateness_s) + 1
+                # anything that reached the API since the cursor: look back 3 h more
+                first = max(first - 36, latest - 255)
+            cursor_s = None if cursor is None else cursor.timestamp()
+            for k in range(first, latest + 1):
+                avail = self.available_at(t, k)
+                if avail > now_s:
+                    continue
+                at_s = k * self.report_interval_s + self._route(t).report_offset_s
+                in_window = cursor_s is None or at_s > cursor_s - lateness_s
+                if not in_window and avail <= cursor_s:  # type: ignore[operator]
+                    continue  # delivered before the cursor's report was
+                out.fixes.append(self._messy_report(t, k))
+            self._cursor[t] = latest
+        return out
 
     # -- pure functions of (seed, tracker, time)
 
@@ -600,11 +712,12 @@ class HttpLocationSource:
         return batch.fixes
 
     async def fetch_batch(
-        self, tracker_ids: Sequence[str], since: Since | None = None
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
     ) -> SourceBatch:
         ids = list(tracker_ids)
         body: dict[str, Any] = {"tracker_ids": ids}
         if since:
+            since = shift(since, lateness_s)
             body["since"] = {
                 t: at.astimezone(UTC).isoformat() for t, at in since.items() if at is not None
             }
@@ -677,14 +790,14 @@ class ResilientSource:
         return (await self.fetch_batch(tracker_ids, since)).fixes
 
     async def fetch_batch(
-        self, tracker_ids: Sequence[str], since: Since | None = None
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
     ) -> SourceBatch:
         if len(tracker_ids) > self.max_batch:
             raise ValueError(f"at most {self.max_batch} trackers per call, got {len(tracker_ids)}")
         if not tracker_ids:
             return SourceBatch([])
         return await retry_async(
-            lambda: self._attempt(tracker_ids, since),
+            lambda: self._attempt(tracker_ids, since, lateness_s),
             attempts=self.attempts,
             base_delay_s=self.base_delay_s,
             max_delay_s=self.max_delay_s,
@@ -697,11 +810,13 @@ class ResilientSource:
         """Seconds until the breaker would let a call through (0: now)."""
         return self.breaker.blocked_for_s()
 
-    async def _attempt(self, tracker_ids: Sequence[str], since: Since | None) -> SourceBatch:
+    async def _attempt(
+        self, tracker_ids: Sequence[str], since: Since | None, lateness_s: float
+    ) -> SourceBatch:
         if (wait_s := self.breaker.blocked_for_s()) > 0:  # spend no rate-limit slot on it
             raise CircuitOpen(wait_s, self.breaker.name)
         # waiting for a slot (or being told to come back later) is not the source failing
         await self.rate_limiter.acquire()
         # a rejection means the source answered: it must not trip the breaker
         async with self.breaker.guard(success_on=(SourceRejected,)):
-            return await fetch_batch(self.inner, tracker_ids, since)
+            return await fetch_batch(self.inner, tracker_ids, since, lateness_s)

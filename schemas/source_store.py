@@ -29,6 +29,7 @@ __all__ = [
     "add_counts",
     "clear_errors",
     "error_backoff_s",
+    "errors_by_code",
     "insert_rejected",
     "record_errors",
     "source_stats",
@@ -202,25 +203,29 @@ def source_stats(
     return {row[0]: SourceStats(*row) for row in session.execute(stmt)}
 
 
+def errors_by_code(session: Session) -> dict[str, int]:
+    """Trackers in error now, by the API's code."""
+    stmt = (
+        select(_stats.c.error_code, func.count())
+        .where(_stats.c.error_code.is_not(None))
+        .group_by(_stats.c.error_code)
+        .order_by(_stats.c.error_code)
+    )
+    return {str(code): int(n) for code, n in session.execute(stmt).all()}
+
+
 def totals(session: Session) -> dict[str, Any]:
     """The fleet's counts: late, beyond the bound, rejected (the per-tracker counters
     and the records not tied to a known tracker), and trackers in error by code."""
     late, beyond, rejected = session.execute(
         select(*(func.coalesce(func.sum(_stats.c[c]), 0) for c in _COUNTS))
     ).one()
-    by_code = {
-        code: n
-        for code, n in session.execute(
-            select(_stats.c.error_code, func.count())
-            .where(_stats.c.error_code.is_not(None))
-            .group_by(_stats.c.error_code)
-        ).all()
-    }
+    by_code = errors_by_code(session)
     rejected_rows = session.scalar(select(func.count()).select_from(_rejected)) or 0
     return {
         "late_reports": int(late),
         "beyond_bound_reports": int(beyond),
         "rejected_reports": int(rejected_rows),
         "rejected_of_known_trackers": int(rejected),
-        "trackers_in_error": {str(k): int(v) for k, v in sorted(by_code.items())},
+        "trackers_in_error": by_code,
     }

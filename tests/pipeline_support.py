@@ -20,7 +20,7 @@ from processors.geocoding import Address
 from processors.geofencing import GeofenceIndex
 from processors.pipeline import Pipeline
 from processors.resilience import CircuitBreaker, RateLimiter
-from processors.sources import Fix, ResilientSource, SimulatedFleet
+from processors.sources import Fix, ResilientSource, SimulatedFleet, SourceBatch
 from schemas import store
 from schemas.db import upgrade
 from schemas.tables import GeofenceEvent, LocationReport
@@ -43,6 +43,13 @@ class RecordingSource:
         fixes = await self.inner.fetch(tracker_ids, since)
         self.returned.extend(fixes)
         return fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Any = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
+        batch = await self.inner.fetch_batch(tracker_ids, since, lateness_s)
+        self.returned.extend(batch.fixes)
+        return batch
 
 
 class FixedGeocoder:

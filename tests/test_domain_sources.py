@@ -325,7 +325,9 @@ async def test_http_a_bad_report_is_rejected_on_its_own(bad: Any, reason: str) -
     assert json.loads(rejected.raw) == (
         bad if reason != "tracker not asked for" else rejected_json(bad)
     )
-    assert rejected.tracker_id == (bad.get("tracker_id") if isinstance(bad, dict) else None)
+    sent = bad.get("tracker_id") if isinstance(bad, dict) else None
+    # a NUL byte is escaped: PostgreSQL text cannot hold it
+    assert rejected.tracker_id == (sent.replace("\x00", "\\u0000") if sent else None)
 
 
 def rejected_json(r: dict[str, Any]) -> dict[str, Any]:

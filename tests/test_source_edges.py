@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from typer.testing import CliRunner
 
+from ops.cli import app
 from processors import topology
 from processors.sources import HttpLocationSource, SimulatedFleet
 from schemas import source_store, store
@@ -31,8 +33,13 @@ from streams.deadletter import DeadLetters
 from streams.producer import Producer
 from tests.pipeline_support import START, Harness
 
+runner = CliRunner()
 FLEET = SimulatedFleet(7)  # positions along the demo fleet's routes: real enter/exit events
 STEP = timedelta(minutes=5)
+
+
+def cli(*args: str) -> Any:
+    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def iso(at: datetime) -> str:
@@ -401,6 +408,16 @@ async def test_a_per_tracker_error_affects_only_that_tracker(edges):
         1,
     )
     assert state.retry_at == START + timedelta(minutes=6) + timedelta(seconds=300)
+    # visible to the operator: trackstream trackers
+    args = ["--database-url", e.h.app.database_url, "trackers", "--source-trouble"]
+    shown = json.loads((await asyncio.to_thread(cli, *args, "--json")).output)
+    assert [(x["tracker_id"], x["source"]["error"]) for x in shown["trackers"]] == [
+        (t, "unavailable")
+    ]
+    assert shown["summary"]["source"]["trackers_in_error"] == {"unavailable": 1}
+    table = (await asyncio.to_thread(cli, *args)).output
+    assert "trackers in error: 1 unavailable" in table
+    assert "unavailable" in table.split("trackers in error")[1]  # the row's source column
     # the other trackers were stored; this one not, and not marked fetched
     stored = e.stored()
     for other in e.ids:

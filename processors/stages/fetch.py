@@ -155,9 +155,10 @@ class FetchStage:
         ids = [t for t in ids if t in positions]
         if not ids:
             return
+        lateness_s = self.lateness.total_seconds()
         since = {t: None if at is None else at - self.lateness for t, at in positions.items()}
         try:
-            batch = await fetch_batch(self.source, ids, since)
+            batch = await fetch_batch(self.source, ids, positions, lateness_s)
         except CircuitOpen as exc:
             # not tried at all: no delivery spent (the gate holds further reads)
             raise Defer("location source circuit is open", delay_ms=_ms(exc.retry_after_s)) from exc
