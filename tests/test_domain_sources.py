@@ -500,3 +500,24 @@ async def test_batches_are_capped_at_64() -> None:
     with pytest.raises(ValueError, match="64"):
         await source.fetch([f"T{i}" for i in range(MAX_BATCH + 1)])
     assert len(inner.calls) == 1
+
+
+async def test_the_messy_fleet_sends_trouble_and_the_tidy_one_skips_the_overlap() -> None:
+    ids = [f"SIM-{i:05d}" for i in range(1, 401)]
+    tidy = SimulatedFleet(7, lambda: T0)
+    since = {t: T0 - timedelta(minutes=30) for t in ids[:5]}
+    assert (await tidy.fetch_batch(ids[:5], since, 3600)).fixes == await SimulatedFleet(
+        7, lambda: T0
+    ).fetch(ids[:5], since)
+    messy = SimulatedFleet(7, lambda: T0, messy=True)
+    k = 1_000_000 // 300
+    delays = [messy.available_at(t, k) - messy.report(t, k).observed_at.timestamp() for t in ids]
+    assert 0.10 < sum(d > 0 for d in delays) / len(ids) < 0.30  # relayed or offline
+    assert max(delays) > 3600  # hours, for some
+    batch = await messy.fetch_batch(ids, {t: T0 - timedelta(hours=2) for t in ids}, 3600)
+    codes = {e.code for e in batch.errors}
+    assert "unavailable" in codes and 0 < len(batch.errors) < 40
+    again = await SimulatedFleet(7, lambda: T0, messy=True).fetch_batch(
+        ids, {t: T0 - timedelta(hours=2) for t in ids}, 3600
+    )
+    assert again.fixes == batch.fixes  # a pure function of seed, tracker and time
