@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,8 @@ class Freshness:
     max_age_s: float = 43_200.0
     # (table, partition, rows, bytes) of the history's partitions (PostgreSQL only)
     partitions: tuple[tuple[str, str, int, int], ...] = ()
+    # trackers the location API answers with an error, by code (schemas.source_store)
+    source_errors: dict[str, int] = field(default_factory=dict)
 
 
 def sqlite_file(database_url: str) -> Path | None:
@@ -169,7 +171,11 @@ class FreshnessReader:
     def read(self) -> Freshness:
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             raise FileNotFoundError(f"no SQLite database at {self._sqlite_file}")
-        from schemas import schedule, store  # type: ignore[attr-defined,unused-ignore]
+        from schemas import (  # type: ignore[attr-defined,unused-ignore]
+            schedule,
+            source_store,
+            store,
+        )
 
         with self._factory()() as session:
             fleet = schedule.freshness(session, self.clock(), self.max_age_s)
@@ -189,6 +195,7 @@ class FreshnessReader:
                 in_run=fleet.in_run,
                 stale=fleet.stale,
                 max_age_s=self.max_age_s,
+                source_errors=source_store.errors_by_code(session),
             )
 
     def close(self) -> None:
@@ -340,6 +347,8 @@ class PipelineCollector(Collector):
             for table, part, rows, size in fresh.partitions:
                 by_name["trackstream_history_partition_rows"].add_metric([table, part], rows)
                 by_name["trackstream_history_partition_bytes"].add_metric([table, part], size)
+            for code, n in fresh.source_errors.items():
+                by_name["trackstream_trackers_source_error"].add_metric([code], n)
         if (report := self.scheduler_report) is not None:
             for name, value in (
                 ("trackstream_scheduler_demand_trackers_per_second", report.demand_per_s),
@@ -450,6 +459,11 @@ class PipelineCollector(Collector):
                 "trackstream_history_partition_bytes",
                 "Size of each history partition with its indexes",
                 ("table", "partition"),
+            ),
+            gauge(
+                "trackstream_trackers_source_error",
+                "Trackers the location API answered with an error at their last fetch, by code",
+                ("code",),
             ),
             CounterMetricFamily(
                 "trackstream_exporter_scrape_errors",

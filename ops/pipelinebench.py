@@ -268,7 +268,9 @@ class PipelineBench:
         status: Progress,
         workdir: Path,
         seed: int = 7,
+        messy: bool = False,
     ) -> None:
+        self.messy = messy
         self.srv = srv
         self.trackers = trackers
         self.history = history
@@ -364,6 +366,7 @@ class PipelineBench:
             TRACKSTREAM_PREFIX=prefix,
             TRACKSTREAM_SOURCE="simulated",
             TRACKSTREAM_FLEET_SEED=str(self.seed),
+            TRACKSTREAM_FLEET_MESSY="true" if self.messy else "false",
             TRACKSTREAM_SOURCE_RATE_PER_S="1000000",
             TRACKSTREAM_SOURCE_BURST="1000000",
             TRACKSTREAM_GEOCODER="offline",
@@ -653,8 +656,10 @@ def run_pipeline_bench(
     runtime_messages: int = 10_000,
     progress: Progress = print,
     status: Progress | None = None,
+    messy: bool = False,
 ) -> dict[str, Any]:
-    """Runs the whole benchmark; returns the results as JSON-ready data."""
+    """Runs the whole benchmark; returns the results as JSON-ready data (``messy``:
+    the fleet sends realistic trouble, :class:`processors.sources.SimulatedFleet`)."""
     from streams.connection import connect
     from streams.settings import StreamSettings
 
@@ -674,6 +679,7 @@ def run_pipeline_bench(
             progress=progress,
             status=status or (lambda _: None),
             workdir=workdir,
+            messy=messy,
         )
         try:
             runtime = (
@@ -696,6 +702,7 @@ def run_pipeline_bench(
             shutil.rmtree(workdir, ignore_errors=True)
         return {
             "config": {
+                "messy": messy,
                 "trackers_per_phase": trackers,
                 "history_per_tracker": history,
                 "workers_per_stage": list(workers),

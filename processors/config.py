@@ -26,7 +26,11 @@ class AppSettings(BaseSettings):
     source_timeout_s: float = Field(10.0, gt=0)
     source_rate_per_s: float = Field(5.0, gt=0)  # batch calls per second
     source_burst: int = Field(5, ge=1)
+    # the lateness bound: each call asks for the reports observed after the tracker's
+    # cursor less this, so a report delivered up to this late is still stored
+    source_lateness_s: int = Field(3600, ge=0, le=7 * 86_400)
     fleet_seed: int = 7
+    fleet_messy: bool = False  # the simulated fleet sends realistic trouble (sources.Trouble)
 
     geocoder: Literal["offline", "nominatim"] = "offline"
     geocoder_url: str | None = None

@@ -55,7 +55,7 @@ def build_source(
         assert app.source_url is not None
         inner = HttpLocationSource(app.source_url, None, app.source_timeout_s, app.source_api_key)
     else:
-        fleet = SimulatedFleet(app.fleet_seed, clock)
+        fleet = SimulatedFleet(app.fleet_seed, clock, messy=app.fleet_messy)
         inner = fleet
     resilient = ResilientSource(
         inner,
@@ -172,9 +172,23 @@ class Pipeline:
     def _make_stage(self, name: str) -> Any:
         if name == topology.FETCH:
             revalidator = FetchRevalidator(
-                self.db, self.clock, self.app.min_fetch_interval_s, self.registry
+                self.db,
+                self.clock,
+                self.app.min_fetch_interval_s,
+                self.registry,
+                self.app.fix_future_tolerance_s,
             )
-            return FetchStage(self.db, self.source, self.routes, self.clock, revalidator)
+            return FetchStage(
+                self.db,
+                self.source,
+                self.routes,
+                self.clock,
+                revalidator,
+                lateness_s=self.app.source_lateness_s,
+                future_tolerance_s=self.app.fix_future_tolerance_s,
+                min_fetch_interval_s=self.app.min_fetch_interval_s,
+                registry=self.registry,
+            )
         if name == topology.GEOCODE:
             return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
         if name == topology.GEOFENCE:

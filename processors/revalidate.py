@@ -37,7 +37,9 @@ class FetchRevalidator:
         clock: Clock,
         min_fetch_interval_s: float,
         registry: CollectorRegistry | None = None,
+        future_tolerance_s: float | None = None,
     ) -> None:
+        self.future_tolerance_s = future_tolerance_s
         self.db = db
         self.clock = clock
         self.min_fetch_interval_s = min_fetch_interval_s
@@ -67,6 +69,7 @@ class FetchRevalidator:
             request.batch_id,
             self.clock(),
             self.min_fetch_interval_s,
+            self.future_tolerance_s,
         )
         for reason, ids in (("too_soon", claim.too_soon), ("outside_run", claim.outside_run)):
             if not ids:
@@ -90,7 +93,14 @@ class FetchRevalidator:
 
 
 def _claim_and_positions(
-    session: Session, tracker_ids: Sequence[str], batch_id: str, now: datetime, interval_s: float
+    session: Session,
+    tracker_ids: Sequence[str],
+    batch_id: str,
+    now: datetime,
+    interval_s: float,
+    future_tolerance_s: float | None,
 ) -> tuple[schedule.FetchClaim, Positions]:
     claim = schedule.claim_fetch(session, tracker_ids, batch_id, now, interval_s)
-    return claim, (store.fetch_positions(session, claim.admitted) if claim.admitted else {})
+    if not claim.admitted:
+        return claim, {}
+    return claim, store.fetch_positions(session, claim.admitted, future_tolerance_s)

@@ -4,7 +4,10 @@
 
     SourceError
     ├── SourceUnavailable(retry_after_s)   transient: timeout, connection error, 5xx, 408, 429
-    └── SourceRejected                     permanent: other 4xx, malformed or invalid payload
+    └── SourceRejected                     permanent: other 4xx
+        └── SourceBadResponse              the response as a whole is not the contract's
+                                           (not JSON, an HTML page, truncated, wrong shape):
+                                           retried by the fetch stage, then dead-lettered
 
 Adapters: :class:`SimulatedFleet` (deterministic trackers moving around real cities,
 for demos and tests), :class:`HttpLocationSource` (a real batch API) and
@@ -12,11 +15,17 @@ for demos and tests), :class:`HttpLocationSource` (a real batch API) and
 retries.
 
 Where a fetch starts (the rule every adapter follows): the caller passes ``since``,
-tracker -> ``observed_at`` of its latest report *stored in the database* (None: none
-stored yet), and the source returns the reports observed after it. The position
-therefore derives from what the database holds, never from what a process handed out:
-a batch whose store failed is simply fetched again. Without ``since`` (a tool calling
-the source directly) :class:`SimulatedFleet` falls back to its in-memory cursor.
+tracker -> a time derived from what the database holds (the fetch stage sends the
+tracker's cursor, its latest stored report with a credible time, less
+``source_lateness_s``: see :mod:`processors.stages.fetch`; None: nothing stored yet),
+and the source returns the reports observed after it. A batch whose store failed is
+simply fetched again. Without ``since`` (a tool calling the source directly)
+:class:`SimulatedFleet` falls back to its in-memory cursor.
+
+What a call returns (:meth:`fetch_batch`): a :class:`SourceBatch` of fixes, records
+that cannot be stored as a location (:class:`RejectedRecord`, kept raw with the
+reason: one bad report never costs the others) and per-tracker errors the API
+answered with (:class:`TrackerError`). :meth:`fetch` returns the fixes alone.
 """
 
 from __future__ import annotations
@@ -32,8 +41,8 @@ import random
 import struct
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
@@ -98,6 +107,87 @@ class SourceUnavailable(SourceError):
 
 class SourceRejected(SourceError):
     """Permanent: the same request will fail the same way."""
+
+
+class SourceBadResponse(SourceRejected):
+    """The response as a whole is not the contract's (not JSON, wrong shape): a broken
+    proxy or a deploy in progress as often as a bug, so it is retried, then
+    dead-lettered; it does not trip the breaker (the source answered)."""
+
+
+RAW_MAX = 4000  # characters of a rejected record kept
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A record the source sent that cannot be stored as a location."""
+
+    tracker_id: str | None  # as sent, when it was a string
+    reason: str
+    raw: str  # the record as JSON, at most RAW_MAX characters
+
+    @classmethod
+    def of(cls, item: Any, reason: str) -> RejectedRecord:
+        tracker = item.get("tracker_id") if isinstance(item, dict) else None
+        try:
+            raw = json.dumps(item, default=str, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raw = repr(item)
+        return cls(
+            tracker[:128].replace("\x00", "\\u0000") if isinstance(tracker, str) else None,
+            reason[:256],
+            raw[:RAW_MAX],
+        )
+
+
+TRACKER_ERROR_CODES = ("unknown", "forbidden", "unavailable")
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerError:
+    """The API answered for one tracker with an error instead of reports: ``unknown``
+    and ``forbidden`` are the API's word on the tracker, ``unavailable`` (and any other
+    code) is taken as temporary. Only this tracker is affected: retried on its own
+    schedule (:func:`schemas.source_store.record_errors`)."""
+
+    tracker_id: str
+    code: str
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """What one call returned."""
+
+    fixes: list[Fix]
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    errors: list[TrackerError] = field(default_factory=list)
+
+
+async def fetch_batch(
+    source: LocationSource,
+    tracker_ids: Sequence[str],
+    since: Since | None,
+    lateness_s: float = 0.0,
+) -> SourceBatch:
+    """``source.fetch_batch`` where the source has one, else its plain ``fetch``.
+
+    ``since`` is each tracker's cursor; ``lateness_s`` how far before it the source is
+    to look again for reports delivered late (the HTTP API is sent ``since`` less
+    this). A plain ``fetch`` gets the shifted ``since``."""
+    batch_fn = getattr(source, "fetch_batch", None)
+    if batch_fn is not None:
+        return await batch_fn(tracker_ids, since, lateness_s)  # type: ignore[no-any-return]
+    if since is None:
+        return SourceBatch(await source.fetch(tracker_ids))
+    return SourceBatch(await source.fetch(tracker_ids, shift(since, lateness_s)))
+
+
+def shift(since: Since, lateness_s: float) -> dict[str, datetime | None]:
+    """``since`` less the lateness bound (None stays None)."""
+    delta = timedelta(seconds=lateness_s)
+    return {t: None if at is None else at - delta for t, at in since.items()}
 
 
 # --- simulated fleet ----------------------------------------------------------------
@@ -201,9 +291,11 @@ class SimulatedFleet:
         *,
         report_interval_s: int = 300,
         max_reports_per_call: int = 12,
+        messy: bool = False,
     ) -> None:
         if report_interval_s < 1 or max_reports_per_call < 1:
             raise ValueError("report_interval_s and max_reports_per_call must be >= 1")
+        self.messy = messy
         self.seed = seed
         self.clock = clock
         self.report_interval_s = report_interval_s
@@ -254,6 +346,103 @@ class SimulatedFleet:
             self._cursor[tracker_id] = latest
         self.reports_returned += len(fixes)
         return fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
+        """:meth:`fetch`; with ``messy``, the trouble of :meth:`_messy_batch`. The tidy
+        fleet delivers every report on time, so it skips the lateness overlap (it
+        would only send again what is stored)."""
+        if not self.messy:
+            return SourceBatch(await self.fetch(tracker_ids, since))
+        self.calls += 1
+        if self._outage or self._fail_next > 0:
+            self._fail_next = max(0, self._fail_next - 1)
+            raise SourceUnavailable("simulated location API outage")
+        batch = self._messy_batch(list(dict.fromkeys(tracker_ids)), since or {}, lateness_s)
+        self.reports_returned += len(batch.fixes)
+        return batch
+
+    # -- the messy fleet (pure functions of seed, tracker, report and time)
+
+    def _traits(self, tracker_id: str) -> tuple[float, ...]:
+        return _units(self.seed, tracker_id, "trouble", n=5)
+
+    def available_at(self, tracker_id: str, k: int) -> float:
+        """When report ``k`` reaches the API (epoch seconds): on time for most trackers;
+        relayed 1 min to 2 h late (median 8 min) for 15 % of them; for 5 %, offline
+        8-16 h a day, the buffer uploaded in bulk when they come back."""
+        relay, offline = self._traits(tracker_id)[:2]
+        at_s = k * self.report_interval_s + self._route(tracker_id).report_offset_s
+        if relay < 0.15:
+            (v,) = _units(self.seed, tracker_id, "delay", k, n=1)
+            return at_s + 60.0 * (1 + 119 * v**4)
+        if relay < 0.20:
+            start_h, length_h = 24 * offline, 8 + 8 * offline
+            day_s = 86_400.0
+            into = (at_s - start_h * 3600) % day_s
+            if into < length_h * 3600:
+                return at_s - into + length_h * 3600  # the end of the offline spell
+        return at_s
+
+    def _messy_report(self, tracker_id: str, k: int) -> Fix:
+        """A report as the messy fleet sends it: 1 % of the reports of 4 % of the
+        trackers come from a wrong clock (a day ahead, or 20 years), 1 % of those of
+        another 4 % have ``lat: 95``."""
+        fix = self.report(tracker_id, k)
+        _, _, clock, garbage, _ = self._traits(tracker_id)
+        (v,) = _units(self.seed, tracker_id, "glitch", k, n=1)
+        if clock < 0.04 and v < 0.01:
+            ahead = timedelta(days=365 * 20) if v < 0.003 else timedelta(days=1)
+            return Fix(
+                tracker_id, fix.observed_at + ahead, fix.lat, fix.lon, fix.accuracy_m, fix.source
+            )
+        if garbage < 0.04 and v < 0.01:
+            return Fix(tracker_id, fix.observed_at, 95.0, fix.lon, fix.accuracy_m, fix.source)
+        return fix
+
+    def _tracker_error(self, tracker_id: str, now_s: float) -> TrackerError | None:
+        """3 % of the trackers are unavailable for about a third of the hours; one in
+        200 is forbidden."""
+        error = self._traits(tracker_id)[4]
+        if error < 0.005:
+            return TrackerError(tracker_id, "forbidden", "simulated: not your tracker")
+        (v,) = _units(self.seed, tracker_id, "outage", int(now_s // 3600), n=1)
+        if error < 0.035 and v < 0.33:
+            return TrackerError(tracker_id, "unavailable", "simulated: relay unreachable")
+        return None
+
+    def _messy_batch(self, ids: list[str], since: Since, lateness_s: float) -> SourceBatch:
+        """Reports observed after ``since`` less ``lateness_s`` and available now, plus
+        (like an API with a receive feed) every report that reached the API after the
+        tracker's cursor, however old: how a report later than the bound gets in. At
+        most 256 reports a tracker (a bulk upload comes whole)."""
+        now_s = self.clock().timestamp()
+        out = SourceBatch([])
+        for t in ids:
+            if (error := self._tracker_error(t, now_s)) is not None:
+                out.errors.append(error)
+                continue
+            latest = self._report_index(t, now_s)
+            cursor = since.get(t)
+            if cursor is None:  # the first call: the window's worth, so nothing is late
+                first = latest - int(lateness_s // self.report_interval_s)
+            else:
+                first = self._report_index(t, cursor.timestamp() - lateness_s) + 1
+                # anything that reached the API since the cursor: look back 3 h more
+                first = max(first - 36, latest - 255)
+            cursor_s = None if cursor is None else cursor.timestamp()
+            for k in range(first, latest + 1):
+                avail = self.available_at(t, k)
+                if avail > now_s:
+                    continue
+                at_s = k * self.report_interval_s + self._route(t).report_offset_s
+                in_window = cursor_s is None or at_s > cursor_s - lateness_s
+                if not in_window and avail <= cursor_s:  # type: ignore[operator]
+                    continue  # delivered before the cursor's report was
+                out.fixes.append(self._messy_report(t, k))
+            self._cursor[t] = latest
+        return out
 
     # -- pure functions of (seed, tracker, time)
 
@@ -385,6 +574,81 @@ class _BatchResponse(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     reports: list[_Report]
+    errors: list[_Error] = []
+
+
+class _Error(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    tracker_id: TrackerId
+    error: str = Field(min_length=1, max_length=32)
+    message: str = Field("", max_length=2000)
+    retry_after_s: float | None = Field(default=None, ge=0.0)
+
+
+_BatchResponse.model_rebuild()
+
+
+def _reason(exc: ValidationError) -> str:
+    """The first error of a report's validation, like ``lat: Input should be ... 90``."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "report"
+    return f"{where}: {first['msg']}"
+
+
+def parse_batch(content: bytes, wanted: set[str], source_name: str) -> SourceBatch:
+    """A response body as a :class:`SourceBatch`; raises :class:`SourceBadResponse`
+    when the body as a whole is not the contract's. Every report is validated on its
+    own: a bad one becomes a :class:`RejectedRecord`, and the others are kept."""
+    try:  # the common case, all valid, in one pass
+        batch = _BatchResponse.model_validate_json(content)
+        reports: list[Any] = list(batch.reports)
+        errors: list[Any] = list(batch.errors)
+    except ValidationError:
+        try:
+            data = json.loads(content)
+        except ValueError as exc:
+            snippet = content[:80].decode("utf-8", "replace")
+            raise SourceBadResponse(f"invalid response: not JSON ({exc}): {snippet!r}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("reports"), list):
+            raise SourceBadResponse(
+                "invalid response: expected an object with a 'reports' list"
+            ) from None
+        if not isinstance(data.get("errors", []), list):
+            raise SourceBadResponse("invalid response: 'errors' must be a list") from None
+        reports, errors = data["reports"], data.get("errors", [])
+    out = SourceBatch([])
+    for item in reports:
+        if not isinstance(item, _Report):
+            try:
+                item = _Report.model_validate_json(json.dumps(item))
+            except ValidationError as exc:
+                out.rejected.append(RejectedRecord.of(item, _reason(exc)))
+                continue
+            except ValueError as exc:  # NaN or Infinity in the JSON
+                out.rejected.append(RejectedRecord.of(item, f"not finite: {exc}"))
+                continue
+        if item.tracker_id not in wanted:
+            out.rejected.append(
+                RejectedRecord.of(item.model_dump(mode="json"), "tracker not asked for")
+            )
+            continue
+        out.fixes.append(
+            Fix(item.tracker_id, item.observed_at, item.lat, item.lon, item.accuracy_m, source_name)
+        )
+    for entry in errors:
+        if not isinstance(entry, _Error):
+            try:
+                entry = _Error.model_validate_json(json.dumps(entry))
+            except (ValidationError, ValueError) as exc:
+                reason = _reason(exc) if isinstance(exc, ValidationError) else str(exc)
+                out.rejected.append(RejectedRecord.of(entry, f"error entry: {reason}"))
+                continue
+        if entry.tracker_id in wanted:
+            out.errors.append(
+                TrackerError(entry.tracker_id, entry.error, entry.message, entry.retry_after_s)
+            )
+    return out
 
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
@@ -402,9 +666,14 @@ class HttpLocationSource:
                       "lat": 51.92, "lon": 4.48, "accuracy_m": 12.5}, ...]}
 
     ``observed_at`` is ISO-8601 with an offset; ``accuracy_m`` may be missing or null;
-    unknown fields are ignored; reports for trackers not asked for are dropped, and so
-    are reports at or before a tracker's ``since`` (already stored). A client
-    passed in is left open; one made here is closed by :meth:`aclose`.
+    unknown fields are ignored. The API may answer for some trackers with an error
+    instead (``"errors": [{"tracker_id": "T3", "error": "unavailable", "message":
+    "...", "retry_after_s": 600}]``, see :class:`TrackerError`). Every report is
+    checked on its own (:func:`parse_batch`): one that breaks the contract (``lat:
+    95``, a time without an offset, a tracker not asked for) is returned as a
+    :class:`RejectedRecord` and the rest are kept. Reports at or before ``since`` are
+    kept too (the database drops what it already holds). A client passed in is left
+    open; one made here is closed by :meth:`aclose`.
     """
 
     source_name = "http"
@@ -432,9 +701,23 @@ class HttpLocationSource:
             await self._client.aclose()
 
     async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
+        batch = await self.fetch_batch(tracker_ids, since)
+        if batch.rejected or batch.errors:
+            log.warning(
+                "%s: %d record(s) rejected, %d tracker error(s) (only fetch_batch returns them)",
+                self.url,
+                len(batch.rejected),
+                len(batch.errors),
+            )
+        return batch.fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
         ids = list(tracker_ids)
         body: dict[str, Any] = {"tracker_ids": ids}
         if since:
+            since = shift(since, lateness_s)
             body["since"] = {
                 t: at.astimezone(UTC).isoformat() for t, at in since.items() if at is not None
             }
@@ -453,26 +736,18 @@ class HttpLocationSource:
         if status != 200:
             raise SourceRejected(f"POST {self.url}: HTTP {status}: {response.text[:200]}")
         try:
-            batch = _BatchResponse.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise SourceRejected(f"POST {self.url}: invalid response: {exc}") from exc
-        wanted = set(ids)
-        fixes = [
-            Fix(r.tracker_id, r.observed_at, r.lat, r.lon, r.accuracy_m, self.source_name)
-            for r in batch.reports
-            if r.tracker_id in wanted
-        ]
-        if len(fixes) < len(batch.reports):
+            batch = parse_batch(response.content, set(ids), self.source_name)
+        except SourceBadResponse as exc:
+            raise SourceBadResponse(f"POST {self.url}: {exc}") from exc
+        if batch.rejected:
             log.warning(
-                "%s: dropped %d reports for trackers not asked for",
+                "%s: %d of %d record(s) rejected, first: %s",
                 self.url,
-                len(batch.reports) - len(fixes),
+                len(batch.rejected),
+                len(batch.rejected) + len(batch.fixes),
+                batch.rejected[0].reason,
             )
-        if since:
-            fixes = [
-                f for f in fixes if (at := since.get(f.tracker_id)) is None or f.observed_at > at
-            ]
-        return fixes
+        return batch
 
 
 # --- resilience wrapper ------------------------------------------------------------
@@ -512,12 +787,17 @@ class ResilientSource:
         self._rng = rng
 
     async def fetch(self, tracker_ids: Sequence[str], since: Since | None = None) -> list[Fix]:
+        return (await self.fetch_batch(tracker_ids, since)).fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Since | None = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
         if len(tracker_ids) > self.max_batch:
             raise ValueError(f"at most {self.max_batch} trackers per call, got {len(tracker_ids)}")
         if not tracker_ids:
-            return []
+            return SourceBatch([])
         return await retry_async(
-            lambda: self._attempt(tracker_ids, since),
+            lambda: self._attempt(tracker_ids, since, lateness_s),
             attempts=self.attempts,
             base_delay_s=self.base_delay_s,
             max_delay_s=self.max_delay_s,
@@ -530,13 +810,13 @@ class ResilientSource:
         """Seconds until the breaker would let a call through (0: now)."""
         return self.breaker.blocked_for_s()
 
-    async def _attempt(self, tracker_ids: Sequence[str], since: Since | None) -> list[Fix]:
+    async def _attempt(
+        self, tracker_ids: Sequence[str], since: Since | None, lateness_s: float
+    ) -> SourceBatch:
         if (wait_s := self.breaker.blocked_for_s()) > 0:  # spend no rate-limit slot on it
             raise CircuitOpen(wait_s, self.breaker.name)
         # waiting for a slot (or being told to come back later) is not the source failing
         await self.rate_limiter.acquire()
         # a rejection means the source answered: it must not trip the breaker
         async with self.breaker.guard(success_on=(SourceRejected,)):
-            if since is None:  # sources written before ``since`` existed take one argument
-                return await self.inner.fetch(tracker_ids)
-            return await self.inner.fetch(tracker_ids, since)
+            return await fetch_batch(self.inner, tracker_ids, since, lateness_s)

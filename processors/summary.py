@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from schemas.tables import GeofenceEvent, LocationReport, Tracker
+from schemas.tables import GeofenceEvent, LocationReport, RejectedReport, Tracker
 
 
 def pipeline_counts(session: Any) -> dict[str, int]:
@@ -22,3 +22,33 @@ def pipeline_counts(session: Any) -> dict[str, int]:
         "geofence enter events": count(GeofenceEvent.kind == "enter", model=GeofenceEvent),
         "geofence exit events": count(GeofenceEvent.kind == "exit", model=GeofenceEvent),
     }
+
+
+def source_trouble(session: Any, lateness_s: float) -> dict[str, int]:
+    """What the source sent besides plain on-time reports, and what became of it."""
+    from schemas import source_store
+
+    totals = source_store.totals(session)
+    out = {
+        "late reports stored": totals["late_reports"] - totals["beyond_bound_reports"],
+        f"later than the {lateness_s:g} s bound, stored": totals["beyond_bound_reports"],
+    }
+    verdicts = session.execute(
+        select(LocationReport.fix_status, func.count())
+        .where(LocationReport.fix_status.is_not(None), LocationReport.fix_status != "ok")
+        .group_by(LocationReport.fix_status)
+        .order_by(LocationReport.fix_status)
+    ).all()
+    for status, n in verdicts:
+        out[f"stored, rejected by the geofence stage: {status}"] = int(n)
+    reasons = session.execute(
+        select(RejectedReport.reason, func.count())
+        .group_by(RejectedReport.reason)
+        .order_by(func.count().desc())
+        .limit(5)
+    ).all()
+    for reason, n in reasons:
+        out[f"record rejected: {reason[:60]}"] = int(n)
+    for code, n in totals["trackers_in_error"].items():
+        out[f"trackers in error now: {code}"] = n
+    return out

@@ -210,22 +210,48 @@ def _report_row(r: LocationReported) -> dict[str, Any]:
     }
 
 
-def fetch_positions(session: Session, tracker_ids: Sequence[str]) -> dict[str, datetime | None]:
-    """Where fetching these trackers starts: each known tracker's latest stored
-    ``observed_at`` (None: nothing stored yet). Trackers not in ``trackers`` are left
-    out. One statement."""
+def fetch_positions(
+    session: Session, tracker_ids: Sequence[str], future_tolerance_s: float | None = None
+) -> dict[str, datetime | None]:
+    """Where fetching these trackers starts, their *cursor*: each known tracker's latest
+    stored ``observed_at`` (None: nothing stored yet). Trackers not in ``trackers`` are
+    left out. One statement.
+
+    With ``future_tolerance_s``, only reports with a credible time count: observed at
+    most that long after they were fetched, and not rejected as ``future`` or
+    ``invalid``. A fix from a clock a day or 20 years ahead is stored (and rejected by
+    the geofence stage) but never becomes the cursor, so it cannot hide the tracker's
+    real reports that follow; the cursor never passes fetch time plus the tolerance.
+    """
     ids = sorted(set(tracker_ids))
     if not ids:
         return {}
-    latest = (
-        select(func.max(_reports.c.observed_at))
-        .where(_reports.c.tracker_id == _trackers.c.external_id)
-        .scalar_subquery()
+    latest = select(func.max(_reports.c.observed_at)).where(
+        _reports.c.tracker_id == _trackers.c.external_id
     )
-    stmt = select(_trackers.c.external_id, latest).where(
+    if future_tolerance_s is not None:
+        latest = latest.where(
+            _credible(session, future_tolerance_s),
+            func.coalesce(_reports.c.fix_status, "").not_in(("future", "invalid")),
+        )
+    stmt = select(_trackers.c.external_id, latest.scalar_subquery()).where(
         in_list(session, _trackers.c.external_id, ids)
     )
     return {t: at for t, at in session.execute(stmt)}
+
+
+def _credible(session: Session, tolerance_s: float) -> Any:
+    """``observed_at <= fetched_at + tolerance_s`` in the dialect's time arithmetic."""
+    if _dialect(session) == "postgresql":
+        return text(
+            "location_history.observed_at <= location_history.fetched_at"
+            " + make_interval(secs => :future_tolerance_s)"
+        ).bindparams(future_tolerance_s=float(tolerance_s))
+    # SQLite keeps naive UTC text; strftime gives milliseconds (enough at the boundary)
+    return text(
+        "location_history.observed_at <= strftime('%Y-%m-%d %H:%M:%f',"
+        " location_history.fetched_at, :future_shift)"
+    ).bindparams(future_shift=f"+{float(tolerance_s)} seconds")
 
 
 def _known_trackers(session: Session, tracker_ids: Sequence[str]) -> set[str]:

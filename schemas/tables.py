@@ -39,7 +39,9 @@ __all__ = [
     "Geofence",
     "GeofenceEvent",
     "LocationReport",
+    "RejectedReport",
     "Tracker",
+    "TrackerSourceStats",
     "UTCDateTime",
     "WebhookAttempt",
     "WebhookDelivery",
@@ -178,6 +180,47 @@ class LocationReport(Base):
 
     def __repr__(self) -> str:
         return f"LocationReport({self.tracker_id!r}, {self.observed_at.isoformat()})"
+
+
+class RejectedReport(Base):
+    """A record the location source sent that cannot be stored as a location (lat 95, a
+    time without an offset, a string for a number, a tracker not asked for), kept raw
+    (as JSON, at most ``RAW_MAX`` characters) with the reason."""
+
+    __tablename__ = "rejected_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tracker_id: Mapped[str | None] = mapped_column(String(128))  # as sent, if it was a string
+    received_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(256))
+    raw: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_rejected_reports_tracker_id_received_at", "tracker_id", "received_at"),
+    )
+
+
+class TrackerSourceStats(Base):
+    """What the source did for one tracker beyond plain reports: late reports (observed
+    before the tracker's cursor), reports later than the lateness bound, rejected
+    records, and the API's current per-tracker error (``error_code`` NULL: none). A row
+    exists only for a tracker that had any of these."""
+
+    __tablename__ = "tracker_source_stats"
+
+    tracker_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("trackers.external_id", ondelete="CASCADE"), primary_key=True
+    )
+    late_reports: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    beyond_bound_reports: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rejected_reports: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_since: Mapped[datetime | None]  # first error of the current run of errors
+    error_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_at: Mapped[datetime | None]  # when the tracker is due again after the error
+    updated_at: Mapped[datetime]
 
 
 class Geofence(Base):

