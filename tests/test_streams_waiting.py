@@ -135,31 +135,33 @@ async def test_a_worker_sigkilled_every_3_s_over_a_waiting_backlog_dead_letters_
     by XAUTOCLAIM over and over. Every entry is sent, none dead-lettered."""
     total, rate = 75, 3.0
     client, route = await _setup(target, unique_prefix, total)
-    workers = Workers(target, unique_prefix, rate, tmp_path)
-    kills = 0
     try:
-        workers.start("steady")
-        workers.start("doomed")
-        deadline = time.monotonic() + 90
-        while not await _until_sent(client, unique_prefix, total, random.uniform(2.5, 3.5)):
-            assert time.monotonic() < deadline, f"not all sent after {kills} kills"
-            assert workers.alive(), "a worker exited by itself"
-            doomed = next(n for n in workers.procs if n != "steady")
-            workers.stop(doomed, signal.SIGKILL)
-            kills += 1
-            workers.start("doomed" if kills % 2 == 0 else f"doomed-{kills}")
-        await _drained(client, route)
+        workers = Workers(target, unique_prefix, rate, tmp_path)
+        kills = 0
+        try:
+            workers.start("steady")
+            workers.start("doomed")
+            deadline = time.monotonic() + 90
+            while not await _until_sent(client, unique_prefix, total, random.uniform(2.5, 3.5)):
+                assert time.monotonic() < deadline, f"not all sent after {kills} kills"
+                assert workers.alive(), "a worker exited by itself"
+                doomed = next(n for n in workers.procs if n != "steady")
+                workers.stop(doomed, signal.SIGKILL)
+                kills += 1
+                workers.start("doomed" if kills % 2 == 0 else f"doomed-{kills}")
+            await _drained(client, route)
+        finally:
+            workers.close()
+        dead = await DeadLetters(client, route.keys()).list(limit=100)
+        assert [(d.category, d.error) for d in dead] == [], f"after {kills} kills"
+        sent = await _sent(client, unique_prefix)
+        assert sorted(sent) == list(range(total))
+        # a send repeats only when a kill fell between it and its ack
+        assert sum(sent.values()) - total <= kills
+        assert kills >= 5, "the backlog waited through several kills"
+        assert max(await _seen(client, unique_prefix, "deliveries")) < MAX_DELIVERIES
     finally:
-        workers.close()
-    dead = await DeadLetters(client, route.keys()).list(limit=100)
-    assert [(d.category, d.error) for d in dead] == [], f"after {kills} kills"
-    sent = await _sent(client, unique_prefix)
-    assert sorted(sent) == list(range(total))
-    # a send repeats only when a kill fell between it and its ack
-    assert sum(sent.values()) - total <= kills
-    assert kills >= 5, "the backlog waited through several kills"
-    assert max(await _seen(client, unique_prefix, "deliveries")) < MAX_DELIVERIES
-    await client.aclose()
+        await client.aclose()
 
 
 @pytest.mark.slow
@@ -173,30 +175,32 @@ async def test_rolling_sigterm_restarts_over_a_waiting_backlog_spend_nothing(
     sent with its attempt count unchanged (attempt 0, first spent delivery)."""
     total, rate = 40, 2.0
     client, route = await _setup(target, unique_prefix, total)
-    workers = Workers(target, unique_prefix, rate, tmp_path)
-    names = ["a", "b"]
-    restarts = 0
     try:
-        for name in names:
-            workers.start(name)
-        while restarts < 12:
-            assert not await _until_sent(client, unique_prefix, total, 1.2), "drained too soon"
-            name = names[restarts % 2]
-            assert workers.stop(name, signal.SIGTERM) == 0, "a graceful stop"
-            workers.start(name)
-            restarts += 1
-        assert await _until_sent(client, unique_prefix, total, 60)
-        await _drained(client, route)
+        workers = Workers(target, unique_prefix, rate, tmp_path)
+        names = ["a", "b"]
+        restarts = 0
+        try:
+            for name in names:
+                workers.start(name)
+            while restarts < 12:
+                assert not await _until_sent(client, unique_prefix, total, 1.2), "drained too soon"
+                name = names[restarts % 2]
+                assert workers.stop(name, signal.SIGTERM) == 0, "a graceful stop"
+                workers.start(name)
+                restarts += 1
+            assert await _until_sent(client, unique_prefix, total, 60)
+            await _drained(client, route)
+        finally:
+            workers.close()
+        dead = await DeadLetters(client, route.keys()).list(limit=100)
+        assert [(d.category, d.error) for d in dead] == []
+        assert sorted(await _sent(client, unique_prefix)) == list(range(total))
+        assert set(await _seen(client, unique_prefix, "attempt")) == {0}, "hand-backs spent nothing"
+        assert set(await _seen(client, unique_prefix, "deliveries")) == {1}
+        handed_back = await client.xlen(route.keys().stream) - total
+        assert handed_back >= total, "the restarts did hand the waiting entries back"
     finally:
-        workers.close()
-    dead = await DeadLetters(client, route.keys()).list(limit=100)
-    assert [(d.category, d.error) for d in dead] == []
-    assert sorted(await _sent(client, unique_prefix)) == list(range(total))
-    assert set(await _seen(client, unique_prefix, "attempt")) == {0}, "hand-backs spent nothing"
-    assert set(await _seen(client, unique_prefix, "deliveries")) == {1}
-    handed_back = await client.xlen(route.keys().stream) - total
-    assert handed_back >= total, "the restarts did hand the waiting entries back"
-    await client.aclose()
+        await client.aclose()
 
 
 async def test_a_redriven_letter_gets_its_full_set_of_attempts(standalone_target, unique_prefix):
@@ -205,31 +209,33 @@ async def test_a_redriven_letter_gets_its_full_set_of_attempts(standalone_target
     again before it is dead-lettered again."""
     settings = fast_settings(standalone_target, unique_prefix, max_deliveries=MAX_DELIVERIES)
     client = connect(settings)
-    codec = Codec([Ping])
-    route = Route(unique_prefix, "work")
-    keys = route.keys()
-    await client.xadd(keys.stream, codec.encode(Ping(n=1), attempt=2))
-    calls: list[int] = []
+    try:
+        codec = Codec([Ping])
+        route = Route(unique_prefix, "work")
+        keys = route.keys()
+        await client.xadd(keys.stream, codec.encode(Ping(n=1), attempt=2))
+        calls: list[int] = []
 
-    async def failing(msg, ctx):
-        calls.append(msg.attempts)
-        raise Retry("the endpoint is down", delay_ms=1)
+        async def failing(msg, ctx):
+            calls.append(msg.attempts)
+            raise Retry("the endpoint is down", delay_ms=1)
 
-    letters = DeadLetters(client, keys)
+        letters = DeadLetters(client, keys)
 
-    async def dead(n: int) -> bool:
-        return await letters.count() == n
+        async def dead(n: int) -> bool:
+            return await letters.count() == n
 
-    await run_until(Worker(client, settings, route, codec, handler=failing), lambda: dead(1))
-    assert calls == [3]
-    (letter,) = await letters.list()
-    assert letter.attempts == 3 and letter.fields[b"attempt"] == b"2"
-    (new_id,) = (await letters.redrive([letter.id])).values()
-    assert new_id is not None
-    calls.clear()
-    await run_until(Worker(client, settings, route, codec, handler=failing), lambda: dead(1))
-    assert calls == [1, 2, 3], "a fresh count: the full set of attempts"
-    (again,) = await letters.list()
-    assert again.origin_id == new_id and again.attempts == 3
-    assert again.fields[b"attempt"] == b"0"
-    await client.aclose()
+        await run_until(Worker(client, settings, route, codec, handler=failing), lambda: dead(1))
+        assert calls == [3]
+        (letter,) = await letters.list()
+        assert letter.attempts == 3 and letter.fields[b"attempt"] == b"2"
+        (new_id,) = (await letters.redrive([letter.id])).values()
+        assert new_id is not None
+        calls.clear()
+        await run_until(Worker(client, settings, route, codec, handler=failing), lambda: dead(1))
+        assert calls == [1, 2, 3], "a fresh count: the full set of attempts"
+        (again,) = await letters.list()
+        assert again.origin_id == new_id and again.attempts == 3
+        assert again.fields[b"attempt"] == b"0"
+    finally:
+        await client.aclose()
