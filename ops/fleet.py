@@ -293,3 +293,30 @@ def report_trace(session: Session, tracker_id: str, at: datetime | None) -> dict
         "republish_count": report.republish_count,
         "republished_at": iso(report.republished_at),
     }
+
+
+def with_source(
+    session: Session, now: datetime, interval_s: float, guarantee_s: float, fleet_trackers: Any
+) -> tuple[list[TrackerRow], dict[str, Any], dict[str, Any]]:
+    """The trackers, each one's location-API state (errors, late, rejected) and the
+    fleet's totals of it (``schemas.source_store``)."""
+    from schemas import source_store
+
+    rows = fleet_trackers(session, now, interval_s, None, guarantee_s)
+    return rows, source_store.source_stats(session), source_store.totals(session)
+
+
+def source_json(s: Any) -> dict[str, Any] | None:
+    """One tracker's location-API state as JSON (None: no trouble ever recorded)."""
+    if s is None:
+        return None
+    return {
+        "error": s.error_code,
+        "error_message": s.error_message,
+        "error_since": iso(s.error_since),
+        "error_count": s.error_count,
+        "retry_at": iso(s.retry_at),
+        "late_reports": s.late_reports,
+        "beyond_bound_reports": s.beyond_bound_reports,
+        "rejected_reports": s.rejected_reports,
+    }

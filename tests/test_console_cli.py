@@ -328,3 +328,45 @@ async def test_trace_shows_only_the_change_notice_of_this_report(standalone_targ
         assert len([e for e in every["entries"] if e["type"] == "views.changed"]) == 3
     finally:
         await client.aclose()
+
+
+async def test_the_console_shows_each_trackers_location_api_trouble(tmp_path, standalone_target):
+    """/api/trackers carries what `trackstream trackers` shows in its source column: a
+    tracker the API answers with an error, late and rejected reports, and the totals."""
+    import httpx
+
+    from ops.dashboard.app import create_app
+    from processors.config import AppSettings
+    from schemas import source_store
+    from streams.connection import connect
+    from streams.settings import StreamSettings
+
+    db_url = f"sqlite:///{tmp_path}/fleet.db"
+    now = datetime.now(UTC)
+    _fleet(db_url, now)
+    db = Database(db_url)
+
+    def trouble(session):
+        error = source_store.TrackerErrorRow("B-LATE", "forbidden", "not yours", 600.0)
+        source_store.record_errors(session, [error], now, 300.0)
+        source_store.add_counts(session, {"A-FRESH": {"late_reports": 3}}, now)
+
+    try:
+        db.run_sync(trouble)
+    finally:
+        db.dispose()
+    settings = StreamSettings.build(redis_url=standalone_target.url, prefix="console-src")
+    client = connect(settings)
+    app = create_app(settings, AppSettings.build(database_url=db_url), client=client)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as c:
+            body = (await c.get("/api/trackers")).json()
+    finally:
+        await client.aclose()
+    by_id = {t["tracker_id"]: t["source"] for t in body["trackers"]}
+    assert by_id["B-LATE"]["error"] == "forbidden" and by_id["B-LATE"]["error_count"] == 1
+    assert by_id["A-FRESH"]["late_reports"] == 3 and by_id["A-FRESH"]["error"] is None
+    assert by_id["C-OLD"] is None
+    assert body["source"]["trackers_in_error"] == {"forbidden": 1}
+    assert body["source"]["late_reports"] == 3 and body["source"]["lateness_s"] == 3600

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ops import fleet
 from ops.commands._operator import JsonOption, age_text, echo_json
 from ops.common import console, fail, handle_errors, options
 from ops.fleet import STATES
@@ -67,15 +68,6 @@ def fleet_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def _with_source(
-    session: Any, now: datetime, interval_s: float, guarantee_s: float, fleet_trackers: Any
-) -> tuple[Any, Any, Any]:
-    from schemas import source_store
-
-    rows = fleet_trackers(session, now, interval_s, None, guarantee_s)
-    return rows, source_store.source_stats(session), source_store.totals(session)
-
-
 def source_line(totals: dict[str, Any], lateness_s: float) -> str:
     """The fleet's line: late reports, later than the bound, rejected, errors."""
     errors = ", ".join(f"{n} {code}" for code, n in totals["trackers_in_error"].items())
@@ -104,21 +96,6 @@ def source_cell(s: Any) -> str:
 
 def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _stats_json(s: Any) -> dict[str, Any] | None:
-    if s is None:
-        return None
-    return {
-        "error": s.error_code,
-        "error_message": s.error_message,
-        "error_since": _iso(s.error_since),
-        "error_count": s.error_count,
-        "retry_at": _iso(s.retry_at),
-        "late_reports": s.late_reports,
-        "beyond_bound_reports": s.beyond_bound_reports,
-        "rejected_reports": s.rejected_reports,
-    }
 
 
 def register(app: typer.Typer) -> None:
@@ -164,7 +141,12 @@ def register(app: typer.Typer) -> None:
         now = datetime.now(UTC)
         guarantee_s = app_settings.max_tracker_age_s
         rows, stats, totals = read_db(
-            ctx, _with_source, now, app_settings.min_fetch_interval_s, guarantee_s, fleet_trackers
+            ctx,
+            fleet.with_source,
+            now,
+            app_settings.min_fetch_interval_s,
+            guarantee_s,
+            fleet_trackers,
         )
         summary = distribution(rows, guarantee_s)
         shown = [
@@ -178,7 +160,7 @@ def register(app: typer.Typer) -> None:
                 {
                     "summary": {**summary, "source": {**totals, "lateness_s": lateness_s}},
                     "trackers": [
-                        {**r.as_dict(), "source": _stats_json(stats.get(r.tracker_id))}
+                        {**r.as_dict(), "source": fleet.source_json(stats.get(r.tracker_id))}
                         for r in shown
                     ],
                 }

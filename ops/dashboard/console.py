@@ -65,11 +65,18 @@ async def trackers(request: Request) -> Response:
         raise HTTPException(400, f"state must be one of: {', '.join(fleet.STATES)}")
     app = d.app_settings
     guarantee_s = app.max_tracker_age_s
-    rows = await d.read_db(fleet.trackers, _now(), app.min_fetch_interval_s, None, guarantee_s)
-    shown = [r.as_dict() for r in rows if state is None or r.state == state]
+    rows, stats, source = await d.read_db(
+        fleet.with_source, _now(), app.min_fetch_interval_s, guarantee_s, fleet.trackers
+    )
+    shown = [
+        {**r.as_dict(), "source": fleet.source_json(stats.get(r.tracker_id))}
+        for r in rows
+        if state is None or r.state == state
+    ]
     return JSONResponse(
         {
             "summary": fleet.distribution(rows, guarantee_s),
+            "source": {**source, "lateness_s": app.source_lateness_s},
             "trackers": shown[:TRACKER_LIMIT],
             "shown": min(len(shown), TRACKER_LIMIT),
         }
