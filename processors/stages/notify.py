@@ -72,6 +72,7 @@ from streams.message import Message
 log = logging.getLogger("trackstream.notify")
 
 SUBSCRIPTIONS_TTL_S = 1.0
+GATE_CALLS = 16  # endpoint gate calls at once (each takes a Redis connection)
 ROUNDS = 3  # passes over one read's entries (an exit after its enter, in one call)
 Key = tuple[str, int]  # (event id, subscription id)
 
@@ -339,7 +340,13 @@ class NotifyStage:
                     e.waits.append(wait_s)
                 elif plan.action == "go":
                     go.append((e, s, plan))
-        starts = await asyncio.gather(*(self._start(e.event, s, p.attempt) for e, s, p in go))
+        gate_calls = asyncio.Semaphore(GATE_CALLS)  # within the Redis pool
+
+        async def start(e: _Entry, s: Subscription, p: Plan) -> Any:
+            async with gate_calls:
+                return await self._start(e.event, s, p.attempt)
+
+        starts = await asyncio.gather(*(start(e, s, p) for e, s, p in go))
         for (e, s, _), wait in zip(go, starts, strict=True):
             key = (e.event.event_id, s.id)
             if isinstance(wait, asyncio.Task):
