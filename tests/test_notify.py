@@ -488,3 +488,47 @@ async def test_a_receiver_down_for_two_minutes_loses_nothing(
         )
     finally:
         await env.aclose()
+
+
+async def test_two_subscriptions_to_one_url_share_its_limit_and_batches_carry_many(
+    redis_server, tmp_path, unique_prefix, receivers
+):
+    """Two subscriptions to one URL (one of them batched, 5 events a request) at
+    120/min for the origin: requests to it are spaced by one shared limit, and every
+    event arrives, each with its own id, signed."""
+    target = RedisTarget(redis_server.url, False)
+    env = Env(
+        target, unique_prefix, f"sqlite:///{tmp_path}/n.db", notify_rate_per_min=120, batch_size=20
+    )
+    shared = receivers(1)
+    try:
+        trackers = [f"T{i}" for i in range(6)]
+        (g,) = env.seed(trackers, 1)
+        env.subscribe(shared)
+        env.subscribe(shared, batch_max=5)  # the same URL and secret
+        events = [(t, g, START, "enter") for t in trackers]
+        await env.publish(env.write_events(events))
+        w = env.pipeline().worker(topology.NOTIFY, consumer="n1")
+        tasks = await running(w)
+
+        def arrived() -> set[str]:
+            got = set()
+            for r in shared.accepted():
+                data = r.body["data"]
+                got |= {d["id"] for d in data} if isinstance(data, list) else {data["id"]}
+            return got
+
+        await wait_for(lambda: arrived() == ids(events), 30, "all delivered")
+        await wait_for(lambda: set(env.states().values()) == {"delivered"}, 10, "recorded")
+        await stop([w], tasks)
+        assert all(r.valid for r in shared.log)
+        batched = [r for r in shared.accepted() if r.body["type"] == "geofence.batch"]
+        assert batched and max(len(r.body["data"]) for r in batched) > 1
+        times = sorted(r.at for r in shared.log)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # one limit (a slot every 0.5 s) for both subscriptions; arrivals carry send noise
+        assert (times[-1] - times[0]) / len(gaps) >= 0.5 * 0.95, gaps
+        assert all(sum(1 for t in times if s <= t < s + 1.0) <= 3 for s in times), gaps
+        assert len(shared.log) < 2 * len(events), "the batched subscription took fewer"
+    finally:
+        await env.aclose()
