@@ -483,9 +483,11 @@ def take_more(
     owner: str,
     lease_s: float,
     order_wait_s: float,
+    busy: Sequence[str] = (),
 ) -> list[tuple[Any, int]]:
     """Up to ``n`` more deliveries to ``sub`` that may go with ``first`` in one batched
-    request: pending, not leased by another worker, not in backoff, and with every
+    request: pending, not leased by another worker nor ``busy`` (ours, going on
+    their own), not in backoff, and with every
     earlier owed event of their tracker in the request too. Their leases are taken;
     returns (event, attempt) in the order they go."""
     from schemas.notify import GeofenceEvent
@@ -499,6 +501,7 @@ def take_more(
                 d.state == "pending",
                 d.event_id != first.event_id,
                 or_(d.next_attempt_at.is_(None), d.next_attempt_at <= now),
+                d.event_id.not_in(list(busy)),  # ours, going on their own
                 or_(d.lease_until.is_(None), d.lease_until <= now, d.lease_owner == owner),
             )
             .order_by(d.observed_at, d.geofence_id, d.kind)

@@ -213,6 +213,7 @@ class NotifyStage:
         self._subs: list[Subscription] = []
         self._subs_at = -1e9
         self._owner = ""
+        self._going: set[Key] = set()  # this pass's deliveries planned to go
         self.lease_s = app.notify_timeout_s + app.notify_max_rate_wait_s + 5
 
     async def subscriptions(self) -> list[Subscription]:
@@ -340,6 +341,7 @@ class NotifyStage:
                     e.waits.append(wait_s)
                 elif plan.action == "go":
                     go.append((e, s, plan))
+        self._going = {(e.event.event_id, s.id) for e, s, _ in go}
         gate_calls = asyncio.Semaphore(GATE_CALLS)  # within the Redis pool
 
         async def start(e: _Entry, s: Subscription, p: Plan) -> Any:
@@ -408,6 +410,11 @@ class NotifyStage:
                 owner=self._owner,
                 lease_s=self.lease_s,
                 order_wait_s=self.app.notify_order_wait_s,
+                busy=sorted(
+                    k[0]
+                    for k in {*self._going, *self._tasks}
+                    if k[1] == sub.id and k[0] != event.event_id
+                ),
             )
         task = asyncio.create_task(self._deliver(batch, sub, o, admission, slot_in_s))
         for ev, _ in batch:
