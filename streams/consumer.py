@@ -8,11 +8,12 @@ One pass of the loop::
       gate closed? ── wait (a stage whose dependency is down reads nothing, so no
                       delivery is spent while it cannot work)
       claim tick? ── XAUTOCLAIM idle entries (following the cursor), drop dead consumers
-      retries due? ── XCLAIM them back to ourselves (counts a delivery) and handle
+      retries due? ── XCLAIM them back to ourselves (a delivery) and handle
       XREADGROUP priority+stream ">" COUNT n BLOCK ms ── handle the batch
         │ handle: decode ─► middleware ─► handler(s) ─► flush outbox ─► XACK (pipelined)
         │ failure: Reject/decode/validation ─► dead letter now
-        │          Defer, or Redis unreachable ─► retry later, no delivery counted
+        │          Defer, or Redis unreachable ─► deferral recorded, retry later:
+        │            the delivery is not spent
         │          other ─► retry with backoff; at max_deliveries ─► dead letter
         │ Redis unreachable while publishing, acking or dead-lettering ─► the work is
         │   kept (same outbox, same message ids) and finished first once Redis is back
@@ -25,8 +26,11 @@ One pass of the loop::
 In-flight Redis commands are never cancelled (a command cut off mid-reply can wedge
 the client's connection pool); only handler code is, by its timeout or the grace.
 
-Delivery counts come from Redis (XPENDING), so they survive crashes: an entry whose
-consumer keeps dying is dead-lettered once it was delivered ``max_deliveries`` times.
+Spent deliveries are Redis's count (XPENDING) minus the entry's deferrals, recorded
+in the stage's ``deferrals`` hash as handlers defer (see :mod:`streams.keys`), so they
+survive crashes, claims and hand-backs: an entry whose consumer keeps dying *while
+running its handler* is dead-lettered after ``max_deliveries`` spent deliveries; one
+that only waited (deferred) spends nothing, whoever holds it.
 
 An outage never spends a delivery: a handler that succeeded while its output or its
 ack could not reach Redis is not a failure, and neither is a handler that failed only
@@ -73,7 +77,13 @@ from streams.middleware import BatchCall, MessageCall, Middleware
 from streams.monitor import heartbeats, stream_status
 from streams.parse import Entry, parse_entries, parse_read
 from streams.producer import Outbox, Route
-from streams.scripts import DELETE_IDLE_CONSUMER, HAND_BACK, Lua
+from streams.scripts import (
+    ACK_FORGET,
+    DELETE_IDLE_CONSUMER,
+    HAND_BACK,
+    RECORD_DEFERRALS,
+    Lua,
+)
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
@@ -117,7 +127,6 @@ class _Due:
     at: float  # monotonic time it is due
     msg: Message[Any]
     delay_ms: int
-    spend: bool  # False for Defer: the redelivery keeps the delivery count
 
 
 @dataclass
@@ -127,6 +136,68 @@ class _Outcome:
     outbox: Outbox | None = None
     # dead letters to move: (message, category, error)
     letters: list[tuple[Message[Any], str, str]] = field(default_factory=list)
+    # deferred entries whose deferral count must be in Redis before anything else
+    deferred: list[Message[Any]] = field(default_factory=list)
+
+
+def _is_deferral(exc: BaseException) -> bool:
+    """The handler did not get to try (Defer) or could not reach Redis: the delivery
+    says nothing about the entry, so it is not spent."""
+    return isinstance(exc, Defer) or redis_down(exc)
+
+
+_Key = tuple[str, str]  # (stream, entry id)
+
+
+class _DeferralLog:
+    """Writes deferral counts to Redis as handlers defer, so a consumer killed in the
+    middle of a batch has recorded the deferrals before the kill: only the entries
+    running, or read and not yet started, at that moment count a delivery. Group
+    commit: one write in flight, the next carries whatever deferred meanwhile.
+    :meth:`settle` makes sure a batch's counts are written (and raises if Redis
+    cannot take them)."""
+
+    def __init__(self, write: Callable[[list[tuple[Message[Any], int]]], Awaitable[None]]) -> None:
+        self._write = write
+        self._queue: dict[_Key, tuple[Message[Any], int]] = {}
+        self._written: dict[_Key, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, msg: Message[Any], count: int) -> None:
+        self._queue[(msg.stream, msg.entry_id)] = (msg, count)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch = list(self._queue.values())
+            self._queue.clear()
+            try:
+                await self._write(batch)
+            except Exception:  # settle() writes them again and reports the error
+                return
+            for msg, count in batch:
+                key = (msg.stream, msg.entry_id)
+                self._written[key] = max(count, self._written.get(key, 0))
+
+    async def idle(self) -> None:
+        """Wait for the write in flight (never cancelling it: a Redis command cut off
+        mid-reply can wedge the connection pool)."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
+    async def settle(self, msgs: Sequence[Message[Any]]) -> None:
+        """Write the deferral counts of ``msgs`` not written yet."""
+        await self.idle()
+        missing = [
+            (m, m.deferrals)
+            for m in msgs
+            if self._written.get((m.stream, m.entry_id), 0) < m.deferrals
+        ]
+        if missing:
+            await self._write(missing)
+        for m in msgs:
+            self._written.pop((m.stream, m.entry_id), None)
 
 
 def _stray_cancel(exc: BaseException) -> bool:
@@ -182,6 +253,9 @@ class Consumer:
         self.gate = gate
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
         self._hand_back = Lua(client, HAND_BACK)
+        self._record_deferrals = Lua(client, RECORD_DEFERRALS)
+        self._ack_forget = Lua(client, ACK_FORGET)
+        self._deferral_log = _DeferralLog(self._write_deferrals)
         self._delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
         self._url = settings.redis_url
         self._retries: dict[tuple[str, str], _Due] = {}
@@ -417,14 +491,36 @@ class Consumer:
             counts[mid.decode() if isinstance(mid, bytes) else str(mid)] = int(
                 row["times_delivered"]
             )
-        return [Message(stream, i, f, counts.get(i, 1)) for i, f in entries]
+        free = await self._deferrals_of(stream, ids)
+        return [_message(stream, i, f, counts.get(i, 1), free.get(i, 0)) for i, f in entries]
+
+    async def _deferrals_of(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
+        """The recorded deferral counts of entries (absent: none)."""
+        if not ids:
+            return {}
+        fields = [self.keys.deferral_field(stream, i) for i in ids]
+        values = await self._translated(self.client.hmget(self.keys.deferrals, fields))
+        return {i: int(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    async def _write_deferrals(self, batch: list[tuple[Message[Any], int]]) -> None:
+        by_stream: dict[str, list[Any]] = {}
+        for msg, count in batch:
+            by_stream.setdefault(msg.stream, []).extend((msg.entry_id, count))
+        for stream, pairs in by_stream.items():
+            await self._translated(
+                self._record_deferrals(
+                    keys=[stream, self.keys.deferrals], args=[self.keys.group, self.name, *pairs]
+                )
+            )
 
     async def _recover_lost_deliveries(self) -> None:
         """After an outage: take back entries Redis delivered to us on a reply that
         never arrived (pending for us, yet not in hand), delivery count unchanged."""
         self._lost_check = False
         in_hand = set(self._retries) | {
-            (m.stream, m.entry_id) for o in self._held for m in (*o.ok, *(x[0] for x in o.letters))
+            (m.stream, m.entry_id)
+            for o in self._held
+            for m in (*o.ok, *(x[0] for x in o.letters), *o.deferred)
         }
         for stream in self.keys.streams():
             start = "-"
@@ -453,8 +549,10 @@ class Consumer:
                             stream, self.keys.group, self.name, 0, ids, retrycount=count
                         )
                     )
+                    got = parse_entries(raw)
+                    free = await self._deferrals_of(stream, [i for i, _ in got])
                     msgs: list[Message[Any]] = [
-                        Message(stream, i, f, count) for i, f in parse_entries(raw)
+                        _message(stream, i, f, count, free.get(i, 0)) for i, f in got
                     ]
                     if msgs:
                         log.warning(
@@ -484,6 +582,9 @@ class Consumer:
                     )
                 )
                 cursor = _s(reply[0])
+                if len(reply) > 2 and reply[2]:  # deleted while pending: drop their counts
+                    fields = [self.keys.deferral_field(stream, _s(i)) for i in reply[2]]
+                    await self._translated(self.client.hdel(self.keys.deferrals, *fields))
                 entries = await self._keep_own_retries(stream, parse_entries(reply[1]))
                 if entries:
                     claimed_total += len(entries)
@@ -508,7 +609,7 @@ class Consumer:
                     self.name,
                     0,
                     [r.msg.entry_id],
-                    retrycount=r.msg.deliveries,
+                    retrycount=r.msg.times_delivered,
                     justid=True,
                 )
             )
@@ -594,12 +695,13 @@ class Consumer:
         due = [r for r in self._retries.values() if r.at <= now]
         if not due:
             return False
-        # one XCLAIM per stream and new delivery count (RETRYCOUNT keeps a deferred
-        # entry's count; otherwise XCLAIM adds one)
-        groups: dict[tuple[str, int | None], list[_Due]] = {}
+        # one XCLAIM per stream; it adds a delivery (a deferred entry's last delivery
+        # is in its recorded deferral count, so this one is spent only if it runs and
+        # fails, or its consumer dies while running it)
+        groups: dict[str, list[_Due]] = {}
         for r in due:
-            groups.setdefault((r.msg.stream, None if r.spend else r.msg.deliveries), []).append(r)
-        for (stream, keep), rs in groups.items():
+            groups.setdefault(r.msg.stream, []).append(r)
+        for stream, rs in groups.items():
             # min idle: nobody else must have claimed it since (that resets idle)
             min_idle = max(0, min(r.delay_ms for r in rs) // 2)
             raw = await self._translated(
@@ -609,7 +711,6 @@ class Consumer:
                     self.name,
                     min_idle,
                     [r.msg.entry_id for r in rs],
-                    retrycount=keep,
                 )
             )
             for r in rs:  # dropped only now: a claim lost to an outage is tried again
@@ -620,7 +721,8 @@ class Consumer:
                     stream,
                     r.msg.entry_id,
                     claimed[r.msg.entry_id],
-                    r.msg.deliveries if keep is not None else r.msg.deliveries + 1,
+                    r.msg.deliveries + 1,
+                    deferrals=r.msg.deferrals,
                 )
                 for r in rs
                 if r.msg.entry_id in claimed
@@ -720,6 +822,8 @@ class Consumer:
             except BaseException as exc:
                 if not isinstance(exc, Exception) and not _stray_cancel(exc):
                     raise
+                if _is_deferral(exc):  # recorded now, not when the whole batch is done
+                    self._deferral_log.note(msg, msg.deferrals + 1)
                 outcome.failed.append((msg, exc))
                 return
             outbox.extend(box)  # only successful handlers' output is published
@@ -744,11 +848,13 @@ class Consumer:
         interrupted = 0
         for msg, exc in outcome.failed:
             if self._grace_over and isinstance(exc, TimeoutError):
-                interrupted += 1  # cut short by shutdown: left pending, handed back
+                # cut short by shutdown: not the entry's fault, so not spent; left
+                # pending and handed back
+                interrupted += 1
+                msg.deferred()
+                outcome.deferred.append(msg)
                 continue
-            letter = self._fail(msg, exc)
-            if letter is not None:
-                outcome.letters.append(letter)
+            self._fail(msg, exc, outcome)
         if interrupted:
             log.warning(
                 "%s/%s: shutdown grace over, %d handlers interrupted",
@@ -779,7 +885,12 @@ class Consumer:
         """Publish, ack, move dead letters; on an error the outcome holds what is left.
 
         A publish that fails for a reason other than Redis being unreachable fails its
-        entries (they are retried as any failure); an outage propagates."""
+        entries (they are retried as any failure); an outage propagates. Deferral
+        counts go first: a deferred entry must not be retried or handed back before
+        its count is in Redis."""
+        if outcome.deferred:
+            await self._deferral_log.settle(outcome.deferred)
+            outcome.deferred = []
         if outcome.ok:
             if outcome.outbox is not None and len(outcome.outbox):
                 try:
@@ -789,9 +900,7 @@ class Consumer:
                         raise
                     failed, outcome.ok, outcome.outbox = outcome.ok, [], None
                     for msg in failed:
-                        letter = self._fail(msg, exc)
-                        if letter is not None:
-                            outcome.letters.append(letter)
+                        self._fail(msg, exc, outcome)
             if outcome.ok:
                 await self._ack(outcome.ok)
                 outcome.ok = []
@@ -820,8 +929,17 @@ class Consumer:
         by_stream: dict[str, list[str]] = {}
         for m in msgs:
             by_stream.setdefault(m.stream, []).append(m.entry_id)
+        deferred = {m.stream for m in msgs if m.deferrals}
         with translate(self._url, self.keys.stream, self.keys.group):
-            if len(by_stream) == 1:
+            if deferred:  # some were deferred before: ack and drop their counts at once
+                for stream, ids in by_stream.items():
+                    if stream in deferred:
+                        await self._ack_forget(
+                            keys=[stream, self.keys.deferrals], args=[self.keys.group, *ids]
+                        )
+                    else:
+                        await self.client.xack(stream, self.keys.group, *ids)
+            elif len(by_stream) == 1:
                 ((stream, ids),) = by_stream.items()
                 await self.client.xack(stream, self.keys.group, *ids)
             else:
@@ -832,33 +950,37 @@ class Consumer:
         self.handled += len(msgs)
         self._notify("on_acked", self.stage, len(msgs))
 
-    def _fail(self, msg: Message[Any], exc: BaseException) -> tuple[Message[Any], str, str] | None:
-        """Schedule a failed entry's retry; returns the dead letter to move instead, if any."""
-        if isinstance(exc, Defer) or redis_down(exc):
+    def _fail(self, msg: Message[Any], exc: BaseException, outcome: _Outcome) -> None:
+        """Schedule a failed entry's retry, or add the dead letter to move instead; a
+        deferred entry goes to ``outcome.deferred`` (its count is written first)."""
+        if _is_deferral(exc):
             # not a failure of the entry: the handler did not get to try, or could not
-            # reach Redis. Redelivered later with its delivery count unchanged.
+            # reach Redis. This delivery is recorded as a deferral: not spent.
             if isinstance(exc, Defer):
                 delay_ms = self._retry_delay_ms(msg, exc.delay_ms)
             else:  # not sooner than a second: the handler's Redis may be down for long
                 delay_ms = min(self.settings.retry_max_ms, max(1_000, self._retry_delay_ms(msg)))
+            msg.deferred()
+            outcome.deferred.append(msg)
             self._retries[(msg.stream, msg.entry_id)] = _Due(
-                time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=False
+                time.monotonic() + delay_ms / 1000, msg, delay_ms
             )
             self._notify("on_deferred", self.stage, msg, delay_ms, str(exc))
-            return None
+            return
         category = _category(exc)
         self._notify("on_failed", self.stage, msg, exc, category)
         error = _describe(exc)
         if isinstance(exc, Reject | MessageError):
-            return (msg, category, error)
+            outcome.letters.append((msg, category, error))
+            return
         if msg.attempts >= self.settings.max_deliveries:
             final = "timeout" if category == "timeout" else "max-deliveries"
-            return (msg, final, f"{error} (after {msg.attempts} deliveries)")
+            outcome.letters.append((msg, final, f"{error} (after {msg.attempts} deliveries)"))
+            return
         delay_ms = self._retry_delay_ms(msg, exc.delay_ms if isinstance(exc, Retry) else None)
-        due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms, spend=True)
+        due = _Due(time.monotonic() + delay_ms / 1000, msg, delay_ms)
         self._retries[(msg.stream, msg.entry_id)] = due
         self._notify("on_retry", self.stage, msg, delay_ms)
-        return None
 
     async def _dead_letter(self, msg: Message[Any], category: str, error: str) -> None:
         moved = await self.dead_letters.move(
@@ -879,6 +1001,7 @@ class Consumer:
         consumer."""
         try:
             await self._settle_held()
+            await self._deferral_log.idle()
             handed = 0
             for stream in self.keys.streams():
                 while True:
@@ -897,7 +1020,8 @@ class Consumer:
                     for row in rows:
                         await self._translated(
                             self._hand_back(
-                                keys=[stream], args=[self.keys.group, self.name, row["message_id"]]
+                                keys=[stream, self.keys.deferrals],
+                                args=[self.keys.group, self.name, row["message_id"]],
                             )
                         )
                         handed += 1
@@ -932,6 +1056,11 @@ class Consumer:
 def _step_name(step: Callable[..., Any]) -> str:
     func = step.func if isinstance(step, partial) else step
     return getattr(func, "__name__", repr(func))
+
+
+def _message(stream: str, entry_id: str, fields: Any, times: int, deferrals: int) -> Message[Any]:
+    """A message from Redis's delivery count and the recorded deferrals."""
+    return Message(stream, entry_id, fields, max(1, times - deferrals), deferrals=deferrals)
 
 
 def _s(value: Any) -> str:

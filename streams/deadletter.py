@@ -184,7 +184,8 @@ class DeadLetters:
         attempts: int,
         fields: Fields,
     ) -> str | None:
-        """Atomically XADD to the dead-letter stream and XACK; None if no longer ours."""
+        """Atomically XADD to the dead-letter stream, XACK and drop the entry's deferral
+        count; None if no longer ours."""
         args = dead_letter_args(
             self.keys,
             stream=stream,
@@ -196,7 +197,7 @@ class DeadLetters:
             fields=fields,
         )
         with translate(self.url, stream, self.keys.group):
-            new_id = await self._move(keys=[stream, self.keys.dlq], args=args)
+            new_id = await self._move(keys=[stream, self.keys.dlq, self.keys.deferrals], args=args)
         return new_id.decode() if new_id else None
 
     async def count(self) -> int:
@@ -239,7 +240,10 @@ class DeadLetters:
         return _from_entry(*entries[0]) if entries else None
 
     async def redrive(self, dlq_ids: Iterable[str]) -> dict[str, str | None]:
-        """Re-add each dead letter's original entry to its origin stream, at most once.
+        """Re-add each dead letter's original entry to its origin stream, at most once,
+        with a fresh count: its ``attempt`` field is set to 0, so it gets its full
+        ``max_deliveries`` again (the new entry has a new id, so no delivery or
+        deferral of the old one follows it).
 
         Returns dead-letter id -> new entry id (None: unknown or already redriven).
         """
@@ -253,7 +257,7 @@ class DeadLetters:
                 continue
             args: list[bytes | str] = [dlq_id]
             for k, v in letter.fields.items():
-                args += [k, v]
+                args += [k, b"0" if k == b"attempt" else v]
             with translate(self.url):
                 new_id = await self._redrive(
                     keys=[self.keys.dlq, self.keys.redriven, letter.origin], args=args

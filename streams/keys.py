@@ -14,6 +14,8 @@ key (``{t}`` = the stage's tag)         type    what
 ``{p}:{t}:priority``                    stream  urgent lane, served before ``stream``
 ``{p}:{t}:dlq``                         stream  dead letters: origin id, category, error, fields
 ``{p}:{t}:redriven``                    set     dead-letter ids already redriven (redrive once)
+``{p}:{t}:deferrals``                   hash    ``<lane>:<entry id>`` -> deliveries that were
+                                                deferrals (see below); pending entries only
 ``{p}:{t}:heartbeats``                  hash    consumer name -> last heartbeat (unix ms)
 ``{p}:{t}:lease:{consumer}``            string  holder token of a consumer name (``SET NX PX``)
 ``{p}:{t}:lock:{name}``                 string  a named lock of the stage (``SET NX PX``)
@@ -23,6 +25,17 @@ key (``{t}`` = the stage's tag)         type    what
 ``{p}:{t}:info:{consumer}``             hash    a worker's host, pid, counts (TTL >= 10 min)
 ``{p}:{t}:history:{minute}``            hash    the stage's counts in one minute (TTL ~1 h)
 ======================================  ======  ==============================================
+
+Waiting spends nothing: an entry's deliveries that count toward ``max_deliveries``
+are Redis's ``times_delivered`` (XPENDING) minus its count in ``deferrals`` (``lane``
+is ``stream`` or ``priority``, the input stream key's last part). Every handler run
+is a delivery (a retry is an ``XCLAIM`` that adds one); a run that ends in a deferral
+(:class:`~streams.errors.Defer`, Redis unreachable, the shutdown grace) raises the
+count in ``deferrals`` by one, written as it happens and always before the entry can
+be retried, handed back or claimed. A consumer that dies *while running* a handler
+has not written that run's deferral, so the run counts; one that dies while the
+entry waits has. The count is written and dropped in the same Lua script as the
+step it belongs to (ack, dead letter, hand-back), all in the stage's slot.
 
 Where the stages live on a cluster. ``redis-cli --cluster create`` with three
 masters gives them slots 0-5460, 5461-10922 and 10923-16383; the tags are picked so
@@ -120,6 +133,15 @@ class StageKeys:
     @property
     def redriven(self) -> str:
         return self._key("redriven")
+
+    @property
+    def deferrals(self) -> str:
+        return self._key("deferrals")
+
+    @staticmethod
+    def deferral_field(stream: str, entry_id: str) -> str:
+        """The field of an entry in :attr:`deferrals` (the scripts build it the same way)."""
+        return f"{stream.rsplit(':', 1)[-1]}:{entry_id}"
 
     @property
     def heartbeats(self) -> str:

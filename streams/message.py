@@ -6,7 +6,8 @@ A stream entry has these fields (readable in ``redis-cli``)::
     v         payload schema version (int)
     msg_id    unique id of the message (survives copies, replays and redrives)
     produced  produced-at, unix ms
-    attempt   times the message was handed back and re-queued (0 at first)
+    attempt   deliveries spent before it was handed back and re-queued (0 at first;
+              a redrive starts it at 0 again)
     trace     optional trace id carried from message to message
     data      the payload as JSON (orjson / pydantic-core)
 
@@ -58,7 +59,11 @@ class Envelope(Generic[P]):
 
 @dataclass(slots=True)
 class Message(Generic[P]):
-    """One delivered entry: where it came from, how often it was delivered, what it says."""
+    """One delivered entry: where it came from, how often it was delivered, what it says.
+
+    ``deliveries`` counts the deliveries that were spent (this one included while it
+    runs); ``deferrals`` those that ended in a deferral, which spend nothing. Redis's
+    own count (XPENDING's times_delivered) is their sum (see :mod:`streams.keys`)."""
 
     stream: str
     entry_id: str
@@ -66,6 +71,7 @@ class Message(Generic[P]):
     deliveries: int
     envelope: Envelope[P] | None = None
     error: Exception | None = field(default=None, repr=False)
+    deferrals: int = 0
 
     @property
     def payload(self) -> P:
@@ -73,9 +79,19 @@ class Message(Generic[P]):
         return self.envelope.payload
 
     @property
+    def times_delivered(self) -> int:
+        """Redis's delivery count of the entry."""
+        return self.deliveries + self.deferrals
+
+    @property
     def attempts(self) -> int:
-        """Deliveries in this stream plus earlier hand-backs."""
+        """Deliveries spent in this stream plus those spent before earlier hand-backs."""
         return self.deliveries + (self.envelope.attempt if self.envelope else 0)
+
+    def deferred(self) -> None:
+        """This delivery ended in a deferral: it is not spent."""
+        self.deliveries -= 1
+        self.deferrals += 1
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:

@@ -30,39 +30,90 @@ class Lua:
             return await self.client.eval(self.text, len(keys), *keys, *args)
 
 
-# KEYS: stream, dlq. ARGV: group, consumer, entry id, field, value, ...
-# Moves a pending entry of `consumer` to the dead-letter stream and acks it.
-DEAD_LETTER = """
+# The deferrals hash (see streams.keys) holds, per pending entry that was ever
+# deferred, how many of its deliveries were deferrals: field "<lane>:<entry id>"
+# (lane = the stream key's last part, "stream" or "priority"), value an integer. The
+# deliveries that count toward max_deliveries are XPENDING's times_delivered minus it.
+_LANE = "local lane = string.match(KEYS[1], '([^:]+)$') .. ':'\n"
+
+# KEYS: stream, dlq, deferrals. ARGV: group, consumer, entry id, field, value, ...
+# Moves a pending entry of `consumer` to the dead-letter stream, acks it and drops
+# its deferral count.
+DEAD_LETTER = (
+    _LANE
+    + """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return false end
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[3], lane .. ARGV[3])
 return id
 """
+)
 
-# KEYS: stream. ARGV: group, consumer, entry id.
+# KEYS: stream, deferrals. ARGV: group, consumer, entry id.
 # Hands an unfinished entry back: re-adds its fields with `attempt` raised by the
-# deliveries it had, and acks the old one. Returns the new id, or false.
-HAND_BACK = """
+# deliveries it spent (times delivered minus deferrals: waiting spends nothing), acks
+# the old one and drops its deferral count. Returns the new id, or false.
+HAND_BACK = (
+    _LANE
+    + """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return false end
 local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+local free = tonumber(redis.call('HGET', KEYS[2], lane .. ARGV[3]) or '0') or 0
+redis.call('HDEL', KEYS[2], lane .. ARGV[3])
 if #e == 0 then return false end
+local spent = p[1][4] - free
+if spent < 0 then spent = 0 end
 local f = e[1][2]
 local found = false
 for i = 1, #f, 2 do
   if f[i] == 'attempt' then
-    f[i + 1] = tostring((tonumber(f[i + 1]) or 0) + p[1][4])
+    f[i + 1] = tostring((tonumber(f[i + 1]) or 0) + spent)
     found = true
   end
 end
 if not found then
   table.insert(f, 'attempt')
-  table.insert(f, tostring(p[1][4]))
+  table.insert(f, tostring(spent))
 end
 return redis.call('XADD', KEYS[1], '*', unpack(f))
 """
+)
+
+# KEYS: stream, deferrals. ARGV: group, consumer, entry id, deferrals, entry id, ...
+# Records the deferral counts of entries still pending for `consumer` (a count only
+# grows: writing one twice is harmless). Returns how many were recorded.
+RECORD_DEFERRALS = (
+    _LANE
+    + """
+local n = 0
+for i = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then
+    local field = lane .. ARGV[i]
+    local old = tonumber(redis.call('HGET', KEYS[2], field) or '0') or 0
+    if tonumber(ARGV[i + 1]) > old then redis.call('HSET', KEYS[2], field, ARGV[i + 1]) end
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+# KEYS: stream, deferrals. ARGV: group, entry id, ... Acks entries and drops their
+# deferral counts in one step (used when some of them were deferred before).
+ACK_FORGET = (
+    _LANE
+    + """
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = lane .. ARGV[i] end
+redis.call('HDEL', KEYS[2], unpack(fields))
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+"""
+)
 
 # KEYS: dlq, redriven set, origin stream. ARGV: dlq entry id, field, value, ...
 # Re-adds a dead letter's original fields to its origin, once.
