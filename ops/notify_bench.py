@@ -1,7 +1,8 @@
 """``trackstream webhook bench``: deliveries per second to a fast local receiver.
 
-Each run uses a throwaway SQLite database (or ``--bench-database-url``) and its own
-key prefix on the configured Redis (deleted afterwards), publishes ``events`` geofence
+Each run uses a throwaway SQLite database (or ``--bench-database-url``, from which the
+run deletes its own rows afterwards, so the next run starts from the same state) and
+its own key prefix on the configured Redis (deleted afterwards), publishes ``events`` geofence
 events (an enter and an exit for each of ``events / 2`` trackers, so the order rule is
 in play), starts ``workers`` notify worker processes (``trackstream worker notify``)
 and times from the first publish to the last 2xx at a receiver on 127.0.0.1. The rate
@@ -79,6 +80,7 @@ def run_once(
     from schemas import store, webhook_store
     from schemas.db import upgrade
     from schemas.notify import GeofenceEvent
+    from schemas.secretbox import SecretBox, new_key
     from streams.connection import connect
     from streams.producer import Producer
 
@@ -90,11 +92,20 @@ def run_once(
         db = Database(db_url)
         trackers = [f"BENCH-{prefix}-{i:05d}" for i in range(max(1, events // 2))]
         start = datetime(2026, 1, 1, tzinfo=UTC)
+        key = new_key()
+        made: dict[str, int] = {}
 
         def seed(s: Any) -> list[GeofenceEvent]:
             store.upsert_trackers(s, [{"external_id": t} for t in trackers])
-            g = store.add_geofence(s, "bench", "circle", 0.0, 0.0, 100.0).id
-            webhook_store.add_subscription(s, receiver.url, new_secret())
+            g = made["geofence"] = store.add_geofence(s, prefix, "circle", 0.0, 0.0, 100.0).id
+            made["subscription"] = webhook_store.add_subscription(
+                s,
+                receiver.url,
+                new_secret(),
+                box=SecretBox([key]),
+                allow_private=True,
+                allow_http=True,
+            )
             out = []
             for i in range(events):
                 t, kind = trackers[i // 2 % len(trackers)], ("enter", "exit")[i % 2]
@@ -114,6 +125,8 @@ def run_once(
                 "TRACKSTREAM_DATABASE_URL": db_url,
                 "TRACKSTREAM_NOTIFY_RATE_PER_MIN": "100000000",
                 "TRACKSTREAM_NOTIFY_POLL_S": "0.05",
+                "TRACKSTREAM_NOTIFY_ENDPOINT_CONCURRENCY": "32",
+                "TRACKSTREAM_WEBHOOK_KEYS": key,
             }
         )
         procs = [
@@ -159,12 +172,44 @@ def run_once(
                 except subprocess.TimeoutExpired:
                     p.kill()
             receiver.close()
+            db = Database(db_url)
+            try:
+                db.run_sync(_clean, made, trackers)
+            finally:
+                db.dispose()
     return {
         "events": events,
         "workers": workers,
         "seconds": round(took, 3),
         "deliveries_per_s": round(events / took, 1),
     }
+
+
+def _clean(session: Any, made: dict[str, int], trackers: list[str]) -> None:
+    """Delete what one run added (its subscription, deliveries, attempts, events,
+    trackers and geofence), so a shared bench database starts each run the same."""
+    from sqlalchemy import delete
+
+    from schemas.tables import (
+        Geofence,
+        GeofenceEvent,
+        Tracker,
+        WebhookAttempt,
+        WebhookDelivery,
+        WebhookSubscription,
+    )
+
+    sid, gid = made.get("subscription"), made.get("geofence")
+    if sid is not None:
+        session.execute(delete(WebhookAttempt).where(WebhookAttempt.subscription_id == sid))
+        session.execute(delete(WebhookDelivery).where(WebhookDelivery.subscription_id == sid))
+        session.execute(delete(WebhookSubscription).where(WebhookSubscription.id == sid))
+    for i in range(0, len(trackers), 1000):
+        chunk = trackers[i : i + 1000]
+        session.execute(delete(GeofenceEvent).where(GeofenceEvent.tracker_id.in_(chunk)))
+        session.execute(delete(Tracker).where(Tracker.external_id.in_(chunk)))
+    if gid is not None:
+        session.execute(delete(Geofence).where(Geofence.id == gid))
 
 
 def bench(

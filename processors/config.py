@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.settings import ENV_PREFIX, StreamSettings, config_error
@@ -79,6 +79,10 @@ class AppSettings(BaseSettings):
     notify_max_rate_wait_s: float = Field(10.0, ge=0)
     notify_inline_wait_s: float = Field(0.5, ge=0)
     notify_poll_s: float = Field(0.25, gt=0)
+    # webhook secrets at rest: Fernet keys, newest first (comma-separated), or a file
+    # with one key a line; see schemas/secretbox.py and `trackstream webhook rotate-key`
+    webhook_keys: SecretStr | None = None
+    webhook_key_file: str | None = None
 
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to reach
@@ -137,6 +141,19 @@ class AppSettings(BaseSettings):
         if self.notify_retry_max_s < self.notify_retry_base_s:
             raise ValueError("notify_retry_max_s must be >= notify_retry_base_s")
         return self
+
+    def webhook_key_list(self) -> list[str]:
+        """The Fernet keys for webhook secrets, newest first (none configured: [])."""
+        keys = self.webhook_keys.get_secret_value().split(",") if self.webhook_keys else []
+        if self.webhook_key_file:
+            from pathlib import Path
+
+            try:
+                text = Path(self.webhook_key_file).read_text()
+            except OSError as exc:
+                raise ValueError(f"webhook_key_file: cannot read it ({exc.strerror})") from None
+            keys += text.split()
+        return [k.strip() for k in keys if k.strip()]
 
     @property
     def fetch_backlog_bound_s(self) -> float:

@@ -15,6 +15,7 @@ from processors import topology
 from processors.clock import Clock, system_clock
 from processors.config import AppSettings
 from processors.database import Database
+from processors.endpoints import EndpointGate
 from processors.geocoding import CachedGeocoder, Geocoder, NominatimGeocoder, OfflineGeocoder
 from processors.reconciler import Reconciler
 from processors.resilience import CircuitBreaker, Limiter
@@ -31,6 +32,7 @@ from processors.stages.geocode import GeocodeStage
 from processors.stages.geofence import GeofenceStage
 from processors.stages.notify import NotifyStage
 from processors.stages.viewrefresh import ViewRefreshStage
+from schemas.secretbox import SecretBox
 from streams.connection import Client, connect
 from streams.consumer import Context
 from streams.errors import Reject
@@ -148,19 +150,21 @@ class Pipeline:
             self.client, key, rate_per_s, burst, self.streams.redis_url, max_wait_s=max_wait_s
         )
 
-    def _endpoint_limiter(self, subscription_id: int) -> SharedRateLimiter:
-        """One webhook endpoint's rate, shared by every notify worker; a slot further
-        than notify_max_rate_wait_s away is not taken (the delivery is deferred)."""
-        key = StageKeys(self.streams.prefix, topology.NOTIFY).ratelimit(
-            f"endpoint-{subscription_id}"
-        )
-        return SharedRateLimiter(
+    def _endpoint_gate(self, origin: str) -> EndpointGate:
+        """One webhook endpoint (a URL's origin), shared by every subscription to it and
+        every notify worker: rate limit, circuit breaker, Retry-After pause. A slot
+        further than notify_max_rate_wait_s away is not taken (the delivery waits)."""
+        return EndpointGate(
             self.client,
-            key,
-            self.app.notify_rate_per_min / 60,
-            1,
-            self.streams.redis_url,
-            max_wait_s=self.app.notify_max_rate_wait_s,
+            self.streams.prefix,
+            topology.NOTIFY,
+            origin,
+            rate_per_s=self.app.notify_rate_per_min / 60,
+            max_rate_wait_s=self.app.notify_max_rate_wait_s,
+            threshold=self.app.notify_breaker_failures,
+            reset_s=self.app.notify_breaker_reset_s,
+            trial_s=self.app.notify_timeout_s + 1,
+            url=self.streams.redis_url,
         )
 
     def stage(self, name: str) -> Any:
@@ -199,8 +203,9 @@ class Pipeline:
             return NotifyStage(
                 self.db,
                 self.app,
-                self._endpoint_limiter,
+                self._endpoint_gate,
                 self.registry,
+                SecretBox(self.app.webhook_key_list()),
                 max_defer_s=self.streams.claim_idle_ms / 3000,
             )
         keys = self.routes[topology.VIEW_REFRESH].keys()

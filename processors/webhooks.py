@@ -6,6 +6,15 @@ implementation; pure Python, no dependencies): ``webhook-signature`` is
 secret being the base64 after ``whsec_``. The timestamp is taken at each attempt, so a
 retry is never older than a receiver's replay window.
 
+A subscription with ``batch_max`` N > 1 receives up to N events in one request: type
+``geofence.batch``, ``data`` the list of the events' ``data`` objects in their order
+(each with its own ``id``, by which a receiver drops repeats), ``webhook-id``
+``gfb_`` + a digest of the event ids (the same for the same events).
+
+The request goes to the address the SSRF guard checked (:class:`processors.ssrf.Resolver`):
+the URL's host is swapped for that address, with the ``Host`` header and the TLS server
+name kept as the host's name.
+
 Outcomes::
 
     2xx                                   delivered
@@ -16,10 +25,11 @@ Outcomes::
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -29,6 +39,7 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from processors.resilience import retry_after_s
+from processors.ssrf import Target
 from schemas.notify import GeofenceEvent
 from schemas.webhook_store import EXCERPT_CHARS
 
@@ -51,20 +62,45 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def _stamp(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def _data(event: GeofenceEvent) -> dict[str, object]:
+    return {
+        "id": event.event_id,
+        "tracker_id": event.tracker_id,
+        "geofence_id": event.geofence_id,
+        "kind": event.kind,
+        "observed_at": _stamp(event.observed_at),
+    }
+
+
 def body(event: GeofenceEvent) -> bytes:
     """The JSON payload (the specification's suggested ``type``/``timestamp``/``data``)."""
     data = {
         "type": f"geofence.{event.kind}",
-        "timestamp": event.observed_at.isoformat().replace("+00:00", "Z"),
-        "data": {
-            "id": event.event_id,
-            "tracker_id": event.tracker_id,
-            "geofence_id": event.geofence_id,
-            "kind": event.kind,
-            "observed_at": event.observed_at.isoformat().replace("+00:00", "Z"),
-        },
+        "timestamp": _stamp(event.observed_at),
+        "data": _data(event),
     }
     return orjson.dumps(data)
+
+
+def batch_body(events: Sequence[GeofenceEvent]) -> bytes:
+    """Several events in one request: ``data`` is the list of their ``data`` objects."""
+    data = {
+        "type": "geofence.batch",
+        "timestamp": _stamp(max(e.observed_at for e in events)),
+        "data": [_data(e) for e in events],
+    }
+    return orjson.dumps(data)
+
+
+def message_id(events: Sequence[GeofenceEvent]) -> str:
+    if len(events) == 1:
+        return events[0].event_id
+    digest = hashlib.sha256("\n".join(e.event_id for e in events).encode()).hexdigest()
+    return "gfb_" + digest[:32]
 
 
 def signed_headers(secret: str, msg_id: str, payload: bytes, now: datetime) -> dict[str, str]:
@@ -79,13 +115,30 @@ def signed_headers(secret: str, msg_id: str, payload: bytes, now: datetime) -> d
     }
 
 
-async def attempt(http: httpx.AsyncClient, url: str, secret: str, event: GeofenceEvent) -> Answer:
-    """POST the event once; never raises for a network or HTTP failure."""
-    payload = body(event)
-    headers = signed_headers(secret, event.event_id, payload, datetime.now(UTC))
+async def attempt(
+    http: httpx.AsyncClient,
+    url: str,
+    secret: str,
+    events: GeofenceEvent | Sequence[GeofenceEvent],
+    target: Target | None = None,
+) -> Answer:
+    """POST the event (or events, one request) once; never raises for a network or
+    HTTP failure. With ``target`` the request goes to its checked address."""
+    batch = [events] if isinstance(events, GeofenceEvent) else list(events)
+    payload = body(batch[0]) if len(batch) == 1 else batch_body(batch)
+    headers = signed_headers(secret, message_id(batch), payload, datetime.now(UTC))
+    request_url = httpx.URL(url)
+    extensions: dict[str, object] = {}
+    if target is not None and target.ip != target.host:
+        headers["host"] = request_url.netloc.decode("ascii").rpartition("@")[2]
+        request_url = request_url.copy_with(host=target.ip)
+        if request_url.scheme == "https":
+            extensions["sni_hostname"] = target.host
     start = time.monotonic()
     try:
-        async with http.stream("POST", url, content=payload, headers=headers) as resp:
+        async with http.stream(
+            "POST", request_url, content=payload, headers=headers, extensions=extensions
+        ) as resp:
             status = resp.status_code
             excerpt = b"" if 200 <= status < 300 else await _head(resp, EXCERPT_CHARS * 4)
     except httpx.TimeoutException as exc:

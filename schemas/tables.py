@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
     true,
@@ -308,6 +309,11 @@ class WebhookSubscription(Base):
     description: Mapped[str | None] = mapped_column(String(256))
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 1: high
+    batch_max: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    disabled_reason: Mapped[str | None] = mapped_column(Text)  # e.g. the endpoint's 410
+    allow_private: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    allow_http: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     def __repr__(self) -> str:  # no secret
         return f"WebhookSubscription({self.id}, {self.url!r}, active={self.active})"
@@ -337,6 +343,10 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+    # a dead delivery whose entry was dead-lettered: when, and the message id a
+    # redrive of that letter carries (the only thing that starts it over)
+    lettered_at: Mapped[datetime | None]
+    lettered_msg: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint("state IN ('pending', 'delivered', 'dead')", name="state"),

@@ -31,6 +31,7 @@ from processors.pipeline import Pipeline
 from schemas import store, webhook_store
 from schemas.db import upgrade
 from schemas.notify import GeofenceEvent
+from schemas.secretbox import SecretBox
 from streams.deadletter import DeadLetters
 from streams.producer import Producer
 from tests.conftest import RedisTarget
@@ -39,8 +40,10 @@ from tests.webhook_support import Receiver, expected_id, make_secret, timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)  # observed hours ago: stale as a timestamp
+KEY = "q6Hq2F1l9cZkzM3-Yk2Zq1lq3zH2kR8cQwN8bX2mV0E="  # a Fernet key, for the tests only
 NOTIFY_FAST = {
     **FAST,
+    "webhook_keys": KEY,
     "handler_timeout_ms": 5_000,
     "claim_idle_ms": 6_000,
     "batch_size": 10,
@@ -82,7 +85,13 @@ class Env:
 
     def subscribe(self, receiver: Receiver, **filters: Any) -> int:
         return self.db.run_sync(
-            webhook_store.add_subscription, receiver.url, receiver.secret, **filters
+            webhook_store.add_subscription,
+            receiver.url,
+            receiver.secret,
+            box=SecretBox([KEY]),
+            allow_private=True,
+            allow_http=True,
+            **filters,
         )
 
     def write_events(self, events: list[tuple[str, int, datetime, str]]) -> list[GeofenceEvent]:
@@ -298,27 +307,39 @@ async def test_a_500_for_ever_is_dead_lettered_with_status_and_body_then_redrive
         await env.aclose()
 
 
-async def test_410_is_permanent_no_retries(redis_server, tmp_path, unique_prefix, receivers):
+async def test_410_ends_only_its_subscription_and_disables_it(
+    redis_server, tmp_path, unique_prefix, receivers
+):
+    """One endpoint answers 410 Gone: its delivery ends after one attempt and its
+    subscription is disabled with the reason; the other subscriber of the same event
+    gets it, and nothing is dead-lettered."""
     target = RedisTarget(redis_server.url, False)
     env = Env(target, unique_prefix, f"sqlite:///{tmp_path}/n.db", notify_max_attempts=5)
     gone = receivers(respond=lambda _id, _n: (410, 0.0, {}))
+    fine = receivers(2)
     try:
         (g,) = env.seed(["A"], 1)
         sub = env.subscribe(gone)
-        await env.publish(env.write_events([("A", g, START, "enter")]))
+        other = env.subscribe(fine)
+        events = [("A", g, START, "enter")]
+        await env.publish(env.write_events(events))
         w = env.pipeline().worker(topology.NOTIFY, consumer="n1")
         tasks = await running(w)
-        dead: list[Any] = []
-
-        async def dead_lettered() -> bool:
-            dead[:] = await env.dead_letters()
-            return bool(dead)
-
-        await wait_for(dead_lettered, 20, "a dead letter")
+        await wait_for(lambda: fine.accepted_ids() == ids(events), 20, "the other endpoint")
+        await wait_for(lambda: w.handled >= 1, 20, "the entry acked")
+        later = [("A", g, START + timedelta(minutes=1), "exit")]
+        await env.publish(env.write_events(later))
+        await wait_for(lambda: fine.accepted_ids() == ids(events + later), 20, "later event")
         await stop([w], tasks)
-        assert "HTTP 410" in dead[0].error and "after 1 attempts" in dead[0].error
-        assert len(gone.log) == 1
+        assert await env.dead_letters() == []
+        assert len(gone.log) == 1, "no retries, nothing after the 410"
         assert [a["status"] for a in env.attempts(sub)] == [410]
+        eid = expected_id(*events[0])
+        assert env.states()[(eid, sub)] == "dead"
+        assert env.states()[(eid, other)] == "delivered"
+        rows = {r["id"]: r for r in env.db.run_sync(webhook_store.subscription_rows, True)}
+        assert rows[sub]["active"] is False and "410" in rows[sub]["disabled_reason"]
+        assert rows[other]["active"] is True
     finally:
         await env.aclose()
 
@@ -465,5 +486,58 @@ async def test_a_receiver_down_for_two_minutes_loses_nothing(
             f"\nreceiver down 120 s: {len(failed)} failed attempts; all {len(events)} "
             f"delivered {took:.1f} s after it came back"
         )
+    finally:
+        await env.aclose()
+
+
+async def test_two_subscriptions_to_one_url_share_its_limit_and_batches_carry_many(
+    redis_server, tmp_path, unique_prefix, receivers
+):
+    """Two subscriptions to one URL (one of them batched, 5 events a request) at
+    120/min for the origin: requests to it are spaced by one shared limit, and every
+    event arrives, each with its own id, signed."""
+    target = RedisTarget(redis_server.url, False)
+    env = Env(
+        target,
+        unique_prefix,
+        f"sqlite:///{tmp_path}/n.db",
+        notify_rate_per_min=120,
+        notify_max_rate_wait_s=0.4,  # a backlog waits for its slots: batches form
+        batch_size=20,
+    )
+    shared = receivers(1)
+    try:
+        trackers = [f"T{i}" for i in range(6)]
+        (g,) = env.seed(trackers, 1)
+        env.subscribe(shared)
+        env.subscribe(shared, batch_max=5)  # the same URL and secret
+        events = [(t, g, START, "enter") for t in trackers]
+        await env.publish(env.write_events(events))
+        w = env.pipeline().worker(topology.NOTIFY, consumer="n1")
+        tasks = await running(w)
+
+        def arrived() -> set[str]:
+            got = set()
+            for r in shared.accepted():
+                data = r.body["data"]
+                got |= {d["id"] for d in data} if isinstance(data, list) else {data["id"]}
+            return got
+
+        await wait_for(lambda: arrived() == ids(events), 30, "all delivered")
+        await wait_for(lambda: set(env.states().values()) == {"delivered"}, 10, "recorded")
+        await stop([w], tasks)
+        assert all(r.valid for r in shared.log)
+        batched = [r for r in shared.accepted() if r.body["type"] == "geofence.batch"]
+        assert batched and max(len(r.body["data"]) for r in batched) > 1
+        times = sorted(r.at for r in shared.log)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # one limit (a slot every 0.5 s) for both subscriptions; arrivals carry send noise
+        assert (times[-1] - times[0]) / len(gaps) >= 0.5 * 0.95, gaps
+        assert all(sum(1 for t in times if s <= t < s + 1.0) <= 3 for s in times), gaps
+        carried = sum(
+            len(r.body["data"]) if isinstance(r.body["data"], list) else 1
+            for r in shared.accepted()
+        )
+        assert carried == 2 * len(events), "each event once per subscription"
     finally:
         await env.aclose()

@@ -1,9 +1,12 @@
-"""``trackstream webhook``: subscriptions for the notify stage, a test delivery, the log.
+"""``trackstream webhook``: subscriptions for the notify stage, a test delivery, the log,
+the keys that encrypt the secrets.
 
 Secrets are never printed or logged: ``add`` reads one from ``--secret-file`` or, when
 that file does not exist, generates one and writes it there (mode 0600) for the
-receiver's owner. ``list`` shows a fingerprint (the first 8 hex digits of its SHA-256)
-to tell secrets apart.
+receiver's owner, and stores it encrypted (:mod:`schemas.secretbox`). ``list`` shows a
+fingerprint (the first 8 hex digits of its SHA-256) to tell secrets apart. URLs are
+shown without credentials or query. ``add`` refuses what the SSRF guard refuses
+(:mod:`processors.ssrf`) unless ``--allow-private`` / ``--allow-http`` say otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def _db(ctx: typer.Context) -> Any:
 
     _, app_settings = options(ctx).settings()
     return Database(app_settings.database_url)
+
+
+def _box(ctx: typer.Context) -> Any:
+    from schemas.secretbox import SecretBox, SecretKeyError
+
+    _, app_settings = options(ctx).settings()
+    try:
+        return SecretBox(app_settings.webhook_key_list())
+    except (SecretKeyError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
 
 
 def _secret_from(path: Path) -> tuple[str, bool]:
@@ -75,16 +88,40 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Option("--kind", help="enter and/or exit (default: both)")
         ] = None,
         description: Annotated[str | None, typer.Option(help="a note for operators")] = None,
+        priority: Annotated[
+            str, typer.Option(help="normal | high (its own lane for the endpoint's slots)")
+        ] = "normal",
+        batch_max: Annotated[
+            int, typer.Option(min=1, max=1000, help="up to N events in one request (1: off)")
+        ] = 1,
+        allow_private: Annotated[
+            bool,
+            typer.Option(
+                "--allow-private",
+                help="allow loopback, private, link-local and unspecified addresses",
+            ),
+        ] = False,
+        allow_http: Annotated[
+            bool, typer.Option("--allow-http", help="allow plain http:// (not https://)")
+        ] = False,
     ) -> None:
         """Subscribe an endpoint to geofence events (all of them unless filtered)."""
+        from processors import ssrf
         from schemas import webhook_store
+        from schemas.secretbox import SecretKeyError
 
+        if priority not in ("normal", "high"):
+            raise fail("--priority: normal or high", 2)
+        box = _box(ctx)
         try:
+            webhook_store.check_url(url)
+            ssrf.check_url(url, allow_private=allow_private, allow_http=allow_http)
+            webhook_store.check_kinds(kind or webhook_store.KINDS)
+            if not box.has_key:
+                box.seal("")  # raises: names the setting
             secret, generated = _secret_from(secret_file)
             webhook_store.check_secret(secret)
-            webhook_store.check_url(url)
-            webhook_store.check_kinds(kind or webhook_store.KINDS)
-        except (OSError, webhook_store.InvalidSubscription) as exc:
+        except (OSError, webhook_store.InvalidSubscription, ssrf.Refused, SecretKeyError) as exc:
             raise fail(str(exc), 2) from None
         db = _db(ctx)
         try:
@@ -92,15 +129,21 @@ def register(app: typer.Typer) -> None:
                 webhook_store.add_subscription,
                 url,
                 secret,
+                box=box,
                 geofence_ids=geofence,
                 tracker_ids=tracker,
                 kinds=kind or webhook_store.KINDS,
                 description=description,
+                priority=1 if priority == "high" else 0,
+                batch_max=batch_max,
+                allow_private=allow_private,
+                allow_http=allow_http,
             )
         finally:
             db.dispose()
         made = f"new secret written to {secret_file}" if generated else f"secret from {secret_file}"
-        console.print(f"added webhook subscription {sid} -> {url} ({made})")
+        shown = webhook_store.redact_url(url)
+        console.print(f"added webhook subscription {sid} -> {shown} ({made})")
 
     @hook.command("list")
     @handle_errors
@@ -112,12 +155,13 @@ def register(app: typer.Typer) -> None:
         """The subscriptions (secrets shown only as a fingerprint)."""
         from schemas import webhook_store
 
+        box = _box(ctx)
         db = _db(ctx)
         try:
             rows = db.run_sync(webhook_store.subscription_rows, all_)
             prints = db.run_sync(
                 lambda s: {
-                    r["id"]: fingerprint(webhook_store.subscription(s, r["id"]).secret)
+                    r["id"]: fingerprint(webhook_store.subscription(s, r["id"], box).secret)
                     for r in rows
                 }
             )
@@ -129,7 +173,7 @@ def register(app: typer.Typer) -> None:
             echo_json(rows)
             return
         table = Table(title=f"{len(rows)} webhook subscriptions")
-        for col in ("id", "url", "geofences", "trackers", "kinds", "active"):
+        for col in ("id", "url", "geofences", "trackers", "kinds", "priority", "active"):
             table.add_column(col, overflow="fold")
         table.add_column("secret sha256", no_wrap=True, min_width=8)
         for r in rows:
@@ -138,8 +182,9 @@ def register(app: typer.Typer) -> None:
                 r["url"],
                 _ids(r["geofence_ids"]),
                 _ids(r["tracker_ids"]),
-                r["kinds"],
-                "yes" if r["active"] else "no",
+                r["kinds"] + (f" (batch {r['batch_max']})" if r["batch_max"] > 1 else ""),
+                r["priority"],
+                "yes" if r["active"] else f"no: {r['disabled_reason'] or 'removed'}",
                 r["secret_fingerprint"],
             )
         console.print(table)
@@ -165,6 +210,52 @@ def register(app: typer.Typer) -> None:
         for i, url in zip(ids, urls, strict=True):
             console.print(f"removed webhook subscription {i} ({url})")
 
+    @hook.command("enable")
+    @handle_errors
+    def enable(
+        ctx: typer.Context,
+        ids: Annotated[list[int], typer.Argument(help="subscription ids")],
+    ) -> None:
+        """Deliver to these subscriptions again (one removed, or disabled by a 410)."""
+        from schemas import webhook_store
+
+        db = _db(ctx)
+        try:
+            urls = db.run_sync(
+                lambda s: [webhook_store.set_subscription_active(s, i, True) for i in ids]
+            )
+        except LookupError as exc:
+            raise fail(f"{exc.args[0]}; nothing changed", 2) from None
+        finally:
+            db.dispose()
+        for i, url in zip(ids, urls, strict=True):
+            console.print(f"enabled webhook subscription {i} ({url})")
+
+    @hook.command("new-key")
+    def new_key() -> None:
+        """Print a new Fernet key for TRACKSTREAM_WEBHOOK_KEYS (or the key file)."""
+        from schemas.secretbox import new_key as make
+
+        typer.echo(make())
+
+    @hook.command("rotate-key")
+    @handle_errors
+    def rotate_key(ctx: typer.Context) -> None:
+        """Re-encrypt every stored secret with the first configured key (and encrypt any
+        stored in plain text). Put the new key first, run this, then drop the old one."""
+        from schemas import webhook_store
+        from schemas.secretbox import SecretKeyError
+
+        box = _box(ctx)
+        db = _db(ctx)
+        try:
+            n = db.run_sync(webhook_store.rotate_secrets, box)
+        except SecretKeyError as exc:
+            raise fail(str(exc), 2) from None
+        finally:
+            db.dispose()
+        console.print(f"re-encrypted {n} webhook secrets with the first key")
+
     @hook.command("test")
     @handle_errors
     def test(
@@ -175,14 +266,15 @@ def register(app: typer.Typer) -> None:
         answer; nothing is recorded."""
         import httpx
 
-        from processors import webhooks
+        from processors import ssrf, webhooks
         from schemas import webhook_store
         from schemas.notify import GeofenceEvent
 
         _, app_settings = options(ctx).settings()
+        box = _box(ctx)
         db = _db(ctx)
         try:
-            sub = db.run_sync(webhook_store.subscription, sid)
+            sub = db.run_sync(webhook_store.subscription, sid, box)
         except LookupError as exc:
             raise fail(str(exc.args[0]), 2) from None
         finally:
@@ -192,8 +284,14 @@ def register(app: typer.Typer) -> None:
         )
 
         async def send() -> webhooks.Answer:
+            try:
+                target = await ssrf.Resolver().target(
+                    sub.url, allow_private=sub.allow_private, allow_http=sub.allow_http
+                )
+            except ssrf.Refused as exc:
+                return webhooks.Answer("permanent", None, 0.0, f"refused: {exc}")
             async with httpx.AsyncClient(timeout=app_settings.notify_timeout_s) as http:
-                return await webhooks.attempt(http, sub.url, sub.secret, event)
+                return await webhooks.attempt(http, sub.url, sub.secret, event, target)
 
         answer = asyncio.run(send())
         status = answer.status if answer.status is not None else "no response"
