@@ -13,7 +13,7 @@ import socket
 
 from streams.connection import Client, translate
 from streams.keys import StageKeys
-from streams.scripts import ACQUIRE_LOCK, RELEASE_LOCK
+from streams.scripts import ACQUIRE_LOCK, RELEASE_LOCK, Lua
 
 
 class LeaseLock:
@@ -24,8 +24,10 @@ class LeaseLock:
         self.ttl_ms = ttl_ms
         self.url = url
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._acquire = client.register_script(ACQUIRE_LOCK)
-        self._release = client.register_script(RELEASE_LOCK)
+        # EVALSHA/EVAL on the lock's own node: redis-py's scripts load on every master,
+        # so one frozen master would stall every lease (and every worker's trimmer)
+        self._acquire = Lua(client, ACQUIRE_LOCK)
+        self._release = Lua(client, RELEASE_LOCK)
         self.fence: int | None = None
 
     async def acquire(self) -> int | None:

@@ -146,6 +146,14 @@ def test_the_wheel_holds_the_code_its_data_and_one_version(tmp_path):
         "streams/py.typed",
     ):
         assert data in names, data
+    # every data file the packages read at run time (not only the ones named above)
+    data_files = {
+        n
+        for n in _source_files(repo)
+        if n.startswith(("streams/", "processors/", "schemas/", "ops/dashboard/"))
+        and not n.endswith(".py")
+    }
+    assert data_files - names == set(), "package data missing from the wheel"
     assert not any(n.startswith("tests/") for n in names)
     assert "trackstream = ops.cli:main" in entry_points
     version = importlib.metadata.version("trackstream")

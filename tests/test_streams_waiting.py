@@ -156,8 +156,9 @@ async def test_a_worker_sigkilled_every_3_s_over_a_waiting_backlog_dead_letters_
         assert [(d.category, d.error) for d in dead] == [], f"after {kills} kills"
         sent = await _sent(client, unique_prefix)
         assert sorted(sent) == list(range(total))
-        # a send repeats only when a kill fell between it and its ack
-        assert sum(sent.values()) - total <= kills
+        # at-least-once: a kill repeats the sends of its in-flight batch that were not
+        # acked yet, so an entry is sent again at most once per kill
+        assert max(sent.values()) <= 1 + kills
         assert kills >= 5, "the backlog waited through several kills"
         assert max(await _seen(client, unique_prefix, "deliveries")) < MAX_DELIVERIES
     finally:
