@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -116,3 +117,12 @@ async def chromium_page(
             yield page
         finally:
             await browser.close()
+
+
+def screenshots_dir() -> Path:
+    """Where browser tests leave their screenshots to look at after a run: one folder
+    per user, so that one user's files never make another's run fail."""
+    shots = Path(tempfile.gettempdir()) / f"trackstream-shots-{os.getuid()}"
+    shots.mkdir(exist_ok=True)
+    return shots
+

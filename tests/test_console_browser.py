@@ -8,7 +8,6 @@ import json
 import os
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -16,7 +15,7 @@ from sqlalchemy import func, select
 from ops.dashboard import create_app
 from processors.topology import GEOCODE
 from schemas.tables import Geofence
-from tests.browser import LiveServer, chromium_page, require_chromium
+from tests.browser import LiveServer, chromium_page, require_chromium, screenshots_dir
 from tests.pipeline_support import Harness
 
 pytestmark = pytest.mark.browser
@@ -25,7 +24,7 @@ TOKEN = "console-test-token"
 TRACKERS = 6
 TRACKED = "SIM-00002"
 POISONED = 3
-SHOTS = Path("/tmp")  # screenshots to look at after a run
+SHOTS = screenshots_dir()  # screenshots to look at after a run
 
 
 async def poison(h: Harness, n: int) -> None:

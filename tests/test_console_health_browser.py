@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,11 +13,11 @@ from ops.dashboard import create_app
 from processors.config import AppSettings
 from streams.connection import connect
 from streams.keys import StageKeys
-from tests.browser import LiveServer, chromium_page, require_chromium
+from tests.browser import LiveServer, chromium_page, require_chromium, screenshots_dir
 from tests.support import fast_settings
 
 pytestmark = pytest.mark.browser
-SCREENSHOT = Path("/tmp/console-cards.png")
+SCREENSHOT = screenshots_dir() / "console-cards.png"
 DAY_MS = 24 * 3_600_000
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +23,13 @@ from streams.message import Codec
 from streams.producer import Producer
 from streams.settings import StreamSettings
 from streams.worker import Worker
-from tests.browser import LiveServer, chromium_page, require_chromium
+from tests.browser import LiveServer, chromium_page, require_chromium, screenshots_dir
 from tests.support import FAST, Ping, wait_for
 
 pytestmark = pytest.mark.browser
 
 TOKEN = "browser-test-token"
-SCREENSHOT = Path("/tmp/dashboard.png")
+SCREENSHOT = screenshots_dir() / "dashboard.png"
 POISON = -1
 NUMBER = re.compile(r"^\d[\d,]*$")
 
