@@ -196,19 +196,7 @@ def register(app: typer.Typer) -> None:
         ids: Annotated[list[int], typer.Argument(help="subscription ids")],
     ) -> None:
         """Stop delivering to these subscriptions (their delivery log stays)."""
-        from schemas import webhook_store
-
-        db = _db(ctx)
-        try:
-            urls = db.run_sync(
-                lambda s: [webhook_store.set_subscription_active(s, i, False) for i in ids]
-            )
-        except LookupError as exc:
-            raise fail(f"{exc.args[0]}; nothing changed", 2) from None
-        finally:
-            db.dispose()
-        for i, url in zip(ids, urls, strict=True):
-            console.print(f"removed webhook subscription {i} ({url})")
+        _set_active(ctx, ids, False, "removed")
 
     @hook.command("enable")
     @handle_errors
@@ -217,19 +205,7 @@ def register(app: typer.Typer) -> None:
         ids: Annotated[list[int], typer.Argument(help="subscription ids")],
     ) -> None:
         """Deliver to these subscriptions again (one removed, or disabled by a 410)."""
-        from schemas import webhook_store
-
-        db = _db(ctx)
-        try:
-            urls = db.run_sync(
-                lambda s: [webhook_store.set_subscription_active(s, i, True) for i in ids]
-            )
-        except LookupError as exc:
-            raise fail(f"{exc.args[0]}; nothing changed", 2) from None
-        finally:
-            db.dispose()
-        for i, url in zip(ids, urls, strict=True):
-            console.print(f"enabled webhook subscription {i} ({url})")
+        _set_active(ctx, ids, True, "enabled")
 
     @hook.command("new-key")
     def new_key() -> None:
@@ -375,3 +351,20 @@ def register(app: typer.Typer) -> None:
 
 def _ids(value: Any) -> str:
     return value if isinstance(value, str) else ",".join(str(v) for v in value)
+
+
+def _set_active(ctx: typer.Context, ids: list[int], active: bool, done: str) -> None:
+    """Switches the subscriptions on or off, all or none (an unknown id changes nothing)."""
+    from schemas import webhook_store
+
+    db = _db(ctx)
+    try:
+        urls = db.run_sync(
+            lambda s: [webhook_store.set_subscription_active(s, i, active) for i in ids]
+        )
+    except LookupError as exc:
+        raise fail(f"{exc.args[0]}; nothing changed", 2) from None
+    finally:
+        db.dispose()
+    for i, url in zip(ids, urls, strict=True):
+        console.print(f"{done} webhook subscription {i} ({url})")
