@@ -15,7 +15,14 @@ POST        /api/stages/{stage}/dlq/{id}/redrive    redrive one dead letter     
 POST        /api/stages/{stage}/dlq/redrive         redrive ``{"ids": [...]}``        (token)
 DELETE      /api/stages/{stage}/dlq/{id}            delete one dead letter           (token)
 POST        /api/stages/{stage}/dlq/bulk            redrive/purge by category + time (token)
-GET         /api/trackers                           trackers, states, freshness (``?state=``)
+GET         /api/trackers                           a page of trackers, states, freshness
+                                                    (``?state=&q=&sort=&offset=&limit=``)
+GET         /api/events                             geofence events, a page (``?tracker=&
+                                                    fence=&kind=&since=&until=&before=``)
+GET         /api/stages/{stage}/entries             a page of a stream, its priority lane or
+                                                    dead letters (``?lane=&view=&cursor=``)
+GET         /api/entries/{id}                       stream entries with this id, any stage
+GET         /api/partitions                         history size per partition, retention
 GET         /api/map                                positions, tracks, geofences, events
 GET         /api/trace/{tracker}                    one report's trace (``?at=&scan=``)
 GET         /api/search                             entries/dead letters (``?tracker=``)
@@ -23,6 +30,9 @@ GET         /api/workers                            workers, scheduler, reconcil
 GET         /api/history                            per-minute counts per stage, last hour
 GET         /static/...                             the page's assets (vendored Leaflet)
 GET         /api/webhooks                           subscriptions, latest delivery attempts
+GET         /api/webhooks/health                    each subscription: delivered, failing, dead
+POST        /api/webhooks/{id}/pause                pause a subscription              (token)
+POST        /api/webhooks/{id}/resume               resume it                         (token)
 ==========  ======================================  ==========================================
 
 Mutating endpoints need ``Authorization: Bearer <dashboard_token>`` (compared in
@@ -496,7 +506,7 @@ def create_app(
                 app.state.webhook_db.dispose()
 
     stage = "/api/stages/{stage}"
-    from ops.dashboard import console
+    from ops.dashboard import console, entries, events, partitions, subscriptions
 
     static = resources.files("ops.dashboard").joinpath("static")
     app = Starlette(
@@ -520,6 +530,13 @@ def create_app(
             Route(f"{stage}/dlq/{{id}}", show_dead_letter, methods=["GET"]),
             Route(f"{stage}/dlq/{{id}}", delete_dead_letter, methods=["DELETE"]),
             Route("/api/webhooks", webhooks),
+            Route("/api/webhooks/health", subscriptions.subscription_health),
+            Route("/api/webhooks/{id}/pause", subscriptions.pause, methods=["POST"]),
+            Route("/api/webhooks/{id}/resume", subscriptions.resume, methods=["POST"]),
+            Route("/api/events", events.events),
+            Route(f"{stage}/entries", entries.page),
+            Route("/api/entries/{id}", entries.find),
+            Route("/api/partitions", partitions.partitions),
         ],
         exception_handlers={
             HTTPException: _http_error,

@@ -18,7 +18,8 @@ from streams.activity import read_history, read_infos
 from streams.deadletter import CATEGORIES
 
 MAX_SCAN = 20_000
-TRACKER_LIMIT = 2_000
+TRACKER_PAGE = 100  # trackers a page, unless ?limit= says otherwise
+TRACKER_LIMIT = 2_000  # the most a page may hold
 
 
 def _d(request: Request) -> Any:
@@ -58,27 +59,58 @@ def _scan(request: Request) -> int:
     return scan
 
 
+def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    try:
+        value = int(request.query_params.get(name, str(default)))
+    except ValueError:
+        raise HTTPException(400, f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise HTTPException(400, f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _matches(row: fleet.TrackerRow, query: str) -> bool:
+    return query in row.tracker_id.casefold() or query in row.name.casefold()
+
+
 async def trackers(request: Request) -> Response:
+    """One page of the trackers (``?offset=&limit=``), optionally of one state and
+    matching ``q`` (part of the id or the name, any case), stalest first or by id
+    (``sort=id``); the summary is always the whole fleet's."""
     d = _d(request)
     state = request.query_params.get("state") or None
     if state is not None and state not in fleet.STATES:
         raise HTTPException(400, f"state must be one of: {', '.join(fleet.STATES)}")
+    query = (request.query_params.get("q") or "").strip().casefold()
+    if len(query) > 128:
+        raise HTTPException(400, "q: at most 128 characters")
+    sort = request.query_params.get("sort") or "stale"
+    if sort not in ("stale", "id"):
+        raise HTTPException(400, "sort must be stale or id")
+    offset = _int(request, "offset", 0, 0, 10_000_000)
+    limit = _int(request, "limit", TRACKER_PAGE, 1, TRACKER_LIMIT)
     app = d.app_settings
     guarantee_s = app.max_tracker_age_s
     rows, stats, source = await d.read_db(
         fleet.with_source, _now(), app.min_fetch_interval_s, guarantee_s, fleet.trackers
     )
-    shown = [
-        {**r.as_dict(), "source": fleet.source_json(stats.get(r.tracker_id))}
-        for r in rows
-        if state is None or r.state == state
+    matched = [
+        r for r in rows if (state is None or r.state == state) and (not query or _matches(r, query))
     ]
+    if sort == "id":
+        matched.sort(key=lambda r: r.tracker_id)
+    page = matched[offset : offset + limit]
     return JSONResponse(
         {
             "summary": fleet.distribution(rows, guarantee_s),
             "source": {**source, "lateness_s": app.source_lateness_s},
-            "trackers": shown[:TRACKER_LIMIT],
-            "shown": min(len(shown), TRACKER_LIMIT),
+            "trackers": [
+                {**r.as_dict(), "source": fleet.source_json(stats.get(r.tracker_id))} for r in page
+            ],
+            "shown": len(page),
+            "matched": len(matched),
+            "offset": offset,
+            "limit": limit,
         }
     )
 
