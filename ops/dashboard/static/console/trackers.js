@@ -5,6 +5,7 @@
   const { $, kit } = window.consoleLib;
   const PAGE = 100;
   let offset = 0;
+  let matched = 0;  // trackers the last answer matched
   let timer = null;
   let asked = 0;  // the newest request: an older answer arriving late is dropped
 
@@ -61,8 +62,9 @@
       ? num.format(first) + "\u2013" + num.format(body.offset + body.shown) + " of " + num.format(body.matched) +
         (q ? " matching \u201c" + q + "\u201d" : "")
       : (q ? "no tracker matches \u201c" + q + "\u201d" : "no trackers");
-    $("#trackers-prev").disabled = body.offset === 0;
-    $("#trackers-next").disabled = body.offset + body.shown >= body.matched;
+    matched = body.matched;
+    $("#trackers-prev").disabled = $("#trackers-first").disabled = body.offset === 0;
+    $("#trackers-next").disabled = $("#trackers-last").disabled = body.offset + body.shown >= body.matched;
     $("#tracker-rows").replaceChildren(...body.trackers.map((t) => {
       const tr = el("tr", { class: "clickable", "data-tracker": t.tracker_id, title: "trace " + t.tracker_id },
         el("td", { class: "id", text: t.tracker_id }),
@@ -88,6 +90,8 @@
     $("#trackers-q").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { clearTimeout(timer); again(); } });
     $("#trackers-prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); load(); });
     $("#trackers-next").addEventListener("click", () => { offset += PAGE; load(); });
+    $("#trackers-first").addEventListener("click", () => { offset = 0; load(); });
+    $("#trackers-last").addEventListener("click", () => { offset = Math.max(0, Math.ceil(matched / PAGE) - 1) * PAGE; load(); });
   });
   window.consolePages.trackers = { load, refreshMs: 10000 };
 })();
