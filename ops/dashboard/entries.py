@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from redis import exceptions as rex
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -82,16 +83,22 @@ def _view(entry_id: str, fields: Fields | None) -> dict[str, Any]:
     return row
 
 
-async def _last_delivered(client: Client, stream: str, group: str) -> str | None:
+async def _group(client: Client, stream: str, group: str) -> dict[str, Any] | None:
+    """The stage's consumer group on ``stream`` (XINFO GROUPS), None without one."""
     try:
         groups = await client.xinfo_groups(stream)
-    except Exception:  # no stream (yet)
+    except rex.ResponseError:  # no stream (yet)
         return None
     for g in groups:
-        g = {_s(k): v for k, v in dict(g).items()}
-        if _s(g.get("name")) == group:
-            return _s(g.get("last-delivered-id"))
+        info = {_s(k): v for k, v in dict(g).items()}
+        if _s(info.get("name")) == group:
+            return info
     return None
+
+
+async def _last_delivered(client: Client, stream: str, group: str) -> str | None:
+    info = await _group(client, stream, group)
+    return None if info is None else _s(info.get("last-delivered-id"))
 
 
 async def _states(client: Client, keys: StageKeys, stream: str, rows: list[dict[str, Any]]) -> None:
@@ -213,12 +220,8 @@ async def page(request: Request) -> Response:
         reader = _page_pending if view == "pending" else _page_all
         rows, nxt = await reader(d.client, keys, lane, _cursor(request), count)
         length = int(await d.client.xlen(stream))
-        groups = await d.client.xinfo_groups(stream) if length or lane != "dlq" else []
-    pending = 0
-    for g in groups if lane != "dlq" else []:
-        g = {_s(k): v for k, v in dict(g).items()}
-        if _s(g.get("name")) == keys.group:
-            pending = int(g.get("pending", 0))
+        group = None if lane == "dlq" else await _group(d.client, stream, keys.group)
+    pending = 0 if group is None else int(group.get("pending", 0))
     return JSONResponse(
         {
             "stage": stage,
@@ -263,4 +266,5 @@ async def find(request: Request) -> Response:
                         await _states(d.client, keys, stream, rows)
                 for r in rows:
                     found.append({**r, "stage": stage, "shard": keys.shard, "lane": lane})
-    return JSONResponse({"id": entry_id, "found": found[:MAX_FOUND]})
+    shown = entry_id if "-" in raw else str(int(raw))  # a bare ms: every entry of it
+    return JSONResponse({"id": shown, "found": found[:MAX_FOUND]})
