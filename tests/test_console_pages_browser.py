@@ -299,6 +299,7 @@ async def test_events_filters_and_paging(console):
     await page.locator("#events-fence").fill("No such fence")
     await page.locator("#events-apply").click()
     await expect(page.locator("#events-error")).to_contain_text("no geofence named")
+    await expect(page.locator("#events-table")).to_be_hidden()  # no rows of the last filter
     await page.screenshot(path=str(SHOTS / "console-events.png"))
     assert errors == []
 
@@ -495,6 +496,8 @@ async def test_every_page_fits_a_phone(console):
         await page.goto(console["server"].url + "#" + view)
         await expect(page.locator(shown).first).to_be_visible()
         assert await page.evaluate(wide) <= 0, f"#{view} scrolls sideways on a phone"
+        if view in ("pipeline", "webhooks"):
+            await page.screenshot(path=str(SHOTS / f"console-phone-{view}.png"), full_page=True)
         if view == "trackers":  # its table is wider than the screen: it scrolls in its card
             card = page.locator("#trackers-table").locator("xpath=..")
             assert await card.evaluate("c => c.scrollWidth > c.clientWidth")

@@ -80,6 +80,8 @@
     } catch (err) {
       $("#entries-error").hidden = false;
       $("#entries-error").textContent = "Could not read the entries: " + err.message;
+      $("#entries-table").hidden = true;
+      $("#entries-empty").hidden = true;
       return;
     }
     $("#entries-found").hidden = true;

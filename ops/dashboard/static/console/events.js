@@ -29,6 +29,8 @@
     } catch (err) {
       $("#events-error").hidden = false;
       $("#events-error").textContent = "Could not load events: " + err.message;
+      $("#events-table").hidden = true;  // rows of another filter would mislead
+      $("#events-empty").hidden = true;
       return;
     }
     $("#events-fences").replaceChildren(...body.geofences.map((g) => el("option", { value: g.name })));

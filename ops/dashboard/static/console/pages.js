@@ -80,5 +80,13 @@ window.consoleLib = (() => {
     return (i ? n.toFixed(1) : String(n)) + " " + units[i];
   }
 
+  // on a narrow screen the navigation scrolls sideways: keep the current view's tab in sight
+  function showCurrentTab() {
+    const tab = document.querySelector('nav#views a[aria-current="page"]');
+    if (tab) tab.scrollIntoView({ block: "nearest", inline: "nearest" });
+  }
+  window.addEventListener("hashchange", () => setTimeout(showCurrentTab));
+  document.addEventListener("DOMContentLoaded", () => setTimeout(showCurrentTab));
+
   return { $, kit, cursorPager, askToken, forgetToken, message, bytes };
 })();
