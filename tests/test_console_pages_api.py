@@ -91,3 +91,34 @@ async def test_pause_and_resume_need_the_mutation_token(db_url):
 async def test_bad_paging_and_filters_are_a_400_naming_the_parameter(db_url, path, says):
     ((status, body),) = await _call(db_url, None, ("GET", path, {}))
     assert status == 400 and says in body["error"], body
+
+
+async def test_trackers_pages_share_one_read_until_a_fresh_one(tmp_path):
+    from processors.database import Database
+    from schemas import store
+
+    url = f"sqlite:///{tmp_path}/snap.db"
+    upgrade(url)
+    db = Database(url)
+    add = store.upsert_trackers
+    try:
+        db.run_sync(lambda s: add(s, [{"external_id": f"T-{i:03d}"} for i in range(150)]))
+        settings = StreamSettings.build(redis_url="redis://127.0.0.1:9", prefix="pagesapi")
+        app = create_app(settings, AppSettings.build(database_url=url))
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://c") as c:
+                first = (await c.get("/api/trackers?sort=id")).json()
+                db.run_sync(lambda s: add(s, [{"external_id": "T-999"}]))
+                second = (await c.get("/api/trackers?sort=id&offset=100")).json()
+                fresh = (await c.get("/api/trackers?sort=id&offset=100&fresh=1")).json()
+        finally:
+            await app.state.dashboard.aclose()
+    finally:
+        db.dispose()
+    assert (first["shown"], first["matched"]) == (100, 150)
+    assert first["trackers"][0]["tracker_id"] == "T-000"
+    # the second page comes from the same read: the pages add up, the summary agrees
+    assert (second["shown"], second["matched"], second["as_of"]) == (50, 150, first["as_of"])
+    assert second["summary"]["total"] == 150
+    assert (fresh["shown"], fresh["matched"], fresh["summary"]["total"]) == (51, 151, 151)

@@ -3,7 +3,9 @@ workers, history and bulk dead-letter actions (routes in :mod:`ops.dashboard.app
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -20,6 +22,7 @@ from streams.deadletter import CATEGORIES
 MAX_SCAN = 20_000
 TRACKER_PAGE = 100  # trackers a page, unless ?limit= says otherwise
 TRACKER_LIMIT = 2_000  # the most a page may hold
+SNAPSHOT_TTL_S = 10.0  # how old the rows the trackers pages are cut from may be
 
 
 def _d(request: Request) -> Any:
@@ -59,6 +62,26 @@ def _scan(request: Request) -> int:
     return scan
 
 
+class Snapshot:
+    """The fleet's tracker rows, read at most once every ``ttl_s``: the pages and
+    searches of one look at the list share one read of every tracker (the summary
+    needs them all), and requests that arrive together wait for the same read."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = asyncio.Lock()
+        self._read: tuple[float, datetime, Any] | None = None
+
+    async def get(
+        self, read: Callable[[], Awaitable[Any]], fresh: bool = False
+    ) -> tuple[datetime, Any]:
+        async with self._lock:
+            if fresh or self._read is None or time.monotonic() - self._read[0] > self.ttl_s:
+                at = _now()
+                self._read = (time.monotonic(), at, await read())
+            return self._read[1], self._read[2]
+
+
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     try:
         value = int(request.query_params.get(name, str(default)))
@@ -76,7 +99,8 @@ def _matches(row: fleet.TrackerRow, query: str) -> bool:
 async def trackers(request: Request) -> Response:
     """One page of the trackers (``?offset=&limit=``), optionally of one state and
     matching ``q`` (part of the id or the name, any case), stalest first or by id
-    (``sort=id``); the summary is always the whole fleet's."""
+    (``sort=id``); the summary is always the whole fleet's. Pages are cut from rows
+    read at most SNAPSHOT_TTL_S ago (``as_of``), unless ``fresh=1``."""
     d = _d(request)
     state = request.query_params.get("state") or None
     if state is not None and state not in fleet.STATES:
@@ -91,8 +115,14 @@ async def trackers(request: Request) -> Response:
     limit = _int(request, "limit", TRACKER_PAGE, 1, TRACKER_LIMIT)
     app = d.app_settings
     guarantee_s = app.max_tracker_age_s
-    rows, stats, source = await d.read_db(
-        fleet.with_source, _now(), app.min_fetch_interval_s, guarantee_s, fleet.trackers
+    snapshot = getattr(request.app.state, "trackers_snapshot", None)
+    if snapshot is None:
+        snapshot = request.app.state.trackers_snapshot = Snapshot(SNAPSHOT_TTL_S)
+    as_of, (rows, stats, source) = await snapshot.get(
+        lambda: d.read_db(
+            fleet.with_source, _now(), app.min_fetch_interval_s, guarantee_s, fleet.trackers
+        ),
+        fresh=request.query_params.get("fresh") == "1",
     )
     matched = [
         r for r in rows if (state is None or r.state == state) and (not query or _matches(r, query))
@@ -111,6 +141,7 @@ async def trackers(request: Request) -> Response:
             "matched": len(matched),
             "offset": offset,
             "limit": limit,
+            "as_of": fleet.iso(as_of),
         }
     )
 

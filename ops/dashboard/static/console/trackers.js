@@ -19,8 +19,9 @@
     return parts.join("; ");
   }
 
-  function params() {
+  function params(fresh) {
     const p = new URLSearchParams({ offset: String(offset), limit: String(PAGE) });
+    if (fresh) p.set("fresh", "1");
     const state = $("#trackers-state").value, q = $("#trackers-q").value.trim(), sort = $("#trackers-sort").value;
     if (state) p.set("state", state);
     if (q) p.set("q", q);
@@ -28,12 +29,12 @@
     return p;
   }
 
-  async function load() {
+  async function load(fresh) {
     const { el, getJson, timeEl, age, num } = kit();
     const mine = ++asked;
     let body;
     try {
-      body = await getJson("api/trackers?" + params());
+      body = await getJson("api/trackers?" + params(fresh === true));
       if (mine !== asked) return;
       $("#trackers-error").hidden = true;
     } catch (err) {
@@ -62,6 +63,7 @@
       ? num.format(first) + "\u2013" + num.format(body.offset + body.shown) + " of " + num.format(body.matched) +
         (q ? " matching \u201c" + q + "\u201d" : "")
       : (q ? "no tracker matches \u201c" + q + "\u201d" : "no trackers");
+    $("#trackers-count").title = "as of " + body.as_of;
     matched = body.matched;
     $("#trackers-prev").disabled = $("#trackers-first").disabled = body.offset === 0;
     $("#trackers-next").disabled = $("#trackers-last").disabled = body.offset + body.shown >= body.matched;
@@ -85,7 +87,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     $("#trackers-state").addEventListener("change", again);
     $("#trackers-sort").addEventListener("change", again);
-    $("#trackers-refresh").addEventListener("click", load);
+    $("#trackers-refresh").addEventListener("click", () => load(true));
     $("#trackers-q").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(again, 300); });
     $("#trackers-q").addEventListener("keydown", (ev) => { if (ev.key === "Enter") { clearTimeout(timer); again(); } });
     $("#trackers-prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); load(); });
