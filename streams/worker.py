@@ -44,6 +44,7 @@ from streams.keys import StageKeys, check_name
 from streams.message import Codec
 from streams.middleware import Middleware
 from streams.producer import Route
+from streams.retries import backoff
 from streams.scripts import HEARTBEAT
 from streams.settings import StreamSettings
 from streams.trimmer import Trimmer
@@ -189,7 +190,9 @@ class Worker:
                 if verdict.refresh:
                     await refresh_topology(self.client)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), min(2.0, 0.05 * 2**failures))
+                    await asyncio.wait_for(
+                        self.stop_event.wait(), backoff(failures, 0.05, 2.0, jitter="none")
+                    )
         return None
 
     async def _acquire_name(self) -> str:
