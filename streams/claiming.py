@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.hooks import Hooks
 from streams.keys import StageKeys
 from streams.message import Message
@@ -64,20 +64,14 @@ class Claimer:
         self._cursors: dict[str, str] = {}
         self.delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
 
-    async def _r(self, aw: Awaitable[Any]) -> Any:
-        with translate(self._url, self.keys.stream, self.keys.group):
-            return await aw
-
     # ---------------------------------------------------------------- own entries
     async def own_pending(self) -> AsyncIterator[Batch]:
         """Entries already delivered to this consumer name (after a restart)."""
         for stream in self.keys.streams():
             last = "0"
             while not self.stop_event.is_set():
-                raw = await self._r(
-                    self.client.xreadgroup(
-                        self.keys.group, self.name, {stream: last}, count=self.settings.batch_size
-                    )
+                raw = await self.client.xreadgroup(
+                    self.keys.group, self.name, {stream: last}, count=self.settings.batch_size
                 )
                 entries = parse_read(raw).get(stream, [])
                 if not entries:
@@ -94,15 +88,13 @@ class Claimer:
         for stream in self.keys.streams():
             start = "-"
             while not self.stop_event.is_set():
-                rows = await self._r(
-                    self.client.xpending_range(
-                        stream,
-                        self.keys.group,
-                        min=start,
-                        max="+",
-                        count=self.settings.claim_count,
-                        consumername=self.name,
-                    )
+                rows = await self.client.xpending_range(
+                    stream,
+                    self.keys.group,
+                    min=start,
+                    max="+",
+                    count=self.settings.claim_count,
+                    consumername=self.name,
                 )
                 if not rows:
                     break
@@ -113,10 +105,8 @@ class Claimer:
                     if (stream, entry_id) not in in_hand and (stream, entry_id) not in self.retries:
                         by_count.setdefault(int(row["times_delivered"]), []).append(entry_id)
                 for count, ids in by_count.items():
-                    raw = await self._r(
-                        self.client.xclaim(
-                            stream, self.keys.group, self.name, 0, ids, retrycount=count
-                        )
+                    raw = await self.client.xclaim(
+                        stream, self.keys.group, self.name, 0, ids, retrycount=count
                     )
                     got = parse_entries(raw)
                     free = await self.deferrals_of(stream, [i for i, _ in got])
@@ -138,20 +128,18 @@ class Claimer:
         for stream in self.keys.streams():
             cursor = self._cursors.get(stream, "0-0")
             for _ in range(10):  # bounded work per tick; the cursor carries on next tick
-                reply = await self._r(
-                    self.client.xautoclaim(
-                        stream,
-                        self.keys.group,
-                        self.name,
-                        self.settings.claim_idle_ms,
-                        start_id=cursor,
-                        count=self.settings.claim_count,
-                    )
+                reply = await self.client.xautoclaim(
+                    stream,
+                    self.keys.group,
+                    self.name,
+                    self.settings.claim_idle_ms,
+                    start_id=cursor,
+                    count=self.settings.claim_count,
                 )
                 cursor = _s(reply[0])
                 if len(reply) > 2 and reply[2]:  # deleted while pending: drop their counts
                     fields = [self.keys.deferral_field(stream, _s(i)) for i in reply[2]]
-                    await self._r(self.client.hdel(self.keys.deferrals, *fields))
+                    await self.client.hdel(self.keys.deferrals, *fields)
                 entries = await self._keep_own_retries(stream, parse_entries(reply[1]))
                 if entries:
                     claimed_total += len(entries)
@@ -170,16 +158,14 @@ class Claimer:
         long after an outage): their delivery count is put back, the retry stands."""
         mine = [d for e in entries if (d := self.retries.get((stream, e[0]))) is not None]
         for r in mine:
-            await self._r(
-                self.client.xclaim(
-                    stream,
-                    self.keys.group,
-                    self.name,
-                    0,
-                    [r.msg.entry_id],
-                    retrycount=r.msg.times_delivered,
-                    justid=True,
-                )
+            await self.client.xclaim(
+                stream,
+                self.keys.group,
+                self.name,
+                0,
+                [r.msg.entry_id],
+                retrycount=r.msg.times_delivered,
+                justid=True,
             )
             r.delay_ms = 0  # its idle time was just reset: claim it back regardless
         return [e for e in entries if (stream, e[0]) not in self.retries]
@@ -192,9 +178,9 @@ class Claimer:
         keeps beating, so it is never dead.
         """
         dead_after = self.settings.consumer_dead_after_ms
-        now_ms, beats = await self._r(heartbeats(self.client, self.keys))
+        now_ms, beats = await heartbeats(self.client, self.keys)
         for stream in self.keys.streams():
-            consumers = await self._r(self.client.xinfo_consumers(stream, self.keys.group))
+            consumers = await self.client.xinfo_consumers(stream, self.keys.group)
             for c in consumers:
                 name = _s(c["name"])
                 if name == self.name or int(c["idle"]) < dead_after:
@@ -208,10 +194,8 @@ class Claimer:
                     if not left[0]:
                         continue  # still owns entries (more than one tick's worth)
                 # atomic: deleted only if it still owns nothing
-                removed = await self._r(
-                    self.delete_consumer(
-                        keys=[stream, self.keys.heartbeats], args=[self.keys.group, name]
-                    )
+                removed = await self.delete_consumer(
+                    keys=[stream, self.keys.heartbeats], args=[self.keys.group, name]
                 )
                 if removed:
                     log.info("%s: removed dead consumer %s from %s", self.stage, name, stream)
@@ -224,23 +208,19 @@ class Claimer:
         # a small min idle: a peer that claimed them a moment ago made them its own
         min_idle = min(1_000, self.settings.claim_idle_ms)
         for _ in range(10):  # bounded work per tick
-            rows = await self._r(
-                self.client.xpending_range(
-                    stream,
-                    self.keys.group,
-                    min="-",
-                    max="+",
-                    count=self.settings.claim_count,
-                    consumername=dead,
-                )
+            rows = await self.client.xpending_range(
+                stream,
+                self.keys.group,
+                min="-",
+                max="+",
+                count=self.settings.claim_count,
+                consumername=dead,
             )
             if not rows:
                 none_left[0] = True
                 return
             ids: list[Any] = [_s(row["message_id"]) for row in rows]
-            raw = await self._r(
-                self.client.xclaim(stream, self.keys.group, self.name, min_idle, ids)
-            )
+            raw = await self.client.xclaim(stream, self.keys.group, self.name, min_idle, ids)
             entries = parse_entries(raw)
             if not entries:
                 return  # a peer was quicker
@@ -258,7 +238,7 @@ class Claimer:
         if not self.hooks.wants("on_backlog"):
             return
         now_ms = time.time_ns() // 1_000_000
-        st = await self._r(  # a lower bound past 1,000: cheap every tick
+        st = await (  # a lower bound past 1,000: cheap every tick
             stream_status(
                 self.client, self.keys.stream, self.keys.group, now_ms=now_ms, lag_count_cap=1_000
             )
@@ -276,10 +256,8 @@ class Claimer:
         for stream, rs in groups.items():
             # min idle: nobody else must have claimed it since (that resets idle)
             min_idle = max(0, min(r.delay_ms for r in rs) // 2)
-            raw = await self._r(
-                self.client.xclaim(
-                    stream, self.keys.group, self.name, min_idle, [r.msg.entry_id for r in rs]
-                )
+            raw = await self.client.xclaim(
+                stream, self.keys.group, self.name, min_idle, [r.msg.entry_id for r in rs]
             )
             for r in rs:  # dropped only now: a claim lost to an outage is tried again
                 self.retries.drop(r)
@@ -305,15 +283,13 @@ class Claimer:
             return []
         ids = [e[0] for e in entries]
         counts: dict[str, int] = {}
-        rows = await self._r(
-            self.client.xpending_range(
-                stream,
-                self.keys.group,
-                min=min(ids, key=_id_key),
-                max=max(ids, key=_id_key),
-                count=len(ids) * 4 + 100,
-                consumername=self.name,
-            )
+        rows = await self.client.xpending_range(
+            stream,
+            self.keys.group,
+            min=min(ids, key=_id_key),
+            max=max(ids, key=_id_key),
+            count=len(ids) * 4 + 100,
+            consumername=self.name,
         )
         for row in rows:
             counts[_s(row["message_id"])] = int(row["times_delivered"])
@@ -325,7 +301,7 @@ class Claimer:
         if not ids:
             return {}
         fields = [self.keys.deferral_field(stream, i) for i in ids]
-        values = await self._r(self.client.hmget(self.keys.deferrals, fields))
+        values = await self.client.hmget(self.keys.deferrals, fields)
         return {i: int(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
 

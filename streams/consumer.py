@@ -67,7 +67,7 @@ from functools import partial
 from typing import Any
 
 from streams.claiming import Batch, Claimer
-from streams.connection import Client, ensure_group, refresh_topology, translate
+from streams.connection import Client, ensure_group, refresh_topology
 from streams.dispatch import BatchHandler, Context, Deadlines, Dispatcher, Handler
 from streams.faults import classify, describe
 from streams.hooks import Hooks
@@ -172,6 +172,8 @@ class Consumer:
                 if self._ahead is not None:  # the read-ahead passed the gate for us
                     if not await self._with_recovery(self._collect_ahead):
                         continue  # stopped at the gate, or the read failed
+                    if self.stop_event.is_set():
+                        break  # what it read is handed back, spending nothing
                 elif not await self._gate_open():
                     break
                 if self.settler.held and not await self._with_recovery(self.settler.settle_held):
@@ -314,7 +316,7 @@ class Consumer:
 
     # ------------------------------------------------------------------- reading
     async def _read(self, block_ms: int | None) -> Batch:
-        raw = await self._translated(  # never cancelled: returns within block_ms
+        raw = await (  # never cancelled: returns within block_ms
             self.client.xreadgroup(
                 self.keys.group,
                 self.name,
@@ -382,10 +384,6 @@ class Consumer:
         if not task.cancelled() and task.exception() is None and task.result():
             self._in_hand += task.result() or []
 
-    async def _translated(self, aw: Awaitable[Any]) -> Any:
-        with translate(self._url, self.keys.stream, self.keys.group):
-            return await aw
-
     # --------------------------------------------------------- claims and retries
     async def _claim_tick(self) -> None:
         await self._handle_all(self.claimer.claim_tick())
@@ -409,10 +407,8 @@ class Consumer:
                 self._in_hand = []
             handed = await self.settler.hand_back()
             for stream in self.keys.streams():
-                await self._translated(
-                    self.claimer.delete_consumer(
-                        keys=[stream, self.keys.heartbeats], args=[self.keys.group, self.name]
-                    )
+                await self.claimer.delete_consumer(
+                    keys=[stream, self.keys.heartbeats], args=[self.keys.group, self.name]
                 )
             if handed:
                 log.warning(

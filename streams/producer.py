@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.keys import StageKeys, shard_for
 from streams.message import Codec, Fields
 from streams.scripts import XADD_MANY, Lua
@@ -106,20 +106,19 @@ class Outbox:
                 extend(chain.from_iterable(fields.items()))
             return list(await xadd_many(keys=[stream], args=args))
 
-        with translate(url):
-            written = await asyncio.gather(
-                *(write(s, ix) for s, ix in groups.items()), return_exceptions=True
-            )
-            errors = [w for w in written if isinstance(w, BaseException)]
-            if errors:  # keep only the streams not written, so a retry adds no copies
-                failed = {
-                    i
-                    for ix, w in zip(groups.values(), written, strict=True)
-                    if isinstance(w, BaseException)
-                    for i in ix
-                }
-                self.entries = [e for i, e in enumerate(self.entries) if i in failed]
-                raise errors[0]
+        written = await asyncio.gather(
+            *(write(s, ix) for s, ix in groups.items()), return_exceptions=True
+        )
+        errors = [w for w in written if isinstance(w, BaseException)]
+        if errors:  # keep only the streams not written, so a retry adds no copies
+            failed = {
+                i
+                for ix, w in zip(groups.values(), written, strict=True)
+                if isinstance(w, BaseException)
+                for i in ix
+            }
+            self.entries = [e for i, e in enumerate(self.entries) if i in failed]
+            raise errors[0]
         out: list[str] = [""] * len(self.entries) if ids else []
         for indexes, new_ids in zip(groups.values(), written, strict=True):
             assert not isinstance(new_ids, BaseException)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from streams.connection import Client, redact, translate
+from streams.connection import Client, redact
 from streams.deadletter import DeadLetters
 from streams.dispatch import Outcome
 from streams.errors import RedisUnavailable
@@ -178,7 +178,7 @@ class Settler:
         if outcome.ok:
             if outcome.outbox is not None and len(outcome.outbox):
                 try:
-                    await outcome.outbox.flush(self.client, self._url, ids=False)
+                    await outcome.outbox.flush(self.client, self._url)
                 except Exception as exc:
                     if redis_down(exc):
                         raise
@@ -222,24 +222,21 @@ class Settler:
         for m in msgs:
             by_stream.setdefault(m.stream, []).append(m.entry_id)
             deferred = deferred or m.deferrals > 0
-        with translate(self._url, self.keys.stream, group):
-            if deferred:  # some were deferred before: ack and drop their counts at once
-                streams = {m.stream for m in msgs if m.deferrals}
-                for stream, ids in by_stream.items():
-                    if stream in streams:
-                        await self._ack_forget(
-                            keys=[stream, self.keys.deferrals], args=[group, *ids]
-                        )
-                    else:
-                        await self.client.xack(stream, group, *ids)
-            elif len(by_stream) == 1:
-                ((stream, ids),) = by_stream.items()
-                await self.client.xack(stream, group, *ids)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for stream, ids in by_stream.items():
-                    pipe.xack(stream, group, *ids)
-                await pipe.execute()
+        if deferred:  # some were deferred before: ack and drop their counts at once
+            streams = {m.stream for m in msgs if m.deferrals}
+            for stream, ids in by_stream.items():
+                if stream in streams:
+                    await self._ack_forget(keys=[stream, self.keys.deferrals], args=[group, *ids])
+                else:
+                    await self.client.xack(stream, group, *ids)
+        elif len(by_stream) == 1:
+            ((stream, ids),) = by_stream.items()
+            await self.client.xack(stream, group, *ids)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, group, *ids)
+            await pipe.execute()
         self.handled += len(msgs)
         self.hooks.acked(len(msgs))
 
@@ -261,10 +258,9 @@ class Settler:
         for msg, count in batch:
             by_stream.setdefault(msg.stream, []).extend((msg.entry_id, count))
         for stream, pairs in by_stream.items():
-            with translate(self._url, self.keys.stream, self.keys.group):
-                await self._record_deferrals(
-                    keys=[stream, self.keys.deferrals], args=[self.keys.group, self.name, *pairs]
-                )
+            await self._record_deferrals(
+                keys=[stream, self.keys.deferrals], args=[self.keys.group, self.name, *pairs]
+            )
 
     # ------------------------------------------------------------------ shutdown
     async def release(self, msgs: Sequence[Message[Any]]) -> None:
@@ -282,18 +278,16 @@ class Settler:
         group = self.keys.group
         for stream in self.keys.streams():
             while True:
-                with translate(self._url, self.keys.stream, group):
-                    rows = await self.client.xpending_range(
-                        stream, group, min="-", max="+", count=500, consumername=self.name
-                    )
+                rows = await self.client.xpending_range(
+                    stream, group, min="-", max="+", count=500, consumername=self.name
+                )
                 if not rows:
                     break
                 for row in rows:
-                    with translate(self._url, self.keys.stream, group):
-                        await self._hand_back(
-                            keys=[stream, self.keys.deferrals],
-                            args=[group, self.name, row["message_id"]],
-                        )
+                    await self._hand_back(
+                        keys=[stream, self.keys.deferrals],
+                        args=[group, self.name, row["message_id"]],
+                    )
                     handed += 1
         self.retries.clear()
         return handed
