@@ -60,7 +60,7 @@ from processors import topology
 from processors.clock import Clock, system_clock
 from processors.scheduler import SchedulerReport, read_report
 from streams.connection import Client, connect
-from streams.errors import ConfigError, GroupMissing
+from streams.errors import ConfigError, GroupMissing, RedisCommandError
 from streams.keys import StageKeys
 from streams.monitor import StageStatus, retrying, stage_status
 from streams.settings import StreamSettings
@@ -96,7 +96,7 @@ def client_settings(settings: StreamSettings) -> StreamSettings:
 
 def redis_answered(exc: BaseException) -> bool:
     """Did Redis reply (with an error) rather than fail to reply at all?"""
-    return isinstance(exc, rex.ResponseError | GroupMissing)
+    return isinstance(exc, rex.ResponseError | RedisCommandError | GroupMissing)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from schemas.db import make_engine, normalize_url, session_factory
 from streams.errors import Defer
+from streams.retries import backoff
 
 T = TypeVar("T")
 log = logging.getLogger("trackstream.database")
@@ -274,8 +275,7 @@ class Database:
                     if classify(exc) is None:
                         log.warning("database probe: %s", _short(exc))
                     attempt += 1
-                    delay = min(_PROBE_MAX_DELAY_S, 0.1 * 2**attempt)
-                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                    await asyncio.sleep(backoff(attempt, 0.1, _PROBE_MAX_DELAY_S))
                 else:
                     self._up()
 

@@ -28,6 +28,8 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import ParamSpec, Protocol, TypeVar
 
+from streams.retries import backoff
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -225,8 +227,7 @@ def backoff_delay_s(
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
-    ceiling_s = min(max_delay_s, base_delay_s * 2.0 ** min(attempt, 64))
-    return rng() * ceiling_s
+    return backoff(attempt, base_delay_s, max_delay_s, jitter="full", rng=rng)
 
 
 async def retry_async(

@@ -42,6 +42,7 @@ from processors.resilience import retry_after_s
 from processors.ssrf import Target
 from schemas.notify import GeofenceEvent
 from schemas.webhook_store import EXCERPT_CHARS
+from streams.retries import backoff
 
 USER_AGENT = "trackstream-notify/1"
 
@@ -171,8 +172,7 @@ def backoff_s(
 ) -> float:
     """Exponential backoff with equal jitter: in [c/2, c), c = min(max_s, base_s * 2**(n-1))
     after attempt n. The floor keeps the retry window predictable."""
-    ceiling = min(max_s, base_s * 2.0 ** min(max(attempt - 1, 0), 32))
-    return ceiling / 2 + ceiling / 2 * rng()
+    return backoff(attempt - 1, base_s, max_s, rng=rng)
 
 
 def _ms(start: float) -> float:

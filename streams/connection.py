@@ -11,8 +11,13 @@ Every connection has a connect timeout (``connect_timeout_ms``) and a read timeo
 (``socket_timeout_ms`` + ``block_ms``, so blocking reads do not trip it).
 :func:`probe` checks, once at startup with a short timeout, that a Redis answers at
 all; a silent port or one that speaks another protocol is then one clear error
-instead of a hang. What each error means for a running loop is decided in
-:mod:`streams.faults`; :func:`translate` maps driver errors to the runtime's own.
+instead of a hang.
+
+The error boundary: the clients :func:`connect` returns translate every driver error
+of a command or a pipeline into the runtime's own (:func:`streams.faults.to_streams_error`:
+:class:`~streams.errors.GroupMissing`, :class:`~streams.errors.RedisUnavailable`,
+:class:`~streams.errors.RedisCommandError`), so no caller sees a redis-py exception.
+What each error means for a running loop is decided in :mod:`streams.faults`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
-from streams.errors import GroupMissing, RedisUnavailable
-from streams.faults import classify, describe
+from streams.errors import GroupMissing, RedisCommandError, RedisUnavailable
+from streams.faults import classify, describe, to_streams_error
 from streams.settings import StreamSettings, seed_urls
 
 Client: TypeAlias = "aioredis.Redis | RedisCluster"
@@ -73,7 +79,61 @@ def _redact_one(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class TrackstreamCluster(RedisCluster):
+class _Translating:
+    """Translates the driver's errors (see the module docstring); ``_url`` is the
+    redacted URL the errors name."""
+
+    _url = ""
+
+    def _error(self, exc: Exception, command: tuple[Any, ...]) -> Exception:
+        return to_streams_error(exc, self._url, command)
+
+
+class TrackstreamRedis(_Translating, aioredis.Redis):  # type: ignore[misc]
+    """redis-py's asyncio client behind the runtime's error boundary."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            error = self._error(exc, args)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = TranslatingPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe._url = self._url
+        return pipe
+
+
+class TranslatingPipeline(_Translating, Pipeline):  # type: ignore[misc]
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error)
+        except Exception as exc:
+            error = self._error(exc, ())
+            if error is exc:
+                raise
+            raise error from exc
+
+
+class TranslatingClusterPipeline(_Translating, ClusterPipeline):  # type: ignore[misc]
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except Exception as exc:
+            error = self._error(exc, ())
+            if error is exc:
+                raise
+            raise error from exc
+
+
+class TrackstreamCluster(_Translating, RedisCluster):  # type: ignore[misc]
     """redis-py's asyncio cluster client, routing XREADGROUP/XREAD by their keys' slot.
 
     For commands with "movable keys" (XREADGROUP, XREAD) redis-py asks one node
@@ -87,6 +147,22 @@ class TrackstreamCluster(RedisCluster):
     """
 
     _last_refresh = 0.0
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except Exception as exc:
+            error = self._error(exc, args)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises, as redis-py does
+        pipe = TranslatingClusterPipeline(self, transaction)  # type: ignore[abstract]
+        pipe._url = self._url
+        return pipe
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         keys = _stream_keys(command, args)
@@ -154,7 +230,7 @@ def connect(settings: StreamSettings) -> Client:
     seeds = seed_urls(settings.redis_url)
     if settings.redis_cluster:
         others = [urlsplit(u) for u in seeds[1:]]
-        return TrackstreamCluster.from_url(
+        cluster = TrackstreamCluster.from_url(
             seeds[0],
             startup_nodes=[ClusterNode(p.hostname or "", p.port or 6379) for p in others],
             retry=retry,
@@ -162,10 +238,12 @@ def connect(settings: StreamSettings) -> Client:
             socket_connect_timeout=connect_s,
             socket_keepalive=True,
         )
+        cluster._url = redact(settings.redis_url)  # type: ignore[attr-defined]
+        return cluster
     extra: dict[str, Any] = {}
     if hiredis is not None and seeds[0].startswith("redis://"):
         extra["connection_class"] = HiredisPackConnection
-    return aioredis.Redis.from_url(
+    client = TrackstreamRedis.from_url(
         seeds[0],
         **extra,
         retry=retry,
@@ -175,6 +253,8 @@ def connect(settings: StreamSettings) -> Client:
         socket_keepalive=True,
         health_check_interval=30,
     )
+    client._url = redact(settings.redis_url)  # type: ignore[attr-defined]
+    return client
 
 
 async def probe(settings: StreamSettings) -> None:
@@ -244,9 +324,10 @@ def is_transient(exc: BaseException) -> bool:
 
 @contextmanager
 def translate(url: str, stream: str = "", group: str = "") -> Iterator[None]:
-    """Map redis-py errors to the runtime's own: NOGROUP -> GroupMissing, whatever
-    :func:`streams.faults.classify` calls transient -> RedisUnavailable; the rest
-    (a bug: WRONGTYPE, a syntax error, BUSYGROUP for :func:`ensure_group`) as it is."""
+    """For a client not made by :func:`connect` (those translate by themselves): map
+    redis-py errors to the runtime's own: NOGROUP -> GroupMissing, whatever
+    :func:`streams.faults.classify` calls transient -> RedisUnavailable; the rest as
+    it is."""
     try:
         yield
     except (GroupMissing, RedisUnavailable):
@@ -270,7 +351,7 @@ async def ensure_group(
     try:
         with translate(url, stream, group):
             await client.xgroup_create(stream, group, id=start_id, mkstream=True)
-    except rex.ResponseError as exc:
+    except (RedisCommandError, rex.ResponseError) as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
         raise

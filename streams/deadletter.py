@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.keys import StageKeys
 from streams.message import Fields
 from streams.parse import entry_ms, parse_entries
@@ -196,13 +196,11 @@ class DeadLetters:
             attempts=attempts,
             fields=fields,
         )
-        with translate(self.url, stream, self.keys.group):
-            new_id = await self._move(keys=[stream, self.keys.dlq, self.keys.deferrals], args=args)
+        new_id = await self._move(keys=[stream, self.keys.dlq, self.keys.deferrals], args=args)
         return new_id.decode() if new_id else None
 
     async def count(self) -> int:
-        with translate(self.url):
-            return int(await self.client.xlen(self.keys.dlq))
+        return int(await self.client.xlen(self.keys.dlq))
 
     async def list(
         self,
@@ -216,10 +214,9 @@ class DeadLetters:
         out: list[DeadLetter] = []
         cursor = f"{since_ms}-0" if since_ms is not None and start == "-" else start
         while len(out) < limit:
-            with translate(self.url):
-                raw = await self.client.xrange(
-                    self.keys.dlq, min=cursor, max="+", count=max(limit, 100)
-                )
+            raw = await self.client.xrange(
+                self.keys.dlq, min=cursor, max="+", count=max(limit, 100)
+            )
             entries = parse_entries(raw)
             if not entries:
                 break
@@ -234,8 +231,7 @@ class DeadLetters:
         return out
 
     async def get(self, dlq_id: str) -> DeadLetter | None:
-        with translate(self.url):
-            raw = await self.client.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
+        raw = await self.client.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
         entries = parse_entries(raw)
         return _from_entry(*entries[0]) if entries else None
 
@@ -258,22 +254,20 @@ class DeadLetters:
             args: list[bytes | str] = [dlq_id]
             for k, v in letter.fields.items():
                 args += [k, b"0" if k == b"attempt" else v]
-            with translate(self.url):
-                new_id = await self._redrive(
-                    keys=[self.keys.dlq, self.keys.redriven, letter.origin], args=args
-                )
+            new_id = await self._redrive(
+                keys=[self.keys.dlq, self.keys.redriven, letter.origin], args=args
+            )
             result[dlq_id] = new_id.decode() if new_id else None
         return result
 
     async def purge(self, dlq_ids: Iterable[str] | None = None) -> int:
         """Delete the given dead letters, or all of them when ``dlq_ids`` is None."""
-        with translate(self.url):
-            if dlq_ids is None:
-                n = int(await self.client.xlen(self.keys.dlq))
-                await self.client.xtrim(self.keys.dlq, maxlen=0, approximate=False)
-                return n
-            ids = list(dlq_ids)
-            return int(await self.client.xdel(self.keys.dlq, *ids)) if ids else 0
+        if dlq_ids is None:
+            n = int(await self.client.xlen(self.keys.dlq))
+            await self.client.xtrim(self.keys.dlq, maxlen=0, approximate=False)
+            return n
+        ids = list(dlq_ids)
+        return int(await self.client.xdel(self.keys.dlq, *ids)) if ids else 0
 
 
 def oldest_age_ms(entry_id: str, now_ms: int | None = None) -> int:

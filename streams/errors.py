@@ -6,6 +6,9 @@
     ├── ConfigError                 a setting is invalid (names the setting)
     ├── RedisUnavailable            connection refused/reset/timed out (URL shown without password)
     ├── GroupMissing                NOGROUP: the consumer group or stream vanished
+    ├── RedisCommandError(reply)    Redis refused the command: WRONGTYPE, a syntax error,
+    │   │                           BUSYGROUP, NOSCRIPT... (a bug, or an expected refusal)
+    │   └── NoSuchKey               the key does not exist (XINFO on a missing stream)
     ├── RateLimited(retry_after_s)  a shared rate limit has no slot soon enough
     ├── MessageError                an entry that can never be handled -> dead letter at once
     │   ├── DecodeError             not an envelope, bad JSON, unknown type     (category "decode")
@@ -20,8 +23,9 @@
 Any other exception from a handler is transient: retried with backoff until
 ``max_deliveries``, then dead-lettered with category "max-deliveries" (or "timeout"
 when the last attempt timed out). Redis driver errors are translated to these at one
-boundary, :func:`streams.connection.translate`, after :func:`streams.faults.classify`
-sorted them (transient, group missing, bug).
+boundary, inside the client :func:`streams.connection.connect` returns (every command
+and pipeline), after :func:`streams.faults.classify` sorted them (transient, group
+missing, bug): callers never see a redis-py exception.
 """
 
 from __future__ import annotations
@@ -49,6 +53,19 @@ class GroupMissing(StreamsError):
         super().__init__(f"consumer group {group!r} on {stream!r} does not exist")
         self.stream = stream
         self.group = group
+
+
+class RedisCommandError(StreamsError):
+    """Redis answered the command with an error reply (``reply``), or the driver
+    refused it; the redis-py exception is its ``__cause__``."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class NoSuchKey(RedisCommandError):
+    """The command needs a key that does not exist."""
 
 
 class RateLimited(StreamsError):

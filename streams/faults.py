@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis import exceptions as rex
 
-from streams.errors import GroupMissing, RedisUnavailable
+from streams.errors import (
+    GroupMissing,
+    NoSuchKey,
+    RedisCommandError,
+    RedisUnavailable,
+    StreamsError,
+)
 
 Kind = Literal["transient", "group-missing", "bug"]
 
@@ -78,6 +84,11 @@ def classify(exc: BaseException) -> Verdict:
             if inner.transient:
                 return inner
         return Verdict("transient", "unavailable", refresh=True)
+    if isinstance(exc, RedisCommandError):
+        cause = exc.__cause__
+        if cause is not None and cause is not exc:
+            return classify(cause)
+        return Verdict("bug", "reply")
     if isinstance(exc, rex.ResponseError):
         return _reply(exc)
     if isinstance(exc, rex.BusyLoadingError):
@@ -168,3 +179,41 @@ def redis_down(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """One line for a log: the exception's type and text."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def to_streams_error(exc: Exception, url: str, command: tuple[Any, ...] = ()) -> Exception:
+    """The runtime's error for a driver error (``exc`` itself if it is one already, or
+    not from the driver): NOGROUP -> :class:`GroupMissing` (stream and group taken from
+    ``command``), transient -> :class:`RedisUnavailable`, any other redis-py error ->
+    :class:`RedisCommandError` (:class:`NoSuchKey` for a missing key). NOSCRIPT and
+    WATCH conflicts stay redis-py's: its script and transaction helpers act on them.
+    The caller raises the result ``from exc``."""
+    if isinstance(exc, StreamsError | rex.NoScriptError | rex.WatchError):
+        return exc  # ours already, or redis-py's signals to its script and WATCH helpers
+    verdict = classify(exc)
+    if verdict.kind == "group-missing":
+        return GroupMissing(*_stream_and_group(command))
+    if verdict.transient:
+        return RedisUnavailable(url, exc)
+    if isinstance(exc, rex.RedisError):
+        text = str(exc)
+        return NoSuchKey(text) if "no such key" in text.lower() else RedisCommandError(text)
+    return exc
+
+
+def _stream_and_group(command: tuple[Any, ...]) -> tuple[str, str]:
+    """Best effort: the stream key and group a command names."""
+    words = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in command]
+    if not words:
+        return "", ""
+    name = words[0].upper()
+    if name == "XREADGROUP" and len(words) > 2:
+        upper = [w.upper() for w in words]
+        at = upper.index("STREAMS") + 1 if "STREAMS" in upper else len(words)
+        return (words[at] if at < len(words) else ""), words[2]
+    if name in ("EVALSHA", "EVAL") and len(words) > 3 and words[2].isdigit():
+        nkeys = int(words[2])
+        keys, args = words[3 : 3 + nkeys], words[3 + nkeys :]
+        return (keys[0] if keys else ""), (args[0] if args else "")
+    rest = words[1:]  # XACK key group ..., "XINFO CONSUMERS" key group, ...
+    return (rest[0] if rest else ""), (rest[1] if len(rest) > 1 else "")

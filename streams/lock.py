@@ -11,7 +11,7 @@ import os
 import secrets
 import socket
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.keys import StageKeys
 from streams.scripts import ACQUIRE_LOCK, RELEASE_LOCK, Lua
 
@@ -32,15 +32,11 @@ class LeaseLock:
 
     async def acquire(self) -> int | None:
         """The fencing number if we hold the lock now, else None."""
-        with translate(self.url):
-            got = await self._acquire(
-                keys=[self.key, self.fence_key], args=[self.token, self.ttl_ms]
-            )
+        got = await self._acquire(keys=[self.key, self.fence_key], args=[self.token, self.ttl_ms])
         self.fence = int(got) if got else None
         return self.fence
 
     async def release(self) -> bool:
-        with translate(self.url):
-            released = await self._release(keys=[self.key], args=[self.token])
+        released = await self._release(keys=[self.key], args=[self.token])
         self.fence = None
         return bool(released)

@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from redis import exceptions as rex
-
-from streams.connection import Client, translate
+from streams.connection import Client
+from streams.errors import NoSuchKey
 from streams.faults import classify
 from streams.keys import StageKeys
 from streams.parse import entry_ms, parse_entries
@@ -154,7 +153,7 @@ async def stream_status(
 ) -> StreamStatus:
     try:
         info = await client.xinfo_stream(stream)
-    except rex.ResponseError:  # no such key
+    except NoSuchKey:
         return StreamStatus(stream, 0, None, 0, True, 0, None, None, None, False)
     groups = {_s(g["name"]): g for g in await client.xinfo_groups(stream)}
     g = groups.get(group)
@@ -191,20 +190,17 @@ async def stream_status(
 
 
 async def stage_status(client: Client, keys: StageKeys, url: str = "") -> StageStatus:
-    with translate(url, keys.stream, keys.group):
-        now_ms, beats = await heartbeats(client, keys)  # ages by Redis's clock
-        streams = [
-            await stream_status(client, s, keys.group, now_ms=now_ms) for s in keys.streams()
-        ]
-        merged: dict[str, tuple[int, int]] = {}
-        for st in streams:
-            if not st.group_exists:
-                continue
-            for c in await client.xinfo_consumers(st.stream, keys.group):
-                name = _s(c["name"])
-                pending, idle = merged.get(name, (0, 1 << 62))
-                merged[name] = (pending + int(c["pending"]), min(idle, int(c["idle"])))
-        dlq = int(await client.xlen(keys.dlq))
+    now_ms, beats = await heartbeats(client, keys)  # ages by Redis's clock
+    streams = [await stream_status(client, s, keys.group, now_ms=now_ms) for s in keys.streams()]
+    merged: dict[str, tuple[int, int]] = {}
+    for st in streams:
+        if not st.group_exists:
+            continue
+        for c in await client.xinfo_consumers(st.stream, keys.group):
+            name = _s(c["name"])
+            pending, idle = merged.get(name, (0, 1 << 62))
+            merged[name] = (pending + int(c["pending"]), min(idle, int(c["idle"])))
+    dlq = int(await client.xlen(keys.dlq))
     consumers = [
         ConsumerStatus(name, pending, idle, now_ms - beats[name] if name in beats else None)
         for name, (pending, idle) in sorted(merged.items())
@@ -241,14 +237,13 @@ async def unfinished_age_ms(client: Client, keys: StageKeys, url: str = "") -> i
     (pending, or not yet delivered) over its streams; 0 when it has caught up."""
     now_ms = time.time_ns() // 1_000_000
     oldest = now_ms
-    with translate(url, keys.stream, keys.group):
-        for stream in keys.streams():
-            st = await stream_status(client, stream, keys.group, now_ms=now_ms)
-            if st.oldest_pending_id is not None:
-                oldest = min(oldest, entry_ms(st.oldest_pending_id))
-            if st.lag and st.last_delivered_id is not None:
-                after = "(" + st.last_delivered_id
-                first = parse_entries(await client.xrange(stream, min=after, max="+", count=1))
-                if first:
-                    oldest = min(oldest, entry_ms(first[0][0]))
+    for stream in keys.streams():
+        st = await stream_status(client, stream, keys.group, now_ms=now_ms)
+        if st.oldest_pending_id is not None:
+            oldest = min(oldest, entry_ms(st.oldest_pending_id))
+        if st.lag and st.last_delivered_id is not None:
+            after = "(" + st.last_delivered_id
+            first = parse_entries(await client.xrange(stream, min=after, max="+", count=1))
+            if first:
+                oldest = min(oldest, entry_ms(first[0][0]))
     return now_ms - oldest

@@ -12,11 +12,12 @@ import asyncio
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from pydantic import BaseModel
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.keys import StageKeys, shard_for
 from streams.message import Codec, Fields
 from streams.scripts import XADD_MANY, Lua
@@ -79,13 +80,13 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.entries)
 
-    async def flush(self, client: Client, url: str = "") -> list[str]:
+    async def flush(self, client: Client, url: str = "", *, ids: bool = True) -> list[str]:
         """Write everything, in order per stream; raises if any write failed, keeping
         the entries of the streams not written (same message ids) for a retry.
 
         All entries for one stream go in one ``XADD_MANY`` script call (one command, one
         reply), and the streams are written concurrently. Returns the new ids in the
-        order the entries were added.
+        order the entries were added (none with ``ids=False``).
         """
         if not self.entries:
             return []
@@ -98,34 +99,33 @@ class Outbox:
             if len(indexes) == 1:
                 return [await client.xadd(stream, self.entries[indexes[0]][1])]  # type: ignore[arg-type]
             args: list[Any] = []
+            append, extend, entries = args.append, args.extend, self.entries
             for i in indexes:
-                fields = self.entries[i][1]
-                args.append(len(fields) * 2)
-                for kv in fields.items():
-                    args += kv
+                fields = entries[i][1]
+                append(len(fields) * 2)
+                extend(chain.from_iterable(fields.items()))
             return list(await xadd_many(keys=[stream], args=args))
 
-        with translate(url):
-            written = await asyncio.gather(
-                *(write(s, ix) for s, ix in groups.items()), return_exceptions=True
-            )
-            errors = [w for w in written if isinstance(w, BaseException)]
-            if errors:  # keep only the streams not written, so a retry adds no copies
-                failed = {
-                    i
-                    for ix, w in zip(groups.values(), written, strict=True)
-                    if isinstance(w, BaseException)
-                    for i in ix
-                }
-                self.entries = [e for i, e in enumerate(self.entries) if i in failed]
-                raise errors[0]
-        ids: list[str] = [""] * len(self.entries)
+        written = await asyncio.gather(
+            *(write(s, ix) for s, ix in groups.items()), return_exceptions=True
+        )
+        errors = [w for w in written if isinstance(w, BaseException)]
+        if errors:  # keep only the streams not written, so a retry adds no copies
+            failed = {
+                i
+                for ix, w in zip(groups.values(), written, strict=True)
+                if isinstance(w, BaseException)
+                for i in ix
+            }
+            self.entries = [e for i, e in enumerate(self.entries) if i in failed]
+            raise errors[0]
+        out: list[str] = [""] * len(self.entries) if ids else []
         for indexes, new_ids in zip(groups.values(), written, strict=True):
             assert not isinstance(new_ids, BaseException)
-            for i, new_id in zip(indexes, new_ids, strict=True):
-                ids[i] = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+            for i, new_id in zip(indexes, new_ids, strict=True) if ids else ():
+                out[i] = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
         self.entries.clear()
-        return ids
+        return out
 
 
 class Producer:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.errors import RateLimited
 
 # KEYS: limiter. ARGV: interval, burst, max wait (microseconds; -1: any).
@@ -73,8 +73,7 @@ class SharedRateLimiter:
         """Reserve the next slot; returns the seconds until it (0: now). RateLimited,
         with nothing reserved, when it is more than ``max_wait_s`` away."""
         args = [self._interval_us, self.burst, self._max_wait_us]
-        with translate(self._url):
-            reserved, wait_us = await self._reserve(keys=[self.key], args=args)
+        reserved, wait_us = await self._reserve(keys=[self.key], args=args)
         if not int(reserved):
             raise RateLimited(self.key, int(wait_us) / 1_000_000)
         return int(wait_us) / 1_000_000

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.deadletter import DeadLetters
 from streams.errors import GroupMissing
 from streams.keys import StageKeys
@@ -64,8 +64,7 @@ async def count_range(client: Client, stream: str, start: str, end: str, url: st
     n = 0
     cursor = start
     while True:
-        with translate(url):
-            raw = await client.xrange(stream, min=cursor, max=end, count=PAGE)
+        raw = await client.xrange(stream, min=cursor, max=end, count=PAGE)
         entries = parse_entries(raw)
         n += len(entries)
         if len(entries) < PAGE:
@@ -85,24 +84,20 @@ async def replay_copy(
     lo, hi = to_id(start), to_id(end, end=True)
     poison = await dead_lettered(client, keys, url)
     # the tail moves as we append: stop at the last id that existed when we began
-    with translate(url):
-        last = await client.xrevrange(keys.stream, max=hi, min=lo, count=1)
+    last = await client.xrevrange(keys.stream, max=hi, min=lo, count=1)
     if not last:
         return ReplayResult("copy", lo, hi, 0, dry_run)
     stop = parse_entries(last)[0][0]
     n = skipped = 0
     cursor = lo
     while True:
-        with translate(url):
-            entries = parse_entries(
-                await client.xrange(keys.stream, min=cursor, max=stop, count=PAGE)
-            )
-            wanted = [(i, f) for i, f in entries if i not in poison]
-            if wanted and not dry_run:
-                pipe = client.pipeline(transaction=False)
-                for _, fields in wanted:
-                    pipe.xadd(keys.stream, fields)  # type: ignore[arg-type]
-                await pipe.execute()
+        entries = parse_entries(await client.xrange(keys.stream, min=cursor, max=stop, count=PAGE))
+        wanted = [(i, f) for i, f in entries if i not in poison]
+        if wanted and not dry_run:
+            pipe = client.pipeline(transaction=False)
+            for _, fields in wanted:
+                pipe.xadd(keys.stream, fields)  # type: ignore[arg-type]
+            await pipe.execute()
         n += len(wanted)
         skipped += len(entries) - len(wanted)
         if len(entries) < PAGE:
@@ -120,11 +115,9 @@ async def replay_rewind(
 ) -> ReplayResult:
     lo = to_id(start)
     n = await count_range(client, keys.stream, lo, "+", url)
-    with translate(url):
-        exists = await client.exists(keys.stream)
+    exists = await client.exists(keys.stream)
     if not exists:  # no stream, so no group to move
         raise GroupMissing(keys.stream, keys.group)
     if not dry_run:
-        with translate(url, keys.stream, keys.group):
-            await client.xgroup_setid(keys.stream, keys.group, id_before(lo))
+        await client.xgroup_setid(keys.stream, keys.group, id_before(lo))
     return ReplayResult("rewind", lo, "+", n, dry_run)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.parse import entry_ms
 from streams.scripts import SAFE_TRIM, Lua
 
@@ -64,14 +64,13 @@ async def safe_min_id(client: Client, stream: str, *, keep_ms: int = 0) -> tuple
 async def safe_trim(
     client: Client, stream: str, *, keep_ms: int = 0, dry_run: bool = False, url: str = ""
 ) -> TrimResult:
-    with translate(url):
-        if not dry_run:
-            cut, removed, why = await Lua(client, SAFE_TRIM)(keys=[stream], args=[keep_ms])
-            return TrimResult(stream, _s(cut) or None, int(removed), _s(why))
-        min_id, reason = await safe_min_id(client, stream, keep_ms=keep_ms)
-        if min_id is None:
-            return TrimResult(stream, None, 0, reason)
-        from streams.replay import count_range
+    if not dry_run:
+        cut, removed, why = await Lua(client, SAFE_TRIM)(keys=[stream], args=[keep_ms])
+        return TrimResult(stream, _s(cut) or None, int(removed), _s(why))
+    min_id, reason = await safe_min_id(client, stream, keep_ms=keep_ms)
+    if min_id is None:
+        return TrimResult(stream, None, 0, reason)
+    from streams.replay import count_range
 
-        n = await count_range(client, stream, "-", "(" + min_id, url)
-        return TrimResult(stream, min_id, n, reason + " (dry run)")
+    n = await count_range(client, stream, "-", "(" + min_id, url)
+    return TrimResult(stream, min_id, n, reason + " (dry run)")

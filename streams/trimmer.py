@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streams.connection import Client, translate
+from streams.connection import Client
 from streams.keys import StageKeys
 from streams.lock import LeaseLock
 from streams.retention import TrimResult, safe_trim
@@ -51,8 +51,7 @@ class LastTrim:
 
 
 async def last_trim(client: Client, keys: StageKeys, url: str = "") -> LastTrim | None:
-    with translate(url):
-        return LastTrim.parse(await client.get(keys.state("trim")))
+    return LastTrim.parse(await client.get(keys.state("trim")))
 
 
 class Trimmer:
@@ -91,10 +90,9 @@ class Trimmer:
                 "by": self.owner,
                 "streams": {r.stream: r.min_id for r in results},
             }
-            with translate(self.settings.redis_url):
-                await self.client.set(
-                    keys.state("trim"), json.dumps(state), px=10 * lock.ttl_ms + 3_600_000
-                )
+            await self.client.set(
+                keys.state("trim"), json.dumps(state), px=10 * lock.ttl_ms + 3_600_000
+            )
             if removed:
                 log.info("%s: trimmed %d processed entries", keys.tag, removed)
             out.extend(results)

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from streams.activity import Activity
-from streams.connection import Client, refresh_topology, translate
+from streams.connection import Client, refresh_topology
 from streams.consumer import BatchHandler, Consumer, Gate, Handler
 from streams.errors import RedisUnavailable, StreamsError
 from streams.faults import classify, describe
@@ -44,6 +44,7 @@ from streams.keys import StageKeys, check_name
 from streams.message import Codec
 from streams.middleware import Middleware
 from streams.producer import Route
+from streams.retries import backoff
 from streams.scripts import HEARTBEAT
 from streams.settings import StreamSettings
 from streams.trimmer import Trimmer
@@ -189,70 +190,67 @@ class Worker:
                 if verdict.refresh:
                     await refresh_topology(self.client)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), min(2.0, 0.05 * 2**failures))
+                    await asyncio.wait_for(
+                        self.stop_event.wait(), backoff(failures, 0.05, 2.0, jitter="none")
+                    )
         return None
 
     async def _acquire_name(self) -> str:
         ttl_ms = self.settings.consumer_dead_after_ms
-        url = self.settings.redis_url
         if self.requested_name:
-            with translate(url):
-                await self.client.set(
-                    self._lease_keys.lease(self.requested_name), self._token, px=ttl_ms
-                )
+            await self.client.set(
+                self._lease_keys.lease(self.requested_name), self._token, px=ttl_ms
+            )
             return self.requested_name
         host = check_name("consumer", socket.gethostname().lower().split(".")[0][:30] or "host")
         me = socket.gethostname()
         for n in range(1000):
             name = f"{host}-{n}"
             key = self._lease_keys.lease(name)
-            with translate(url):
-                if await self.client.set(key, self._token, px=ttl_ms, nx=True):
-                    return name
-                holder = await self.client.get(key)
+            if await self.client.set(key, self._token, px=ttl_ms, nx=True):
+                return name
+            holder = await self.client.get(key)
             if holder is None:
                 continue
             text = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
             h_host, _, rest = text.partition(":")
             pid = int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else 0
-            if h_host == me and pid and _holder_gone(pid, text):
-                with translate(url):
-                    # take over only if it is still that dead holder's lease
-                    if (
-                        await self.client.set(key, self._token, px=ttl_ms, xx=True, get=True)
-                        == holder
-                    ):
-                        log.info("taking over consumer name %s from dead pid %d", name, pid)
-                        return name
+            # take over only if it is still that dead holder's lease
+            if (
+                h_host == me
+                and pid
+                and _holder_gone(pid, text)
+                and await self.client.set(key, self._token, px=ttl_ms, xx=True, get=True) == holder
+            ):
+                log.info("taking over consumer name %s from dead pid %d", name, pid)
+                return name
         raise StreamsError("no free consumer name (1000 leases held)")
 
     async def _heartbeat_once(self) -> None:
         assert self.name is not None
-        with translate(self.settings.redis_url):
-            await self.client.set(
-                self._lease_keys.lease(self.name),
-                self._token,
-                px=self.settings.consumer_dead_after_ms,
-            )
-            for c in self.consumers:  # Redis's time, not ours. EVAL: on a cluster,
-                # loading a script (EVALSHA's fallback) needs every master up
-                await self.client.eval(HEARTBEAT, 1, c.keys.heartbeats, self.name)
+        await self.client.set(
+            self._lease_keys.lease(self.name),
+            self._token,
+            px=self.settings.consumer_dead_after_ms,
+        )
+        for c in self.consumers:  # Redis's time, not ours. EVAL: on a cluster,
+            # loading a script (EVALSHA's fallback) needs every master up
+            await self.client.eval(HEARTBEAT, 1, c.keys.heartbeats, self.name)
         await self._write_activity()
 
     async def _write_activity(self) -> None:
         """The console's info hash and history; a failure here never fails the beat."""
         assert self.name is not None
         try:
-            with translate(self.settings.redis_url):
-                pipe = self.client.pipeline(transaction=False)
-                self.activity.write(
-                    pipe,
-                    self._lease_keys,
-                    self.name,
-                    time.time_ns() // 1_000_000,
-                    self.settings.consumer_dead_after_ms,
-                )
-                await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            self.activity.write(
+                pipe,
+                self._lease_keys,
+                self.name,
+                time.time_ns() // 1_000_000,
+                self.settings.consumer_dead_after_ms,
+            )
+            await pipe.execute()
             self.activity.sent()
         except Exception as exc:
             log.debug("could not write the worker's activity: %s", exc)
@@ -325,7 +323,7 @@ class Worker:
     async def _release_name(self) -> None:
         if self.name is None:
             return
-        with contextlib.suppress(StreamsError), translate(self.settings.redis_url):
+        with contextlib.suppress(StreamsError):
             key = self._lease_keys.lease(self.name)
             if await self.client.get(key) == self._token.encode():
                 await self.client.delete(key)

@@ -24,7 +24,7 @@ from redis import exceptions as rex
 from ops.common import console, fail
 from processors import topology
 from streams.connection import Client, connect, probe, redact
-from streams.errors import RedisUnavailable
+from streams.errors import RedisCommandError, RedisUnavailable
 from streams.keys import StageKeys
 from streams.monitor import ConsumerStatus, StageStatus
 from streams.settings import StreamSettings
@@ -69,7 +69,7 @@ def run(settings: StreamSettings, body: Callable[[Client], Awaitable[T]]) -> T:
         rex.InvalidResponse,
     ) as exc:
         raise RedisUnavailable(redact(settings.redis_url), exc) from None
-    except rex.ResponseError as exc:
+    except (rex.ResponseError, RedisCommandError) as exc:
         raise fail(f"Redis replied with an error: {exc}") from None
 
 

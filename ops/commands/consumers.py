@@ -7,7 +7,6 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
-from redis import exceptions as rex
 from rich.table import Table
 from rich.text import Text
 
@@ -26,6 +25,7 @@ from ops.commands._operator import (
 )
 from ops.common import console, err_console, handle_errors, options
 from streams.connection import Client
+from streams.errors import GroupMissing, NoSuchKey
 from streams.monitor import ConsumerStatus, StageStatus, heartbeats, stage_status
 from streams.scripts import DELETE_IDLE_CONSUMER
 
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
                 for stream in keys.streams():
                     try:
                         infos = await client.xinfo_consumers(stream, keys.group)
-                    except rex.ResponseError:  # no stream or no group on this lane
+                    except (NoSuchKey, GroupMissing):  # no stream or no group on this lane
                         continue
                     for info in infos:
                         lanes.setdefault(as_str(info["name"]), []).append((stream, info))

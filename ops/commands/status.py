@@ -13,7 +13,6 @@ from functools import partial
 from typing import Annotated, Any
 
 import typer
-from redis import exceptions as rex
 from rich import box
 from rich.console import Group
 from rich.live import Live
@@ -36,7 +35,7 @@ from ops.common import console, err_console, handle_errors, options
 from processors import topology
 from processors.config import AppSettings
 from streams.connection import Client, redact, translate
-from streams.errors import RedisUnavailable
+from streams.errors import NoSuchKey, RedisCommandError, RedisUnavailable
 from streams.keys import StageKeys
 from streams.monitor import StageStatus, retrying, stage_status
 from streams.settings import StreamSettings
@@ -85,7 +84,7 @@ async def _acked(client: Client, keys: StageKeys) -> int | None:
     for stream in keys.streams():
         try:
             groups = await client.xinfo_groups(stream)
-        except rex.ResponseError:  # no such key
+        except NoSuchKey:
             continue
         for g in groups:
             if as_str(g["name"]) != keys.group:
@@ -107,7 +106,7 @@ async def _sample(
     try:
         with translate(url, keys.stream, keys.group):
             acked = await _acked(client, keys)
-    except rex.ResponseError:
+    except RedisCommandError:
         acked = None
     with translate(url, keys.stream, keys.group):
         now_ms = time.time_ns() // 1_000_000
