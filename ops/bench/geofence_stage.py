@@ -4,7 +4,7 @@
 fetch and geocode would leave them), then feeds the real stage's ``handle_batch`` the
 reports in batches, as one worker would, and times it: wall clock, and this process's
 CPU (the worker's; the database server's CPU is not included). The pipeline benchmark
-can call it; ``python -m processors.stagebench --database-url URL`` prints the figures.
+can call it; ``python -m ops.bench.geofence_stage --database-url URL`` prints the figures.
 """
 
 from __future__ import annotations

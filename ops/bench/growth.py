@@ -1,7 +1,7 @@
 """``trackstream bench --pipeline --history-rows N``: the pipeline as its history grows.
 
 At 0 stored rows and again after seeding ``N`` older rows: the end-to-end phase of
-:mod:`ops.pipelinebench` (fetch, geocode, geofence and view-refresh at once, one
+:mod:`ops.bench.pipeline` (fetch, geocode, geofence and view-refresh at once, one
 worker each), the CPU per report, and the latency of one tracker's trace (its last
 1,000 reports, newest first, as ``trace`` and the console's track read them). Then a
 month of history is dropped (:func:`schemas.history.prune`) while two writers insert,
@@ -276,7 +276,7 @@ def run_growth_bench(
     import tempfile
     from pathlib import Path
 
-    from ops.pipelinebench import PipelineBench, servers
+    from ops.bench.pipeline import PipelineBench, servers
     from streams.connection import connect
     from streams.settings import StreamSettings
 

@@ -245,7 +245,7 @@ class _Worker:
         self.log = log
         self.out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.benchworker", stage, consumer, *keys],
+            [sys.executable, "-m", "ops.bench.worker", stage, consumer, *keys],
             env=env,
             stdout=self.out,
             stderr=subprocess.STDOUT,

@@ -1,5 +1,5 @@
 """``trackstream bench``: the runtime against raw redis-py loops, in one run; with
-``--pipeline``, the real stages as worker processes (:mod:`ops.pipelinebench`)."""
+``--pipeline``, the real stages as worker processes (:mod:`ops.bench.pipeline`)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         """
         overrides = options(ctx).overrides
         if views:
-            from ops.viewbench import run_view_bench
+            from ops.bench.views import run_view_bench
 
             db_url = overrides.get("database_url")
             if db_url and not str(db_url).startswith("postgres"):
@@ -185,7 +185,7 @@ def _pipeline(
     json_out: Path | None,
     messy: bool = False,
 ) -> None:
-    from ops.pipelinebench import run_pipeline_bench
+    from ops.bench.pipeline import run_pipeline_bench
 
     with err_console.status("starting ...") as status:
         results = run_pipeline_bench(
@@ -219,7 +219,7 @@ def _growth(
     max_phase_s: float,
     json_out: Path | None,
 ) -> None:
-    from ops.growthbench import growth_summary, run_growth_bench
+    from ops.bench.growth import growth_summary, run_growth_bench
 
     with err_console.status("starting ...") as status:
         results = run_growth_bench(
