@@ -58,9 +58,9 @@ __all__ = [
     "OK",
     "REASONS",
     "Carry",
-    "Fix",
     "Outcome",
     "Rules",
+    "StoredFix",
     "Window",
     "evaluate",
     "evaluate_history",
@@ -115,7 +115,7 @@ class Rules:
         return self.margin_m
 
 
-class Fix:
+class StoredFix:
     """A stored report, with the state stored for it (None: not evaluated yet)."""
 
     __slots__ = (
@@ -149,10 +149,10 @@ class Fix:
         self.status, self.state, self.id = status, state, id
 
     def __repr__(self) -> str:
-        return f"Fix({self.observed_at.isoformat()}, {self.lat}, {self.lon}, {self.status})"
+        return f"StoredFix({self.observed_at.isoformat()}, {self.lat}, {self.lon}, {self.status})"
 
 
-def fix_problem(fix: Fix, last: Fix | None, rules: Rules) -> str | None:
+def fix_problem(fix: StoredFix, last: StoredFix | None, rules: Rules) -> str | None:
     """Why the fix is rejected (one of :data:`REASONS`), given the last accepted fix
     before it; None when it is accepted."""
     lat, lon, acc = fix.lat, fix.lon, fix.accuracy_m
@@ -241,7 +241,7 @@ class Window:
     state equals its stored one."""
 
     tracker_id: str
-    fixes: list[Fix]
+    fixes: list[StoredFix]
     anchored: bool = False
     stop_after_us: int | None = None
 
@@ -254,14 +254,14 @@ class Outcome:
     replaced by these."""
 
     tracker_id: str
-    results: list[tuple[Fix, str, str | None, list[tuple[int, int, Kind]]]]
+    results: list[tuple[StoredFix, str, str | None, list[tuple[int, int, Kind]]]]
     lo_us: int | None
     hi_us: int | None
     converged: bool
 
 
 def evaluate_history(
-    index: GeofenceIndex, rules: Rules, fixes: Sequence[Fix]
+    index: GeofenceIndex, rules: Rules, fixes: Sequence[StoredFix]
 ) -> list[tuple[datetime, int, Kind]]:
     """All events of one tracker's whole history, from scratch: ``(at, geofence id,
     kind)`` sorted by time."""
@@ -277,7 +277,7 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
     # 1. position quality, and the segments between accepted fixes
     statuses: list[list[str]] = []
     seg_fix: list[tuple[int, int]] = []  # (window, fix index) of each segment's end
-    seg_prev: list[Fix | None] = []
+    seg_prev: list[StoredFix | None] = []
     ends: list[int] = []  # fixes evaluated per window
     for w_i, w in enumerate(windows):
         last = w.fixes[0] if w.anchored else None
@@ -313,7 +313,7 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
                 f"tracker {w.tracker_id}: the anchor's state is from other fences or rules "
                 f"({carry.version!r}, now {version!r}); start from the first fix"
             )
-        results: list[tuple[Fix, str, str | None, list[tuple[int, int, Kind]]]] = []
+        results: list[tuple[StoredFix, str, str | None, list[tuple[int, int, Kind]]]] = []
         state = carry.dumps()
         converged = False
         hi_us: int | None = None
@@ -354,7 +354,7 @@ class _Samples:
         rules: Rules,
         windows: Sequence[Window],
         seg_fix: Sequence[tuple[int, int]],
-        seg_prev: Sequence[Fix | None],
+        seg_prev: Sequence[StoredFix | None],
     ) -> None:
         self.index = index
         self.rules = rules

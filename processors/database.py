@@ -1,7 +1,7 @@
 """The stages' door to the database: sync SQLAlchemy work run in a thread, one
 transaction per call, so the event loop never blocks on I/O.
 
-Database errors are classified here, in one place (:func:`classify`):
+Database errors are classified here, in one place (:func:`classify_db_error`):
 
 - ``"down"``: the database cannot be reached or is going away (connection refused or
   reset, server closed the connection, admin/crash shutdown, starting up, too many
@@ -99,7 +99,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def classify(exc: BaseException) -> Kind | None:
+def classify_db_error(exc: BaseException) -> Kind | None:
     """``"down"``, ``"conflict"`` or None (a real failure); see the module docstring."""
     if isinstance(exc, DatabaseUnavailable):
         return exc.kind
@@ -216,7 +216,7 @@ class Database:
         conflict was lost (noting an outage); otherwise ``exc`` itself."""
         if isinstance(exc, DatabaseUnavailable):
             return exc
-        kind = classify(exc)
+        kind = classify_db_error(exc)
         if kind is None:
             return exc
         if kind == "conflict":
@@ -271,7 +271,7 @@ class Database:
                 try:
                     await asyncio.to_thread(self.probe_sync)
                 except Exception as exc:
-                    if classify(exc) is None:
+                    if classify_db_error(exc) is None:
                         log.warning("database probe: %s", _short(exc))
                     attempt += 1
                     delay = min(_PROBE_MAX_DELAY_S, 0.1 * 2**attempt)

@@ -1,7 +1,7 @@
 """What the location source sent besides plain reports: rejected records, late reports,
 per-tracker errors (tables ``rejected_reports`` and ``tracker_source_stats``).
 
-Like :mod:`schemas.store`, every function takes a session and does not commit: the
+Like every store (:mod:`schemas.sql`), every function takes a session and does not commit: the
 fetch stage calls them in the transaction that stores the batch's reports, so the
 counts always agree with the rows. Rows of ``tracker_source_stats`` are written in
 tracker order (two workers with overlapping batches lock them in the same order).
@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schemas.store import in_list
+from schemas.sql import in_list
 from schemas.tables import RejectedReport, Tracker, TrackerSourceStats
 
 __all__ = [

@@ -33,18 +33,18 @@ from processors.clock import Clock
 from processors.crossings import (
     OK,
     REASONS,
-    Fix,
     Rules,
+    StoredFix,
     Window,
     evaluate,
     from_us,
     state_prefix,
     to_us,
 )
-from processors.database import Database, classify
+from processors.database import Database, classify_db_error
 from processors.geofencing import GeofenceIndex
 from processors.topology import NOTIFY, VIEW_REFRESH
-from schemas import geofence_store, store
+from schemas import geofence_defs, geofence_store
 from schemas.events import LocationGeocoded, ViewsChanged
 from schemas.notify import GeofenceEvent
 from schemas.views import VIEW_NAMES
@@ -112,9 +112,9 @@ class GeofenceStage:
             self._rejected_metric.labels(reason)
 
     async def index(self) -> GeofenceIndex:
-        version = await self.db.run(store.geofences_version)
+        version = await self.db.run(geofence_defs.geofences_version)
         if self._index is None or version != self._version:
-            rows = await self.db.run(store.active_geofences)
+            rows = await self.db.run(geofence_defs.active_geofences)
             self._index, self._version = GeofenceIndex(rows), version
         return self._index
 
@@ -206,8 +206,8 @@ def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]
 
 def _transient(exc: BaseException) -> bool:
     """A database that is away or busy, not a bad row: retry the batch as a whole
-    (:func:`processors.database.classify` decides, as for every stage)."""
-    return classify(exc) is not None or isinstance(
+    (:func:`processors.database.classify_db_error` decides, as for every stage)."""
+    return classify_db_error(exc) is not None or isinstance(
         exc, sa_exc.OperationalError | sa_exc.InterfaceError
     )
 
@@ -224,7 +224,7 @@ def check_batch(
     With ``fences_version``: first makes sure the fences are still that version, else
     returns a result marked ``stale`` having done nothing."""
     result = BatchResult()
-    if fences_version is not None and store.geofences_version(session) != fences_version:
+    if fences_version is not None and geofence_defs.geofences_version(session) != fences_version:
         result.stale = True
         return result
     wanted: dict[tuple[str, datetime], list[int]] = {}
@@ -295,7 +295,7 @@ def _evaluate(
     windows = []
     for tracker, w in loaded.items():
         fixes = [
-            Fix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
+            StoredFix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
             for row_id, _, obs, lat, lon, acc, fetched, status, state, *_ in w.rows
         ]
         stop_after = to_us(spans[tracker][1])
