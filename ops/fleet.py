@@ -295,6 +295,18 @@ def report_trace(session: Session, tracker_id: str, at: datetime | None) -> dict
     }
 
 
+def report_instants(report: dict[str, Any] | None) -> tuple[datetime | None, datetime | None]:
+    """The observed_at and fetched_at of a :func:`report_trace` dict (None, None
+    without a report)."""
+    if report is None:
+        return None, None
+
+    def parse(key: str) -> datetime:
+        return datetime.fromisoformat(report[key].replace("Z", "+00:00"))
+
+    return parse("observed_at"), parse("fetched_at")
+
+
 def with_source(
     session: Session, now: datetime, interval_s: float, guarantee_s: float, fleet_trackers: Any
 ) -> tuple[list[TrackerRow], dict[str, Any], dict[str, Any]]:
