@@ -1,7 +1,10 @@
 """The stages' door to the database: sync SQLAlchemy work run in a thread, one
 transaction per call, so the event loop never blocks on I/O.
 
-Database errors are classified here, in one place (:func:`classify_db_error`):
+Database errors are classified here, in one place (:func:`classify_db_error`), and
+translated in one place, :meth:`Database.run` (and :meth:`Database.run_engine`, its
+twin for work on the engine): the stages see :class:`DatabaseUnavailable` or a real
+failure, never a rule of their own on top.
 
 - ``"down"``: the database cannot be reached or is going away (connection refused or
   reset, server closed the connection, admin/crash shutdown, starting up, too many
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import sqlite3
@@ -197,15 +201,25 @@ class Database:
         lost a conflict. If the caller is cancelled (its timeout), the transaction is
         rolled back unless it already committed, and the caller waits for that."""
         cancelled = threading.Event()
-        task = asyncio.ensure_future(
-            asyncio.to_thread(self.run_sync, fn, *args, _cancelled=cancelled, **kwargs)
-        )
+        work = functools.partial(self.run_sync, fn, *args, _cancelled=cancelled, **kwargs)
+        task = asyncio.ensure_future(asyncio.to_thread(work))
         try:
             result = await asyncio.shield(task)
         except asyncio.CancelledError:
             cancelled.set()
             await _wait_out(task)
             raise
+        except Exception as exc:
+            raise self.translate(exc) from exc
+        self._up()
+        return result
+
+    async def run_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(engine, *args)`` in a worker thread, for work that manages its own
+        connections and transactions (view refreshes, pruning); errors are translated
+        as by :meth:`run`, the one place that translates them."""
+        try:
+            result = await asyncio.to_thread(fn, self.engine, *args)
         except Exception as exc:
             raise self.translate(exc) from exc
         self._up()

@@ -227,7 +227,6 @@ class Pipeline:
             topology.input_type(name),
             getattr(stage, "handle", None),
             getattr(stage, "handle_batch", None),
-            self.db,
         )
         return Worker(
             self.client,
@@ -307,22 +306,16 @@ def _gate(db: Database, stage_ready: Any) -> Any:
     return gate
 
 
-def _typed(expected: type, handler: Any, batch_handler: Any, db: Database) -> tuple[Any, Any]:
-    """Wrap a stage's handler so that a valid event of the wrong type is rejected, and
-    a database outage or conflict anywhere in the stage is deferred, not failed
-    (:meth:`Database.translate`: one classification for every stage)."""
+def _typed(expected: type, handler: Any, batch_handler: Any) -> tuple[Any, Any]:
+    """Wrap a stage's handler so that a valid event of the wrong type is rejected. A
+    database outage or conflict is already a deferring :class:`DatabaseUnavailable`
+    (:meth:`Database.run` translates, for every stage)."""
     if handler is not None:
 
         async def checked(msg: Message[Any], ctx: Context) -> None:
             if (bad := _wrong_type(msg, expected)) is not None:
                 raise bad
-            try:
-                await handler(msg, ctx)
-            except Exception as exc:
-                translated = db.translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
+            await handler(msg, ctx)
 
         return checked, None
 
@@ -337,14 +330,7 @@ def _typed(expected: type, handler: Any, batch_handler: Any, db: Database) -> tu
             else:
                 good.append(m)
         if good:
-            try:
-                failed = await batch_handler(good, ctx) or {}
-            except Exception as exc:
-                translated = db.translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
-            failures.update({k: db.translate(e) for k, e in failed.items()})
+            failures.update(await batch_handler(good, ctx) or {})
         return failures
 
     return None, checked_batch

@@ -125,8 +125,12 @@ class GeocodeStage:
             for j, err in (
                 await self.db.run(report_store.set_addresses_each, geocoded, now)
             ).items():
+                # a row's error was caught in its savepoint, inside the thread: the
+                # database's one translation makes an outage or a conflict a Defer
                 failed[todo[j]] = (
-                    Reject(f"cannot store the address: {err}") if is_permanent(err) else err
+                    Reject(f"cannot store the address: {err}")
+                    if is_permanent(err)
+                    else self.db.translate(err)
                 )
         for j, g in enumerate(geocoded):
             if todo[j] not in failed:

@@ -23,16 +23,16 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
-from sqlalchemy import exc as sa_exc
 
 from processors.clock import Clock
 from processors.crossings import (
     OK,
     REASONS,
+    Kind,
     Rules,
     StoredFix,
     Window,
@@ -41,7 +41,7 @@ from processors.crossings import (
     state_prefix,
     to_us,
 )
-from processors.database import Database, classify_db_error
+from processors.database import Database, DatabaseUnavailable
 from processors.geofencing import GeofenceIndex
 from processors.topology import NOTIFY, VIEW_REFRESH
 from schemas import geofence_defs, geofence_store
@@ -147,7 +147,9 @@ class GeofenceStage:
         for tracker, geofence, at, kind in result.events:
             ctx.publish(
                 self.notify,
-                GeofenceEvent(tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=kind),
+                GeofenceEvent(
+                    tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=cast(Kind, kind)
+                ),
                 partition_key=tracker,
             )
         failures: dict[str, BaseException] = {
@@ -206,10 +208,8 @@ def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]
 
 def _transient(exc: BaseException) -> bool:
     """A database that is away or busy, not a bad row: retry the batch as a whole
-    (:func:`processors.database.classify_db_error` decides, as for every stage)."""
-    return classify_db_error(exc) is not None or isinstance(
-        exc, sa_exc.OperationalError | sa_exc.InterfaceError
-    )
+    (:meth:`processors.database.Database.run` decides, as for every stage)."""
+    return isinstance(exc, DatabaseUnavailable)
 
 
 def check_batch(
@@ -250,8 +250,8 @@ def check_batch(
     events: list[geofence_store.EventRow] = []
     found: set[tuple[str, datetime]] = set()
     for o in outcomes:
-        lo = from_us(o.lo_us) if o.lo_us is not None else None
-        windows.append((o.tracker_id, lo, from_us(o.hi_us) if o.hi_us is not None else None))
+        lo_at = from_us(o.lo_us) if o.lo_us is not None else None
+        windows.append((o.tracker_id, lo_at, from_us(o.hi_us) if o.hi_us is not None else None))
         for fix, status, state, evs in o.results:
             key = (o.tracker_id, fix.observed_at)
             checked = key in wanted
