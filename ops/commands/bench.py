@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ops.common import console, err_console, fail, handle_errors, options
+
+T = TypeVar("T")
 
 
 def register(app: typer.Typer) -> None:
@@ -175,6 +178,25 @@ def _runtime(
         raise typer.Exit(1)
 
 
+def _with_status(bench: Callable[..., T], overrides: dict[str, Any], **kwargs: Any) -> T:
+    """Runs an end-to-end benchmark on the given Redis and database (None: its own
+    throwaway servers), its progress on stderr under a status line."""
+    with err_console.status("starting ...") as status:
+        return bench(
+            overrides.get("redis_url"),
+            overrides.get("database_url"),
+            progress=err_console.print,
+            status=status.update,
+            **kwargs,
+        )
+
+
+def _write_json(results: Any, json_out: Path | None) -> None:
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {json_out}")
+
+
 def _pipeline(
     overrides: dict[str, Any],
     trackers: int,
@@ -187,19 +209,16 @@ def _pipeline(
 ) -> None:
     from ops.bench.pipeline import run_pipeline_bench
 
-    with err_console.status("starting ...") as status:
-        results = run_pipeline_bench(
-            overrides.get("redis_url"),
-            overrides.get("database_url"),
-            trackers=trackers,
-            history=history,
-            workers=workers,
-            max_phase_s=max_phase_s,
-            runtime_messages=messages,
-            progress=err_console.print,
-            status=status.update,
-            messy=messy,
-        )
+    results = _with_status(
+        run_pipeline_bench,
+        overrides,
+        trackers=trackers,
+        history=history,
+        workers=workers,
+        max_phase_s=max_phase_s,
+        runtime_messages=messages,
+        messy=messy,
+    )
     table = pipeline_table(results)
     if console.is_terminal:
         console.print(table)
@@ -207,9 +226,7 @@ def _pipeline(
         Console(file=console.file, width=PIPED_WIDTH).print(table)
     for line in pipeline_summary(results):
         console.print(line)
-    if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {json_out}")
+    _write_json(results, json_out)
 
 
 def _growth(
@@ -221,21 +238,16 @@ def _growth(
 ) -> None:
     from ops.bench.growth import growth_summary, run_growth_bench
 
-    with err_console.status("starting ...") as status:
-        results = run_growth_bench(
-            overrides.get("redis_url"),
-            overrides.get("database_url"),
-            history_rows=history_rows,
-            trackers=trackers,
-            max_phase_s=max_phase_s,
-            progress=err_console.print,
-            status=status.update,
-        )
+    results = _with_status(
+        run_growth_bench,
+        overrides,
+        history_rows=history_rows,
+        trackers=trackers,
+        max_phase_s=max_phase_s,
+    )
     for line in growth_summary(results):
         console.print(line, highlight=False)
-    if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {json_out}")
+    _write_json(results, json_out)
 
 
 def _ms(v: float | None) -> str:
