@@ -200,7 +200,7 @@ def source_stats(
     )
     if tracker_ids is not None:
         stmt = stmt.where(in_list(session, _stats.c.tracker_id, list(tracker_ids)))
-    return {row[0]: SourceStats(*row) for row in session.execute(stmt)}
+    return {row[0]: SourceStats(*cast(tuple[Any, ...], row)) for row in session.execute(stmt)}
 
 
 def errors_by_code(session: Session) -> dict[str, int]:

@@ -339,7 +339,7 @@ def _store_outcome(
     _classify(new, outcome)
     counts: dict[str, Counter[str]] = {t: Counter(c) for t, c in outcome.late.items()}
     for t, _, _ in outcome.rejected:
-        if t in known:
+        if t is not None and t in known:
             counts.setdefault(t, Counter())["rejected_reports"] += 1
     source_store.add_counts(session, counts, now)
     source_store.insert_rejected(session, outcome.rejected, now, outcome.source)
