@@ -44,6 +44,8 @@ from streams.settings import StreamSettings
 
 R = TypeVar("R")
 
+LimitOption = Annotated[int | None, typer.Option(min=1, help="at most this many")]
+
 
 def _when(ms: int) -> str:
     if not ms:
@@ -251,7 +253,7 @@ def register(app: typer.Typer) -> None:
         all_: AllOption = False,
         category: CategoryOption = None,
         since: SinceOption = None,
-        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        limit: LimitOption = None,
         yes: YesOption = False,
     ) -> None:
         """Put dead letters back on their stream (each at most once) once the cause is fixed."""
@@ -281,7 +283,7 @@ def register(app: typer.Typer) -> None:
         all_: AllOption = False,
         category: CategoryOption = None,
         since: SinceOption = None,
-        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        limit: LimitOption = None,
         yes: YesOption = False,
     ) -> None:
         """Delete dead letters for good."""
