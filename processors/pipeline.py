@@ -192,8 +192,9 @@ class Pipeline:
         if concurrency is not None:
             changes["concurrency"] = concurrency
         # a set-based stage reads larger batches, unless TRACKSTREAM_BATCH_SIZE is set
-        if isinstance(stage, SizedBatches) and "batch_size" not in self.streams.model_fields_set:
-            changes["batch_size"] = stage.batch_size
+        preferred = stage.batch_size if isinstance(stage, SizedBatches) else None
+        if preferred is not None and "batch_size" not in self.streams.model_fields_set:
+            changes["batch_size"] = preferred
         settings = self.streams.with_(**changes) if changes else self.streams
         handler, batch_handler = _typed(STAGES.get(name).input_type, stage)
         return Worker(

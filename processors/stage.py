@@ -4,8 +4,8 @@ A stage is a class holding its dependencies and domain logic only; it handles it
 one message at a time (:class:`SingleStage`) or a batch at a time (:class:`BatchStage`).
 A stage may also have
 
-- ``batch_size`` (:class:`SizedBatches`): the entries per read it prefers, unless
-  ``TRACKSTREAM_BATCH_SIZE`` is set;
+- ``batch_size`` (:class:`SizedBatches`): the entries per read it prefers (None: no
+  preference), unless ``TRACKSTREAM_BATCH_SIZE`` is set;
 - ``ready()`` (:class:`Gated`): awaited before each read, after the database gate
   (its source's circuit, loading its data);
 - ``aclose()`` (:class:`Closable`): awaited when the pipeline closes.
@@ -58,7 +58,7 @@ Stage: TypeAlias = SingleStage | BatchStage
 
 @runtime_checkable
 class SizedBatches(Protocol):
-    batch_size: int
+    batch_size: int | None  # None: the settings' batch size
 
 
 @runtime_checkable
