@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check streams
 
 typecheck: $(STAMP)
-	$(BIN)/mypy streams
+	$(BIN)/mypy streams schemas processors
 
 unit: $(STAMP)          ## the fast tests only (no browser, no chaos)
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

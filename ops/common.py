@@ -3,12 +3,11 @@ and turning known errors into a clear message and exit code (never a traceback).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -133,10 +132,6 @@ def handle_errors(fn: Callable[P, T]) -> Callable[P, T]:
             raise fail(str(exc)) from None
 
     return wrapper
-
-
-def run(coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def setup_logging(verbose: bool = False) -> None:

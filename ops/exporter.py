@@ -171,11 +171,7 @@ class FreshnessReader:
     def read(self) -> Freshness:
         if self._sqlite_file is not None and not self._sqlite_file.is_file():
             raise FileNotFoundError(f"no SQLite database at {self._sqlite_file}")
-        from schemas import (  # type: ignore[attr-defined,unused-ignore]
-            schedule,
-            source_store,
-            store,
-        )
+        from schemas import report_store, schedule, source_store
 
         with self._factory()() as session:
             fleet = schedule.freshness(session, self.clock(), self.max_age_s)
@@ -190,8 +186,8 @@ class FreshnessReader:
             return Freshness(
                 partitions=parts,
                 stalest_age_s=fleet.oldest_age_s,
-                not_geocoded=int(store.count_not_geocoded(session)),
-                not_checked=int(store.count_not_checked(session)),
+                not_geocoded=int(report_store.count_not_geocoded(session)),
+                not_checked=int(report_store.count_not_checked(session)),
                 in_run=fleet.in_run,
                 stale=fleet.stale,
                 max_age_s=self.max_age_s,

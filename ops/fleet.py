@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from schemas.tables import Geofence, GeofenceEvent, LocationReport, Tracker
+from schemas.tables import Geofence, GeofenceEventRow, LocationReport, Tracker
 
 GUARANTEE_S = 12 * 3600  # the default of max_tracker_age_s
 OVERDUE = "overdue"  # past the guarantee
@@ -229,9 +229,9 @@ def map_data(
         select(Geofence).where(Geofence.active.is_(True)).order_by(Geofence.id)
     )
     recent = session.execute(
-        select(GeofenceEvent, Geofence.name)
-        .join(Geofence, Geofence.id == GeofenceEvent.geofence_id)
-        .order_by(GeofenceEvent.observed_at.desc(), GeofenceEvent.id.desc())
+        select(GeofenceEventRow, Geofence.name)
+        .join(Geofence, Geofence.id == GeofenceEventRow.geofence_id)
+        .order_by(GeofenceEventRow.observed_at.desc(), GeofenceEventRow.id.desc())
         .limit(events)
     )
     return {
@@ -265,13 +265,13 @@ def report_trace(session: Session, tracker_id: str, at: datetime | None) -> dict
     if report is None:
         return None
     produced = session.execute(
-        select(GeofenceEvent, Geofence.name)
-        .join(Geofence, Geofence.id == GeofenceEvent.geofence_id)
+        select(GeofenceEventRow, Geofence.name)
+        .join(Geofence, Geofence.id == GeofenceEventRow.geofence_id)
         .where(
-            GeofenceEvent.tracker_id == tracker_id,
-            GeofenceEvent.observed_at == report.observed_at,
+            GeofenceEventRow.tracker_id == tracker_id,
+            GeofenceEventRow.observed_at == report.observed_at,
         )
-        .order_by(GeofenceEvent.geofence_id)
+        .order_by(GeofenceEventRow.geofence_id)
     )
     return {
         "tracker_id": tracker_id,
@@ -293,6 +293,18 @@ def report_trace(session: Session, tracker_id: str, at: datetime | None) -> dict
         "republish_count": report.republish_count,
         "republished_at": iso(report.republished_at),
     }
+
+
+def report_instants(report: dict[str, Any] | None) -> tuple[datetime | None, datetime | None]:
+    """The observed_at and fetched_at of a :func:`report_trace` dict (None, None
+    without a report)."""
+    if report is None:
+        return None, None
+
+    def parse(key: str) -> datetime:
+        return datetime.fromisoformat(report[key].replace("Z", "+00:00"))
+
+    return parse("observed_at"), parse("fetched_at")
 
 
 def with_source(

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from schemas import store
+from schemas import geofence_defs, tracker_store
 from schemas.tables import Tracker
 
 
@@ -70,7 +70,7 @@ def load_trackers_csv(session: Any, path: Path) -> int:
                     "run_ends_at": ends,
                 }
             )
-    store.upsert_trackers(session, rows)
+    tracker_store.upsert_trackers(session, rows)
     return len(rows)
 
 
@@ -92,7 +92,7 @@ def load_geofences_geojson(session: Any, path: Path) -> int:
         try:
             if geometry.get("type") == "Point":
                 lon, lat = geometry["coordinates"][:2]
-                store.add_geofence(
+                geofence_defs.add_geofence(
                     session,
                     name=name,
                     kind="circle",
@@ -101,7 +101,7 @@ def load_geofences_geojson(session: Any, path: Path) -> int:
                     radius_m=props.get("radius_m"),
                 )
             elif geometry.get("type") in ("Polygon", "MultiPolygon"):
-                store.add_geofence(
+                geofence_defs.add_geofence(
                     session, name=name, kind="polygon", geometry_geojson=json.dumps(geometry)
                 )
             else:
@@ -132,12 +132,12 @@ def seed_simulated(
         }
         for i in range(1, count + 1)
     ]
-    store.upsert_trackers(session, rows)
-    existing = {g.name for g in store.active_geofences(session)}
+    tracker_store.upsert_trackers(session, rows)
+    existing = {g.name for g in geofence_defs.active_geofences(session)}
     added = 0
     for g in SimulatedFleet.geofences_for_demo():
         if g["name"] not in existing:
-            store.add_geofence(session, **g)
+            geofence_defs.add_geofence(session, **g)
             added += 1
     return len(rows), added
 

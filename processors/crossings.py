@@ -48,7 +48,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -58,9 +58,9 @@ __all__ = [
     "OK",
     "REASONS",
     "Carry",
-    "Fix",
     "Outcome",
     "Rules",
+    "StoredFix",
     "Window",
     "evaluate",
     "evaluate_history",
@@ -115,7 +115,7 @@ class Rules:
         return self.margin_m
 
 
-class Fix:
+class StoredFix:
     """A stored report, with the state stored for it (None: not evaluated yet)."""
 
     __slots__ = (
@@ -149,10 +149,10 @@ class Fix:
         self.status, self.state, self.id = status, state, id
 
     def __repr__(self) -> str:
-        return f"Fix({self.observed_at.isoformat()}, {self.lat}, {self.lon}, {self.status})"
+        return f"StoredFix({self.observed_at.isoformat()}, {self.lat}, {self.lon}, {self.status})"
 
 
-def fix_problem(fix: Fix, last: Fix | None, rules: Rules) -> str | None:
+def fix_problem(fix: StoredFix, last: StoredFix | None, rules: Rules) -> str | None:
     """Why the fix is rejected (one of :data:`REASONS`), given the last accepted fix
     before it; None when it is accepted."""
     lat, lon, acc = fix.lat, fix.lon, fix.accuracy_m
@@ -241,7 +241,7 @@ class Window:
     state equals its stored one."""
 
     tracker_id: str
-    fixes: list[Fix]
+    fixes: list[StoredFix]
     anchored: bool = False
     stop_after_us: int | None = None
 
@@ -254,14 +254,14 @@ class Outcome:
     replaced by these."""
 
     tracker_id: str
-    results: list[tuple[Fix, str, str | None, list[tuple[int, int, Kind]]]]
+    results: list[tuple[StoredFix, str, str | None, list[tuple[int, int, Kind]]]]
     lo_us: int | None
     hi_us: int | None
     converged: bool
 
 
 def evaluate_history(
-    index: GeofenceIndex, rules: Rules, fixes: Sequence[Fix]
+    index: GeofenceIndex, rules: Rules, fixes: Sequence[StoredFix]
 ) -> list[tuple[datetime, int, Kind]]:
     """All events of one tracker's whole history, from scratch: ``(at, geofence id,
     kind)`` sorted by time."""
@@ -277,7 +277,7 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
     # 1. position quality, and the segments between accepted fixes
     statuses: list[list[str]] = []
     seg_fix: list[tuple[int, int]] = []  # (window, fix index) of each segment's end
-    seg_prev: list[Fix | None] = []
+    seg_prev: list[StoredFix | None] = []
     ends: list[int] = []  # fixes evaluated per window
     for w_i, w in enumerate(windows):
         last = w.fixes[0] if w.anchored else None
@@ -313,7 +313,7 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
                 f"tracker {w.tracker_id}: the anchor's state is from other fences or rules "
                 f"({carry.version!r}, now {version!r}); start from the first fix"
             )
-        results: list[tuple[Fix, str, str | None, list[tuple[int, int, Kind]]]] = []
+        results: list[tuple[StoredFix, str, str | None, list[tuple[int, int, Kind]]]] = []
         state = carry.dumps()
         converged = False
         hi_us: int | None = None
@@ -345,6 +345,18 @@ def evaluate(index: GeofenceIndex, rules: Rules, windows: Sequence[Window]) -> l
     return outcomes
 
 
+class _Segments(NamedTuple):
+    """Per segment: its ends' latitudes, the start's longitude, the longitude span
+    (wrapped) and the ends' margins, in metres."""
+
+    lat_a: np.ndarray
+    lat_b: np.ndarray
+    lon_a: np.ndarray
+    dlon: np.ndarray
+    m_a: np.ndarray
+    m_b: np.ndarray
+
+
 class _Samples:
     """The fixes and path samples near each fence, tested in one vectorised pass."""
 
@@ -354,7 +366,7 @@ class _Samples:
         rules: Rules,
         windows: Sequence[Window],
         seg_fix: Sequence[tuple[int, int]],
-        seg_prev: Sequence[Fix | None],
+        seg_prev: Sequence[StoredFix | None],
     ) -> None:
         self.index = index
         self.rules = rules
@@ -421,27 +433,14 @@ class _Samples:
         owner = np.concatenate([owner, owner[between]])
         frac = np.concatenate([frac, (frac[between] + frac[between + 1]) / 2])
         owner, frac = _sorted_unique(owner, frac)
-        covered, dist_m = self._probe(
-            index, p_seg, p_fence, owner, frac, lat_a, lat_b, lon_a, dlon, m_a, m_b, near=True
-        )
+        segs = _Segments(lat_a, lat_b, lon_a, dlon, m_a, m_b)
+        covered, dist_m = self._probe(index, p_seg, p_fence, owner, frac, segs, near=True)
         # polygons: between two such places the boundary distance is 1-Lipschitz in
         # metres along the path, so a place beyond the margin (deep inside or far
         # outside) is found, or ruled out to 1 mm, by halving the stretches whose bound
         # allows one
         more_o, more_f, more_c, more_d = self._beyond_margin(
-            index,
-            p_seg,
-            p_fence,
-            owner,
-            frac,
-            covered,
-            dist_m,
-            lat_a,
-            lat_b,
-            lon_a,
-            dlon,
-            m_a,
-            m_b,
+            index, p_seg, p_fence, owner, frac, covered, dist_m, segs
         )
         if len(more_o):
             owner = np.concatenate([owner, more_o])
@@ -471,16 +470,12 @@ class _Samples:
         p_fence: np.ndarray,
         owner: np.ndarray,
         frac: np.ndarray,
-        lat_a: np.ndarray,
-        lat_b: np.ndarray,
-        lon_a: np.ndarray,
-        dlon: np.ndarray,
-        m_a: np.ndarray,
-        m_b: np.ndarray,
+        segs: _Segments,
         near: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Coverage and boundary distance at fraction ``frac`` of pair ``owner``'s
         segment; the segment's ends exactly as stored."""
+        lat_a, lat_b, lon_a, dlon, m_a, m_b = segs
         s = p_seg[owner]
         lat = lat_a[s] + frac * (lat_b[s] - lat_a[s])
         lon = wrap_lon_np(lon_a[s] + frac * dlon[s])
@@ -503,15 +498,11 @@ class _Samples:
         frac: np.ndarray,
         covered: np.ndarray,
         dist_m: np.ndarray,
-        lat_a: np.ndarray,
-        lat_b: np.ndarray,
-        lon_a: np.ndarray,
-        dlon: np.ndarray,
-        m_a: np.ndarray,
-        m_b: np.ndarray,
+        segs: _Segments,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Places beyond the margin between consecutive tested places of polygon pairs
         where neither end is: ``(owner, frac, covered, dist_m)``."""
+        lat_a, lat_b, _, dlon, m_a, m_b = segs
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0))
         s = p_seg[owner]
         gap = dist_m - (m_a[s] + frac * (m_b[s] - m_a[s]))
@@ -550,7 +541,7 @@ class _Samples:
                 a[keep] for a in (o, run, lo, hi, g_lo, g_hi, slope)
             )
             mid = (lo + hi) / 2
-            cov, d = self._probe(index, p_seg, p_fence, o, mid, lat_a, lat_b, lon_a, dlon, m_a, m_b)
+            cov, d = self._probe(index, p_seg, p_fence, o, mid, segs)
             sm = p_seg[o]
             g_mid = d - (m_a[sm] + mid * (m_b[sm] - m_a[sm]))
             hit = g_mid >= 0

@@ -1,7 +1,10 @@
 """The stages' door to the database: sync SQLAlchemy work run in a thread, one
 transaction per call, so the event loop never blocks on I/O.
 
-Database errors are classified here, in one place (:func:`classify`):
+Database errors are classified here, in one place (:func:`classify_db_error`), and
+translated in one place, :meth:`Database.run` (and :meth:`Database.run_engine`, its
+twin for work on the engine): the stages see :class:`DatabaseUnavailable` or a real
+failure, never a rule of their own on top.
 
 - ``"down"``: the database cannot be reached or is going away (connection refused or
   reset, server closed the connection, admin/crash shutdown, starting up, too many
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import sqlite3
@@ -100,7 +104,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def classify(exc: BaseException) -> Kind | None:
+def classify_db_error(exc: BaseException) -> Kind | None:
     """``"down"``, ``"conflict"`` or None (a real failure); see the module docstring."""
     if isinstance(exc, DatabaseUnavailable):
         return exc.kind
@@ -198,9 +202,8 @@ class Database:
         lost a conflict. If the caller is cancelled (its timeout), the transaction is
         rolled back unless it already committed, and the caller waits for that."""
         cancelled = threading.Event()
-        task = asyncio.ensure_future(
-            asyncio.to_thread(self.run_sync, fn, *args, _cancelled=cancelled, **kwargs)
-        )
+        work = functools.partial(self.run_sync, fn, *args, _cancelled=cancelled, **kwargs)
+        task = asyncio.ensure_future(asyncio.to_thread(work))
         try:
             result = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -212,12 +215,23 @@ class Database:
         self._up()
         return result
 
+    async def run_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(engine, *args)`` in a worker thread, for work that manages its own
+        connections and transactions (view refreshes, pruning); errors are translated
+        as by :meth:`run`, the one place that translates them."""
+        try:
+            result = await asyncio.to_thread(fn, self.engine, *args)
+        except Exception as exc:
+            raise self.translate(exc) from exc
+        self._up()
+        return result
+
     def translate(self, exc: BaseException) -> BaseException:
         """``exc`` as :class:`DatabaseUnavailable` when it says the database is down or a
         conflict was lost (noting an outage); otherwise ``exc`` itself."""
         if isinstance(exc, DatabaseUnavailable):
             return exc
-        kind = classify(exc)
+        kind = classify_db_error(exc)
         if kind is None:
             return exc
         if kind == "conflict":
@@ -272,7 +286,7 @@ class Database:
                 try:
                     await asyncio.to_thread(self.probe_sync)
                 except Exception as exc:
-                    if classify(exc) is None:
+                    if classify_db_error(exc) is None:
                         log.warning("database probe: %s", _short(exc))
                     attempt += 1
                     await asyncio.sleep(backoff(attempt, 0.1, _PROBE_MAX_DELAY_S))

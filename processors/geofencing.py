@@ -476,7 +476,7 @@ def _polygon_boxes(geom: shapely.Geometry) -> list[tuple[float, float, float, fl
     """Boxes of the polygon's parts (a fence split at the antimeridian has one box on
     each side, not one box around the whole world)."""
     parts = list(geom.geoms) if hasattr(geom, "geoms") else [geom]
-    return [tuple(p.bounds) for p in parts if not p.is_empty]  # type: ignore[misc]
+    return [tuple(p.bounds) for p in parts if not p.is_empty]
 
 
 def _local_plane(geom: shapely.Geometry) -> tuple[float, float, float, shapely.Geometry]:

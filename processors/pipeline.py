@@ -27,11 +27,22 @@ from processors.sources import (
     ResilientSource,
     SimulatedFleet,
 )
+from processors.stage import (
+    Closable,
+    Gated,
+    SingleStage,
+    SizedBatches,
+    Stage,
+    StageRegistry,
+    StageSpec,
+)
 from processors.stages.fetch import FetchStage
 from processors.stages.geocode import GeocodeStage
 from processors.stages.geofence import GeofenceStage
 from processors.stages.notify import NotifyStage
 from processors.stages.viewrefresh import ViewRefreshStage
+from schemas.events import FetchRequested, LocationGeocoded, LocationReported, ViewsChanged
+from schemas.notify import GeofenceEvent
 from schemas.secretbox import SecretBox
 from streams.connection import Client, connect
 from streams.consumer import Context
@@ -124,7 +135,7 @@ class Pipeline:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = StreamMetrics(self.registry)
         self.middleware: list[Middleware] = [LoggingMiddleware(), self.metrics]
-        self._stages: dict[str, Any] = {}
+        self._stages: dict[str, Stage] = {}
 
     @property
     def geocoder(self) -> Geocoder:
@@ -167,49 +178,11 @@ class Pipeline:
             url=self.streams.redis_url,
         )
 
-    def stage(self, name: str) -> Any:
-        topology.check_stage(name)
+    def stage(self, name: str) -> Stage:
+        """The stage named ``name``, built once (see :data:`STAGES`)."""
         if name not in self._stages:
-            self._stages[name] = self._make_stage(name)
+            self._stages[name] = STAGES.build(name, self)
         return self._stages[name]
-
-    def _make_stage(self, name: str) -> Any:
-        if name == topology.FETCH:
-            revalidator = FetchRevalidator(
-                self.db,
-                self.clock,
-                self.app.min_fetch_interval_s,
-                self.registry,
-                self.app.fix_future_tolerance_s,
-            )
-            return FetchStage(
-                self.db,
-                self.source,
-                self.routes,
-                self.clock,
-                revalidator,
-                lateness_s=self.app.source_lateness_s,
-                future_tolerance_s=self.app.fix_future_tolerance_s,
-                min_fetch_interval_s=self.app.min_fetch_interval_s,
-                registry=self.registry,
-            )
-        if name == topology.GEOCODE:
-            return GeocodeStage(self.db, self.geocoder, self.routes, self.clock)
-        if name == topology.GEOFENCE:
-            return GeofenceStage(
-                self.db, self.routes, self.clock, self.app.geofence_rules(), self.registry
-            )
-        if name == topology.NOTIFY:
-            return NotifyStage(
-                self.db,
-                self.app,
-                self._endpoint_gate,
-                self.registry,
-                SecretBox(self.app.webhook_key_list()),
-                max_defer_s=self.streams.claim_idle_ms / 3000,
-            )
-        keys = self.routes[topology.VIEW_REFRESH].keys()
-        return ViewRefreshStage(self.db, self.client, keys, self.app.view_refresh_interval_s)
 
     def worker(
         self, name: str, *, consumer: str | None = None, concurrency: int | None = None
@@ -219,16 +192,11 @@ class Pipeline:
         if concurrency is not None:
             changes["concurrency"] = concurrency
         # a set-based stage reads larger batches, unless TRACKSTREAM_BATCH_SIZE is set
-        preferred = getattr(stage, "batch_size", None)
+        preferred = stage.batch_size if isinstance(stage, SizedBatches) else None
         if preferred is not None and "batch_size" not in self.streams.model_fields_set:
             changes["batch_size"] = preferred
         settings = self.streams.with_(**changes) if changes else self.streams
-        handler, batch_handler = _typed(
-            topology.input_type(name),
-            getattr(stage, "handle", None),
-            getattr(stage, "handle_batch", None),
-            self.db,
-        )
+        handler, batch_handler = _typed(STAGES.get(name).input_type, stage)
         return Worker(
             self.client,
             settings,
@@ -238,7 +206,7 @@ class Pipeline:
             batch_handler=batch_handler,
             consumer=consumer,
             middleware=self.middleware,
-            gate=_gate(self.db, getattr(stage, "ready", None)),
+            gate=_gate(self.db, stage.ready if isinstance(stage, Gated) else None),
         )
 
     def scheduler(self, *, use_lock: bool = True) -> Scheduler:
@@ -280,7 +248,7 @@ class Pipeline:
 
     async def aclose(self) -> None:
         for stage in self._stages.values():
-            if hasattr(stage, "aclose"):
+            if isinstance(stage, Closable):
                 await stage.aclose()
         await self.client.aclose()
         self.db.dispose()
@@ -307,24 +275,21 @@ def _gate(db: Database, stage_ready: Any) -> Any:
     return gate
 
 
-def _typed(expected: type, handler: Any, batch_handler: Any, db: Database) -> tuple[Any, Any]:
-    """Wrap a stage's handler so that a valid event of the wrong type is rejected, and
-    a database outage or conflict anywhere in the stage is deferred, not failed
-    (:meth:`Database.translate`: one classification for every stage)."""
-    if handler is not None:
+def _typed(expected: type, stage: Stage) -> tuple[Any, Any]:
+    """The stage's handler, wrapped so that a valid event of the wrong type is rejected.
+    A database outage or conflict is already a deferring :class:`DatabaseUnavailable`
+    (:meth:`Database.run` translates, for every stage)."""
+    if isinstance(stage, SingleStage):
+        handle = stage.handle
 
         async def checked(msg: Message[Any], ctx: Context) -> None:
             if (bad := _wrong_type(msg, expected)) is not None:
                 raise bad
-            try:
-                await handler(msg, ctx)
-            except Exception as exc:
-                translated = db.translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
+            await handle(msg, ctx)
 
         return checked, None
+
+    handle_batch = stage.handle_batch
 
     async def checked_batch(
         msgs: Sequence[Message[Any]], ctx: Context
@@ -337,14 +302,62 @@ def _typed(expected: type, handler: Any, batch_handler: Any, db: Database) -> tu
             else:
                 good.append(m)
         if good:
-            try:
-                failed = await batch_handler(good, ctx) or {}
-            except Exception as exc:
-                translated = db.translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
-            failures.update({k: db.translate(e) for k, e in failed.items()})
+            failures.update(await handle_batch(good, ctx) or {})
         return failures
 
     return None, checked_batch
+
+
+# -- the stages: name, input event, factory
+
+
+def _fetch(p: Pipeline) -> FetchStage:
+    revalidator = FetchRevalidator(
+        p.db, p.clock, p.app.min_fetch_interval_s, p.registry, p.app.fix_future_tolerance_s
+    )
+    return FetchStage(
+        p.db,
+        p.source,
+        p.routes,
+        p.clock,
+        revalidator,
+        lateness_s=p.app.source_lateness_s,
+        future_tolerance_s=p.app.fix_future_tolerance_s,
+        min_fetch_interval_s=p.app.min_fetch_interval_s,
+        registry=p.registry,
+    )
+
+
+def _geocode(p: Pipeline) -> GeocodeStage:
+    return GeocodeStage(p.db, p.geocoder, p.routes, p.clock)
+
+
+def _geofence(p: Pipeline) -> GeofenceStage:
+    return GeofenceStage(p.db, p.routes, p.clock, p.app.geofence_rules(), p.registry)
+
+
+def _view_refresh(p: Pipeline) -> ViewRefreshStage:
+    keys = p.routes[topology.VIEW_REFRESH].keys()
+    return ViewRefreshStage(p.db, p.client, keys, p.app.view_refresh_interval_s)
+
+
+def _notify(p: Pipeline) -> NotifyStage:
+    return NotifyStage(
+        p.db,
+        p.app,
+        p._endpoint_gate,
+        p.registry,
+        SecretBox(p.app.webhook_key_list()),
+        max_defer_s=p.streams.claim_idle_ms / 3000,
+    )
+
+
+STAGES: StageRegistry[Pipeline] = StageRegistry(
+    [
+        StageSpec(topology.FETCH, FetchRequested, _fetch),
+        StageSpec(topology.GEOCODE, LocationReported, _geocode),
+        StageSpec(topology.GEOFENCE, LocationGeocoded, _geofence),
+        StageSpec(topology.VIEW_REFRESH, ViewsChanged, _view_refresh),
+        StageSpec(topology.NOTIFY, GeofenceEvent, _notify),
+    ]
+)

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable
 from processors.topology import GEOCODE, GEOFENCE, VIEW_REFRESH
-from schemas import history, store
+from schemas import history, reconcile_store
 from schemas.events import LocationGeocoded, LocationReported, ViewsChanged
 from schemas.views import VIEW_NAMES
 from streams.monitor import unfinished_age_ms
@@ -129,7 +129,7 @@ class Reconciler:
             return Round(0, 0, skipped)
         # counted before sent (one transaction): a failed send costs one of the re-sends
         not_geocoded, not_checked = await self.db.run(
-            store.claim_incomplete,
+            reconcile_store.claim_incomplete,
             older_than,
             self.limit,
             self.max_republish,
@@ -154,7 +154,7 @@ class Reconciler:
             )
         await box.flush(self.producer.client, self.producer.url)
         if not_geocoded or not_checked:
-            abandoned = await self.db.run(store.count_abandoned, self.max_republish)
+            abandoned = await self.db.run(reconcile_store.count_abandoned, self.max_republish)
             if abandoned:
                 log.error(
                     "%d reports are still unfinished after %d re-sends; their dead letters "
@@ -168,7 +168,7 @@ class Reconciler:
         grace = timedelta(seconds=self.grace_s)
         try:
             return await self.db.run(
-                store.stale_view_trackers, now - 3 * grace, now - grace, self.limit
+                reconcile_store.stale_view_trackers, now - 3 * grace, now - grace, self.limit
             )
         except DatabaseUnavailable:
             raise

@@ -346,6 +346,18 @@ class RateLimiter:
         self._tokens = min(float(self.burst), self._tokens + elapsed_s * self.rate_per_s)
 
 
+# 408 Request Timeout, 425 Too Early, 429 Too Many Requests; every 5xx too
+TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429})
+
+
+def transient_http_status(status: int) -> bool:
+    """Whether an HTTP answer with this status is worth asking again later (408, 425,
+    429, any 5xx) rather than a refusal that the same request will get again (other
+    4xx, 3xx). The one status classifier of the external APIs: the location source
+    uses it; the geocoder and the webhook deliveries can adopt it."""
+    return status in TRANSIENT_HTTP_STATUS or status >= 500
+
+
 def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from an HTTP Retry-After header (delta-seconds or an HTTP date); None if
     absent or unreadable. Used by the location source and the webhook deliveries."""

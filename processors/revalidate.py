@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from processors.clock import Clock
 from processors.database import Database
-from schemas import schedule, store
+from schemas import report_store, schedule
 from schemas.events import FetchRequested
 
 Positions = dict[str, datetime | None]  # tracker -> its latest stored report's time
@@ -61,7 +61,7 @@ class FetchRevalidator:
 
     async def admit(self, request: FetchRequested) -> tuple[FetchRequested, Positions] | None:
         """The request with only the trackers that may be fetched now (claimed for it),
-        and where fetching them starts (:func:`schemas.store.fetch_positions`, read in
+        and where fetching them starts (:func:`schemas.report_store.fetch_positions`, read in
         the claim's transaction); None when none may be fetched."""
         claim, positions = await self.db.run(
             _claim_and_positions,
@@ -103,4 +103,4 @@ def _claim_and_positions(
     claim = schedule.claim_fetch(session, tracker_ids, batch_id, now, interval_s)
     if not claim.admitted:
         return claim, {}
-    return claim, store.fetch_positions(session, claim.admitted, future_tolerance_s)
+    return claim, report_store.fetch_positions(session, claim.admitted, future_tolerance_s)

@@ -58,6 +58,7 @@ from processors.resilience import (
     Sleep,
     retry_after_s,
     retry_async,
+    transient_http_status,
 )
 from schemas.events import TrackerId, UTCDateTime
 
@@ -651,9 +652,6 @@ def parse_batch(content: bytes, wanted: set[str], source_name: str) -> SourceBat
     return out
 
 
-_TRANSIENT_STATUS = frozenset({408, 425, 429})
-
-
 class HttpLocationSource:
     """A batch location API over HTTP.
 
@@ -730,7 +728,7 @@ class HttpLocationSource:
         except httpx.TransportError as exc:  # timeouts, connection and protocol errors
             raise SourceUnavailable(f"POST {self.url}: {exc!r}") from exc
         status = response.status_code
-        if status in _TRANSIENT_STATUS or status >= 500:
+        if transient_http_status(status):
             hint = retry_after_s(response.headers.get("Retry-After"), self._clock())
             raise SourceUnavailable(f"POST {self.url}: HTTP {status}", hint)
         if status != 200:

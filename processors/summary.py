@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from schemas.tables import GeofenceEvent, LocationReport, RejectedReport, Tracker
+from schemas.tables import GeofenceEventRow, LocationReport, RejectedReport, Tracker
 
 
 def pipeline_counts(session: Any) -> dict[str, int]:
@@ -19,8 +19,8 @@ def pipeline_counts(session: Any) -> dict[str, int]:
         "reports fetched": count(),
         "reports geocoded": count(LocationReport.geocoded_at.is_not(None)),
         "reports geofence-checked": count(LocationReport.geofence_checked_at.is_not(None)),
-        "geofence enter events": count(GeofenceEvent.kind == "enter", model=GeofenceEvent),
-        "geofence exit events": count(GeofenceEvent.kind == "exit", model=GeofenceEvent),
+        "geofence enter events": count(GeofenceEventRow.kind == "enter", model=GeofenceEventRow),
+        "geofence exit events": count(GeofenceEventRow.kind == "exit", model=GeofenceEventRow),
     }
 
 

@@ -35,21 +35,9 @@ def codec(max_bytes: int = 512 * 1024) -> Codec:
     return Codec((*ALL_EVENTS, *NOTIFY_EVENTS), max_bytes=max_bytes)
 
 
-def input_type(stage: str) -> type:
-    """The one event type a stage consumes; anything else is rejected as poison."""
-    from schemas.events import FetchRequested, LocationGeocoded, LocationReported, ViewsChanged
-    from schemas.notify import GeofenceEvent
-
-    return {
-        FETCH: FetchRequested,
-        GEOCODE: LocationReported,
-        GEOFENCE: LocationGeocoded,
-        VIEW_REFRESH: ViewsChanged,
-        NOTIFY: GeofenceEvent,
-    }[check_stage(stage)]
-
-
 def check_stage(name: str) -> str:
+    """``name`` if it is a stage's stream (the runnable stages, their input events and
+    factories: ``processors.pipeline.STAGES``)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     return name

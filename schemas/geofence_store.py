@@ -20,7 +20,17 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, column, text
+from sqlalchemy import (
+    BindParameter,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    column,
+    text,
+)
 from sqlalchemy.orm import Session
 
 from schemas.db import json_param
@@ -177,7 +187,7 @@ def load_windows(
         rows = session.execute(_PG_WINDOWS, params).all()
     else:
         values = ", ".join(f"(:t{i}, :lo{i}, :hi{i})" for i in range(len(trackers)))
-        binds = []
+        binds: list[BindParameter[Any]] = []
         for i, t in enumerate(trackers):
             binds += [
                 bindparam(f"t{i}", t, type_=String()),
@@ -195,11 +205,11 @@ def load_windows(
         )
         rows = session.execute(stmt, params).all()
     out: dict[str, tuple[list[Any], bool, bool]] = {}
-    after: dict[str, int] = {}
+    seen_after: dict[str, int] = {}
     for r in rows:  # tuples: faster than named rows, in the order of _window_columns
         tracker, a_at, after_n = r[1], r[9], r[10]
         kept, anchored, _ = out.setdefault(tracker, ([], a_at is not None, False))
-        n = after[tracker] = after.get(tracker, 0) + (after_n > 0)
+        n = seen_after[tracker] = seen_after.get(tracker, 0) + (after_n > 0)
         if n > limit:
             out[tracker] = (kept, anchored, True)
         else:
@@ -325,7 +335,7 @@ def save(
         fences = ", ".join(str(int(g)) for g in sorted(set(fence_ids)))
         for tracker, lo, hi in windows:
             where = [f"tracker_id = :t AND geofence_id IN ({fences})"]
-            binds = [bindparam("t", tracker, type_=String())]
+            binds: list[BindParameter[Any]] = [bindparam("t", tracker, type_=String())]
             if lo is not None:
                 where.append("report_at > :lo")
                 binds.append(bindparam("lo", lo, type_=UTCDateTime()))

@@ -8,7 +8,7 @@ Three timestamps on ``trackers``, each with one job:
 - ``last_fetched_at``: the last fetch that succeeded (the 12-hour guarantee is
   measured on this, so a reservation or a failed call never looks like freshness).
 
-Like :mod:`schemas.store`, every function takes a session and does not commit.
+Like every store (:mod:`schemas.sql`), every function takes a session and does not commit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, cast
 from sqlalchemy import Select, Table, and_, case, func, or_, select, type_coerce, update
 from sqlalchemy.orm import Session
 
-from schemas.store import in_list
+from schemas.sql import in_list
 from schemas.tables import Tracker, UTCDateTime
 
 __all__ = [

@@ -1,7 +1,7 @@
 """What the location source sent besides plain reports: rejected records, late reports,
 per-tracker errors (tables ``rejected_reports`` and ``tracker_source_stats``).
 
-Like :mod:`schemas.store`, every function takes a session and does not commit: the
+Like every store (:mod:`schemas.sql`), every function takes a session and does not commit: the
 fetch stage calls them in the transaction that stores the batch's reports, so the
 counts always agree with the rows. Rows of ``tracker_source_stats`` are written in
 tracker order (two workers with overlapping batches lock them in the same order).
@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from schemas.store import in_list
+from schemas.sql import in_list
 from schemas.tables import RejectedReport, Tracker, TrackerSourceStats
 
 __all__ = [
@@ -200,7 +200,7 @@ def source_stats(
     )
     if tracker_ids is not None:
         stmt = stmt.where(in_list(session, _stats.c.tracker_id, list(tracker_ids)))
-    return {row[0]: SourceStats(*row) for row in session.execute(stmt)}
+    return {row[0]: SourceStats(*cast(tuple[Any, ...], row)) for row in session.execute(stmt)}
 
 
 def errors_by_code(session: Session) -> dict[str, int]:

@@ -38,7 +38,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "Base",
     "Geofence",
-    "GeofenceEvent",
+    "GeofenceEventRow",
     "LocationReport",
     "RejectedReport",
     "Tracker",
@@ -253,7 +253,7 @@ class Geofence(Base):
         return f"Geofence({self.id}, {self.name!r}, {self.kind})"
 
 
-class GeofenceEvent(Base):
+class GeofenceEventRow(Base):
     """A tracker entered or left a geofence at ``observed_at`` (a report's time, or the
     crossing time estimated between two reports)."""
 
@@ -286,9 +286,15 @@ class GeofenceEvent(Base):
 
     def __repr__(self) -> str:
         return (
-            f"GeofenceEvent({self.tracker_id!r}, {self.geofence_id}, "
+            f"GeofenceEventRow({self.tracker_id!r}, {self.geofence_id}, "
             f"{self.observed_at.isoformat()}, {self.kind})"
         )
+
+
+# The old name, kept only because schemas/webhook_store.py (another branch's file) still
+# imports it; the event is schemas.notify.GeofenceEvent. Drop it once that import is
+# changed to GeofenceEventRow.
+GeofenceEvent = GeofenceEventRow
 
 
 # -- webhooks (the notify stage; queries in schemas.webhook_store)

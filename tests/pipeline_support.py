@@ -14,16 +14,15 @@ from sqlalchemy import select
 from processors import topology
 from processors.clock import ManualClock
 from processors.config import load
-from processors.crossings import Fix as StoredFix
-from processors.crossings import evaluate_history
+from processors.crossings import StoredFix, evaluate_history
 from processors.geocoding import Address
 from processors.geofencing import GeofenceIndex
 from processors.pipeline import Pipeline
 from processors.resilience import CircuitBreaker, RateLimiter
 from processors.sources import Fix, ResilientSource, SimulatedFleet, SourceBatch
-from schemas import store
+from schemas import geofence_defs
 from schemas.db import upgrade
-from schemas.tables import GeofenceEvent, LocationReport
+from schemas.tables import GeofenceEventRow, LocationReport
 from streams.keys import StageKeys
 from tests.support import FAST
 
@@ -181,10 +180,10 @@ class Harness:
             lambda s: [
                 (e.tracker_id, e.observed_at, e.geofence_id, e.kind)
                 for e in s.scalars(
-                    select(GeofenceEvent).order_by(
-                        GeofenceEvent.tracker_id,
-                        GeofenceEvent.observed_at,
-                        GeofenceEvent.geofence_id,
+                    select(GeofenceEventRow).order_by(
+                        GeofenceEventRow.tracker_id,
+                        GeofenceEventRow.observed_at,
+                        GeofenceEventRow.geofence_id,
                     )
                 )
             ]
@@ -193,7 +192,7 @@ class Harness:
     def expected_events(self) -> list[tuple[str, datetime, int, str]]:
         """Enter/exit events computed from scratch from the stored history (the stage
         computes them incrementally, in whatever order reports arrive)."""
-        index = GeofenceIndex(self.db.run_sync(store.active_geofences))
+        index = GeofenceIndex(self.db.run_sync(geofence_defs.active_geofences))
         by_tracker: dict[str, list[Any]] = defaultdict(list)
         for r in self.reports():
             by_tracker[r.tracker_id].append(

@@ -12,7 +12,7 @@ from ops.cli import app
 from ops.commands.trackers import local_time
 from processors.database import Database
 from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
-from schemas import store
+from schemas import tracker_store
 from schemas.db import upgrade
 from schemas.tables import LocationReport
 from tests import readme_samples
@@ -51,7 +51,7 @@ def _fleet(db_url: str, now: datetime) -> None:
     db = Database(db_url)
 
     def write(session):
-        store.upsert_trackers(session, rows)
+        tracker_store.upsert_trackers(session, rows)
         for tid, (ago, (lat, lon)) in fetched.items():
             at = now - ago
             session.add(
@@ -218,7 +218,9 @@ async def test_scheduler_and_reconciler_leave_their_last_tick_and_round(
     db = Database(db_url)
     try:
         db.run_sync(
-            lambda s: store.upsert_trackers(s, [{"external_id": f"T-{i}"} for i in range(3)])
+            lambda s: tracker_store.upsert_trackers(
+                s, [{"external_id": f"T-{i}"} for i in range(3)]
+            )
         )
     finally:
         db.dispose()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from processors.crossings import Fix, Rules, Window, evaluate
+from processors.crossings import Rules, StoredFix, Window, evaluate
 
 R_EARTH = 6_371_008.8
 T0 = datetime(2026, 5, 4, 6, 0, tzinfo=UTC)
@@ -150,7 +150,7 @@ def test_narrow_fences_on_long_segments_are_never_skipped(kind: str, margin: flo
     windows = []
     for i, c in enumerate(cases):
         dt = timedelta(seconds=c["length"] / SPEED_MS)
-        windows.append(Window(str(i), [Fix(T0, *c["a"]), Fix(T0 + dt, *c["b"])]))
+        windows.append(Window(str(i), [StoredFix(T0, *c["a"]), StoredFix(T0 + dt, *c["b"])]))
     outcomes = evaluate(index, rules, windows)
     wrong, late = [], []
     for i, (c, out) in enumerate(zip(cases, outcomes, strict=True)):

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from processors.database import Database, DatabaseUnavailable, classify, is_permanent
+from processors.database import Database, DatabaseUnavailable, classify_db_error, is_permanent
 from tests.servers import free_port
 
 
@@ -41,7 +41,7 @@ def wrapped(orig: BaseException) -> sa_exc.DBAPIError:
     ],
 )
 def test_classify(error: BaseException, kind: str | None) -> None:
-    assert classify(error) == kind
+    assert classify_db_error(error) == kind
 
 
 def test_data_errors_are_permanent() -> None:

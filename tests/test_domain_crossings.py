@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import shapely
 
-from processors.crossings import Fix, Rules, Window, evaluate, evaluate_history
+from processors.crossings import Rules, StoredFix, Window, evaluate, evaluate_history
 from processors.geofencing import GeofenceIndex
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -90,15 +90,15 @@ def rect(lon0: float, lat0: float, lon1: float, lat1: float) -> list[list[float]
     return [[lon0, lat0], [lon1, lat0], [lon1, lat1], [lon0, lat1], [lon0, lat0]]
 
 
-def fixes_at(points: list[tuple[float, float]], every_s: float = 300, **kw: Any) -> list[Fix]:
+def fixes_at(points: list[tuple[float, float]], every_s: float = 300, **kw: Any) -> list[StoredFix]:
     return [
-        Fix(T0 + timedelta(seconds=every_s * i), lat, lon, **kw)
+        StoredFix(T0 + timedelta(seconds=every_s * i), lat, lon, **kw)
         for i, (lat, lon) in enumerate(points)
     ]
 
 
 def check_against_oracle(
-    index: GeofenceIndex, fence_id: int, inside: Any, fixes: list[Fix], rules: Rules = EXACT
+    index: GeofenceIndex, fence_id: int, inside: Any, fixes: list[StoredFix], rules: Rules = EXACT
 ) -> list[tuple[datetime, str]]:
     got = [(at, kind) for at, gid, kind in evaluate_history(index, rules, fixes) if gid == fence_id]
     want = oracle_crossings([(f.observed_at, f.lat, f.lon) for f in fixes], inside)
@@ -249,14 +249,14 @@ def test_each_rejection_has_its_reason() -> None:
     fetched = T0 + timedelta(minutes=30)
     base = (52.0907, 5.1214)
     fixes = [
-        Fix(T0, *base, 8.0, fetched),
-        Fix(T0 + timedelta(minutes=1), 0.0, 0.0, 8.0, fetched),
-        Fix(T0 + timedelta(minutes=2), *base, 8.0, fetched),  # same as the last accepted
-        Fix(T0 + timedelta(minutes=3), *north(*base, 20), 900.0, fetched),
-        Fix(T0 + timedelta(minutes=4), *north(*base, 30_000), 8.0, fetched),
-        Fix(T0 + timedelta(hours=2), *north(*base, 40), 8.0, fetched),  # from the future
-        Fix(T0 + timedelta(minutes=5), 91.0, 5.0, None, fetched),
-        Fix(T0 + timedelta(minutes=6), *north(*base, 20), 8.0, fetched),
+        StoredFix(T0, *base, 8.0, fetched),
+        StoredFix(T0 + timedelta(minutes=1), 0.0, 0.0, 8.0, fetched),
+        StoredFix(T0 + timedelta(minutes=2), *base, 8.0, fetched),  # same as the last accepted
+        StoredFix(T0 + timedelta(minutes=3), *north(*base, 20), 900.0, fetched),
+        StoredFix(T0 + timedelta(minutes=4), *north(*base, 30_000), 8.0, fetched),
+        StoredFix(T0 + timedelta(hours=2), *north(*base, 40), 8.0, fetched),  # from the future
+        StoredFix(T0 + timedelta(minutes=5), 91.0, 5.0, None, fetched),
+        StoredFix(T0 + timedelta(minutes=6), *north(*base, 20), 8.0, fetched),
     ]
     fixes.sort(key=lambda f: f.t_us)
     (out,) = evaluate(GeofenceIndex([]), Rules(), [Window("t", fixes)])

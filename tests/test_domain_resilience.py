@@ -14,6 +14,7 @@ from processors.resilience import (
     RateLimiter,
     backoff_delay_s,
     retry_async,
+    transient_http_status,
 )
 
 
@@ -409,3 +410,14 @@ async def test_a_cancelled_wait_returns_its_tokens() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert limiter.tokens == 0.0
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        *[(s, True) for s in (408, 425, 429, 500, 503, 599)],
+        *[(s, False) for s in (200, 204, 301, 400, 401, 404, 410, 422)],
+    ],
+)
+def test_one_http_status_classifier_says_what_is_worth_asking_again(status, transient):
+    assert transient_http_status(status) is transient

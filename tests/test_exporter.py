@@ -203,18 +203,6 @@ def test_a_hung_database_delays_a_scrape_by_the_timeout_only(
         release.set()
 
 
-def _store_ready() -> bool:
-    try:
-        from schemas import store
-    except ImportError:
-        return False
-    return all(
-        hasattr(store, name)
-        for name in ("stalest_active_tracker_age_s", "count_not_geocoded", "count_not_checked")
-    )
-
-
-@pytest.mark.skipif(not _store_ready(), reason="schemas.store freshness queries not written yet")
 async def test_freshness_metrics_from_the_database(
     standalone_target, unique_prefix, exporter, db_url
 ):
@@ -281,13 +269,14 @@ async def test_freshness_metrics_from_the_database(
                     report(13, geocoded=False, checked=False),
                 ]
             )
-        from schemas import store
+        from schemas import report_store
+        from tests import store_support
 
         with session_factory(engine)() as session:
             expected = (
-                store.stalest_active_tracker_age_s(session, now),
-                store.count_not_geocoded(session),
-                store.count_not_checked(session),
+                store_support.stalest_active_tracker_age_s(session, now),
+                report_store.count_not_geocoded(session),
+                report_store.count_not_checked(session),
             )
     finally:
         engine.dispose()

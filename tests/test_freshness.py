@@ -20,7 +20,7 @@ from processors.config import load
 from processors.pipeline import Pipeline
 from processors.sources import Fix
 from processors.topology import FETCH
-from schemas import schedule, store
+from schemas import schedule, tracker_store
 from schemas.db import make_engine, session_factory, upgrade
 from schemas.events import FetchRequested
 from schemas.tables import Tracker
@@ -64,7 +64,7 @@ def db(db_url: str) -> Any:
 
 def test_claim_drops_recent_and_out_of_run_trackers_and_admits_a_retry(db: Db) -> None:
     db.run_sync(
-        store.upsert_trackers,
+        tracker_store.upsert_trackers,
         [
             tracker("A"),
             tracker("B"),
@@ -115,7 +115,7 @@ def test_concurrent_claims_never_share_a_tracker(db: Db) -> None:
     """Two fetch workers claim overlapping requests in parallel, 20 rounds: every
     tracker goes to exactly one of them (row locks + the conditional UPDATE)."""
     ids = [f"T{i:03d}" for i in range(96)]
-    db.run_sync(store.upsert_trackers, [tracker(t) for t in ids])
+    db.run_sync(tracker_store.upsert_trackers, [tracker(t) for t in ids])
     wins: dict[str, list[str]] = {"a": [], "b": []}
     errors: list[BaseException] = []
 
@@ -148,7 +148,7 @@ def test_concurrent_claims_never_share_a_tracker(db: Db) -> None:
 def test_freshness_counts_from_the_last_fetch_or_the_run_start(db: Db) -> None:
     now = T
     db.run_sync(
-        store.upsert_trackers,
+        tracker_store.upsert_trackers,
         [
             tracker("fresh"),
             tracker("eleven"),
@@ -213,7 +213,7 @@ async def test_the_fetch_stage_drops_what_a_stale_request_must_not_fetch(
         ids = [f"S{i:02d}" for i in range(64)]
         rows = [tracker(t) for t in ids]
         rows[0]["run_ends_at"] = T + timedelta(minutes=3)
-        p.db.run_sync(store.upsert_trackers, rows)
+        p.db.run_sync(tracker_store.upsert_trackers, rows)
         stage = p.stage(FETCH)
 
         async def handle(batch_id: str) -> None:
@@ -252,7 +252,7 @@ async def test_backpressure_with_two_schedulers(redis_target, unique_prefix, tmp
         redis_target, unique_prefix, db_url, clock, source_rate_per_s=1, fetch_backlog_s=60
     )
     try:
-        a.db.run_sync(store.upsert_trackers, [tracker(f"T{i:05d}") for i in range(5_000)])
+        a.db.run_sync(tracker_store.upsert_trackers, [tracker(f"T{i:05d}") for i in range(5_000)])
         sa, sb = a.scheduler(), b.scheduler()
         stream = a.routes[FETCH].keys().stream
         lengths = []
@@ -289,7 +289,9 @@ def test_status_shows_freshness_and_the_scheduler(standalone_target, unique_pref
     now = datetime.now(UTC)
     d = Db(db_url)
     try:
-        d.run_sync(store.upsert_trackers, [tracker(t) for t in ("now", "eleven", "thirteen")])
+        d.run_sync(
+            tracker_store.upsert_trackers, [tracker(t) for t in ("now", "eleven", "thirteen")]
+        )
         set_times(
             d,
             {

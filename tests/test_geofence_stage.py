@@ -15,15 +15,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from processors.crossings import Fix, Rules, evaluate_history
+from processors.crossings import Rules, StoredFix, evaluate_history
 from processors.database import Database
 from processors.geofencing import GeofenceIndex
 from processors.stages.geofence import GeofenceStage, check_batch
 from processors.topology import routes
-from schemas import store
+from schemas import geofence_defs, report_store, tracker_store
 from schemas.db import upgrade
 from schemas.events import LocationGeocoded, LocationReported
 from streams.message import Envelope, Message
+from tests import store_support
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 NOW = T0 + timedelta(days=1)
@@ -78,22 +79,22 @@ def db(db_url: str):
     upgrade(db_url)
     database = Database(db_url)
     trackers = [f"T{i}" for i in range(6)]
-    database.run_sync(store.upsert_trackers, [{"external_id": t} for t in trackers])
-    database.run_sync(store.add_geofence, "port", "circle", *CENTRE, 500.0)
+    database.run_sync(tracker_store.upsert_trackers, [{"external_id": t} for t in trackers])
+    database.run_sync(geofence_defs.add_geofence, "port", "circle", *CENTRE, 500.0)
     ring = [offset(*CENTRE, n, e) for n, e in ((-400, 900), (-400, 1700), (400, 1700), (400, 900))]
     coords = [[lon, lat] for lat, lon in ring]
     geometry = {"type": "Polygon", "coordinates": [[*coords, coords[0]]]}
-    database.run_sync(store.add_geofence, "quay", "polygon", geometry_geojson=geometry)
+    database.run_sync(geofence_defs.add_geofence, "quay", "polygon", geometry_geojson=geometry)
     yield database
     database.dispose()
 
 
 def stored_events(db: Database) -> list[tuple[str, datetime, int, str]]:
-    return [(t, o, g, k) for t, o, g, k in db.run_sync(store.events_for)]
+    return [(t, o, g, k) for t, o, g, k in db.run_sync(store_support.events_for)]
 
 
 def expected(db: Database, index: GeofenceIndex) -> list[tuple[str, datetime, int, str]]:
-    by_tracker: dict[str, list[Fix]] = {}
+    by_tracker: dict[str, list[StoredFix]] = {}
     for t in sorted(
         {
             r[0]
@@ -103,8 +104,8 @@ def expected(db: Database, index: GeofenceIndex) -> list[tuple[str, datetime, in
         }
     ):
         by_tracker[t] = [
-            Fix(r.observed_at, r.lat, r.lon, r.accuracy_m, r.fetched_at)
-            for r in db.run_sync(store.reports_for, t)
+            StoredFix(r.observed_at, r.lat, r.lon, r.accuracy_m, r.fetched_at)
+            for r in db.run_sync(store_support.reports_for, t)
         ]
     return sorted(
         (t, at, g, k)
@@ -122,7 +123,7 @@ def reset(db: Database) -> None:
 def test_events_do_not_depend_on_order_batches_redelivery_or_late_reports(db: Database) -> None:
     rng = random.Random(11)
     reports = [r for i in range(6) for r in reports_for(f"T{i}", rng)]
-    index = GeofenceIndex(db.run_sync(store.active_geofences))
+    index = GeofenceIndex(db.run_sync(geofence_defs.active_geofences))
     results = []
     for seed in range(4):
         reset(db)
@@ -133,7 +134,7 @@ def test_events_do_not_depend_on_order_batches_redelivery_or_late_reports(db: Da
         while i < len(deliveries):  # stored just before it is delivered: late reports
             batch = deliveries[i : i + order.randint(1, 25)]
             i += len(batch)
-            db.run_sync(store.insert_reports, batch)
+            db.run_sync(report_store.insert_reports, batch)
             done = db.run_sync(check_batch, index, RULES, [geocoded(r) for r in batch], NOW)
             assert not done.failed
         results.append(stored_events(db))
@@ -154,8 +155,8 @@ def test_one_batch_with_several_reports_of_a_tracker_out_of_order(
 ) -> None:
     rng = random.Random(3)
     reports = reports_for("T1", rng) + reports_for("T2", rng)
-    db.run_sync(store.insert_reports, reports)
-    index = GeofenceIndex(db.run_sync(store.active_geofences))
+    db.run_sync(report_store.insert_reports, reports)
+    index = GeofenceIndex(db.run_sync(geofence_defs.active_geofences))
     batch = [geocoded(r) for r in reports]
     rng.shuffle(batch)
     done = db.run_sync(check_batch, index, RULES, batch, NOW)
@@ -194,7 +195,7 @@ async def test_a_batch_with_a_bad_row_fails_only_that_row(db: Database, db_url: 
     a report that is not stored fails alone too."""
     rng = random.Random(4)
     reports = reports_for("T3", rng, n=6)
-    db.run_sync(store.insert_reports, reports)
+    db.run_sync(report_store.insert_reports, reports)
     registry = CollectorRegistry()
     stage = GeofenceStage(db, routes("t"), lambda: NOW, RULES, registry)
     good = [geocoded(r) for r in reports]
@@ -224,8 +225,8 @@ async def test_a_batch_with_a_bad_row_fails_only_that_row(db: Database, db_url: 
 def test_two_workers_with_overlapping_trackers_agree_and_never_deadlock(db: Database) -> None:
     rng = random.Random(8)
     reports = [r for i in range(6) for r in reports_for(f"T{i}", rng, n=24)]
-    db.run_sync(store.insert_reports, reports)
-    index = GeofenceIndex(db.run_sync(store.active_geofences))
+    db.run_sync(report_store.insert_reports, reports)
+    index = GeofenceIndex(db.run_sync(geofence_defs.active_geofences))
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -248,7 +249,7 @@ def test_two_workers_with_overlapping_trackers_agree_and_never_deadlock(db: Data
     assert stored_events(db) == expected(db, index)
     one_worker = stored_events(db)
     reset(db)
-    db.run_sync(store.insert_reports, reports)
+    db.run_sync(report_store.insert_reports, reports)
     db.run_sync(check_batch, index, RULES, [geocoded(r) for r in reports], NOW)
     assert stored_events(db) == one_worker
 
@@ -261,7 +262,7 @@ async def test_a_large_batch_is_checked_in_parts_with_the_same_answers(db: Datab
 
     rng = random.Random(9)
     reports = [r for i in range(6) for r in reports_for(f"T{i}", rng, n=24)]
-    db.run_sync(store.insert_reports, reports)
+    db.run_sync(report_store.insert_reports, reports)
     payloads = [geocoded(r) for r in reports]
     rng.shuffle(payloads)
     nul = payloads[0].model_copy(update={"tracker_id": "T1\x00evil"})
@@ -278,7 +279,7 @@ async def test_a_large_batch_is_checked_in_parts_with_the_same_answers(db: Datab
     msgs = [_message(i, p) for i, p in enumerate(payloads)]
     failures = await stage.handle_batch(msgs, ctx)  # type: ignore[arg-type]
     assert set(failures or {}) == {"70-0"}
-    index = GeofenceIndex(db.run_sync(store.active_geofences))
+    index = GeofenceIndex(db.run_sync(geofence_defs.active_geofences))
     assert stored_events(db) == expected(db, index)
     assert {(g, k) for _, _, g, k in stored_events(db)} >= {(1, "enter"), (1, "exit")}
     [notice] = [p for p in ctx.published if hasattr(p, "tracker_ids")]

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from schemas import history, store, views
+from schemas import history, reconcile_store, report_store, tracker_store, views
 from schemas.db import make_engine, session_factory, upgrade
 from schemas.events import LocationReported
+from tests import store_support
 
 NOW = datetime.now(UTC)
 THIS_MONTH = history.month_start(NOW)
@@ -45,7 +46,7 @@ def pg(pg_url: str) -> Iterator[Engine]:
 
 def _trackers(engine: Engine, *ids: str) -> None:
     with session_factory(engine).begin() as s:
-        store.upsert_trackers(s, [{"external_id": t} for t in ids])
+        tracker_store.upsert_trackers(s, [{"external_id": t} for t in ids])
 
 
 def _report(tracker: str, at: datetime) -> LocationReported:
@@ -57,7 +58,7 @@ def _report(tracker: str, at: datetime) -> LocationReported:
 
 def _insert(engine: Engine, reports: list[LocationReported]) -> int:
     with session_factory(engine).begin() as s:
-        return len(store.insert_reports(s, reports))
+        return len(report_store.insert_reports(s, reports))
 
 
 def _count(engine: Engine, sql: str) -> int:
@@ -392,12 +393,12 @@ def test_the_stages_writes_touch_only_their_partition(pg: Engine) -> None:
         )
 
     def stages(s: Any) -> None:
-        store.set_addresses(s, [geocoded], NOW)
-        store.mark_geofence_checked(s, [("A", NOW)], NOW)
+        report_store.set_addresses(s, [geocoded], NOW)
+        store_support.mark_geofence_checked(s, [("A", NOW)], NOW)
         geofence_store.save(
             s, [geofence_store.StatusRow(rid, "ok", None, True, NOW)], [], [], [], NOW
         )
-        store.mark_republished(s, [rid], NOW, (NOW, NOW))
+        reconcile_store.mark_republished(s, [rid], NOW, (NOW, NOW))
 
     read = _partitions_read(pg, stages)
     assert read and all(parts == {this} for parts in read.values()), read

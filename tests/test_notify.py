@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ops.bench import fixtures
 from processors import topology
 from processors.config import load
 from processors.database import Database
 from processors.pipeline import Pipeline
-from schemas import store, webhook_store
+from schemas import geofence_defs, tracker_store, webhook_store
 from schemas.db import upgrade
 from schemas.notify import GeofenceEvent
 from schemas.secretbox import SecretBox
@@ -75,9 +76,9 @@ class Env:
 
     def seed(self, trackers: list[str], geofences: int) -> list[int]:
         def work(s: Any) -> list[int]:
-            store.upsert_trackers(s, [{"external_id": t} for t in trackers])
+            tracker_store.upsert_trackers(s, [{"external_id": t} for t in trackers])
             return [
-                store.add_geofence(s, f"g{i}", "circle", 1.0 + i, 2.0, 100.0).id
+                geofence_defs.add_geofence(s, f"g{i}", "circle", 1.0 + i, 2.0, 100.0).id
                 for i in range(geofences)
             ]
 
@@ -97,7 +98,7 @@ class Env:
     def write_events(self, events: list[tuple[str, int, datetime, str]]) -> list[GeofenceEvent]:
         def work(s: Any) -> None:
             for t, g, at, kind in events:
-                store.replace_events_at(s, t, at, {g: kind})
+                fixtures.replace_events_at(s, t, at, {g: kind})
 
         self.db.run_sync(work)
         return [

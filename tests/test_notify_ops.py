@@ -260,25 +260,25 @@ def _plan_env(db_url: str) -> Database:
     db = Database(db_url)
 
     def seed(s: Any) -> None:
-        from schemas import store
+        from schemas import geofence_defs, tracker_store
 
-        store.upsert_trackers(s, [{"external_id": "A"}])
-        store.add_geofence(s, "g1", "circle", 1.0, 2.0, 50.0)
-        store.add_geofence(s, "g2", "circle", 1.0, 2.0, 80.0)
+        tracker_store.upsert_trackers(s, [{"external_id": "A"}])
+        geofence_defs.add_geofence(s, "g1", "circle", 1.0, 2.0, 50.0)
+        geofence_defs.add_geofence(s, "g2", "circle", 1.0, 2.0, 80.0)
 
     db.run_sync(seed)
     return db
 
 
 def _write(db: Database, *events: GeofenceEvent) -> None:
-    from schemas import store
+    from ops.bench import fixtures
 
     def work(s: Any) -> None:
         by_at: dict[Any, dict[int, str]] = {}
         for e in events:
             by_at.setdefault((e.tracker_id, e.observed_at), {})[e.geofence_id] = e.kind
         for (t, at), kinds in by_at.items():
-            store.replace_events_at(s, t, at, kinds)
+            fixtures.replace_events_at(s, t, at, kinds)
 
     db.run_sync(work)
 

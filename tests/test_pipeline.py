@@ -16,12 +16,13 @@ from sqlalchemy import text
 
 from processors import topology
 from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
-from schemas import store, views
+from schemas import geofence_defs, reconcile_store, views
 from schemas.events import LocationGeocoded
 from streams.deadletter import DeadLetters
 from streams.monitor import stage_status
 from streams.producer import Producer
 from streams.replay import replay_copy
+from tests import store_support
 from tests.pipeline_support import Harness
 from tests.support import wait_for
 
@@ -244,7 +245,7 @@ async def test_reconciler_republishes_work_that_redis_lost(harness):
     assert all(r.geocoded_at and r.geofence_checked_at for r in h.reports())
     assert h.events() == h.expected_events()
     not_geocoded, not_checked = h.db.run_sync(
-        store.incomplete_reports, h.clock() + timedelta(days=1), 1000
+        store_support.incomplete_reports, h.clock() + timedelta(days=1), 1000
     )
     assert not not_geocoded and not not_checked
 
@@ -302,7 +303,7 @@ async def test_reconciler_gives_up_on_poison_after_max_republish(
             await h.drain()
         assert sent == [1, 1, 1, 0, 0]
         assert await letters.count() == 4
-        assert h.db.run_sync(store.count_abandoned, 3) == 1
+        assert h.db.run_sync(reconcile_store.count_abandoned, 3) == 1
         assert sum(1 for r in h.reports() if r.geocoded_at is None) == 1
     finally:
         await h.aclose()
@@ -399,7 +400,7 @@ async def test_geofence_changes_apply_without_a_restart(
         for _, _, gid, _ in h.events():
             by_fence[gid] = by_fence.get(gid, 0) + 1
         busiest, second = sorted(by_fence, key=lambda g: -by_fence[g])[:2]
-        fences = {g.id: g for g in h.db.run_sync(store.active_geofences)}
+        fences = {g.id: g for g in h.db.run_sync(geofence_defs.active_geofences)}
         model = fences[busiest]
         if model.kind == "circle":
             props = {"name": "copy", "radius_m": model.radius_m}

@@ -27,7 +27,7 @@ from processors.clock import ManualClock
 from processors.reconciler import Reconciler
 from processors.sources import SimulatedFleet
 from processors.topology import FETCH, GEOCODE, GEOFENCE, VIEW_REFRESH
-from schemas import store
+from schemas import report_store
 from schemas.events import FetchRequested, LocationReported
 from schemas.tables import LocationReport
 from schemas.views import LATEST_LOCATION
@@ -380,7 +380,7 @@ async def test_two_workers_per_stage_and_the_reconciler_do_not_deadlock(
             t, WORKER_CLOCK_START - timedelta(minutes=5), WORKER_CLOCK_START
         )
     ]
-    h.db.run_sync(store.insert_reports, seeded)
+    h.db.run_sync(report_store.insert_reports, seeded)
     workers = Workers(tmp_path)
     env = _worker_env(
         h,

@@ -15,7 +15,7 @@ from processors.clock import ManualClock
 from processors.config import load
 from processors.pipeline import Pipeline
 from processors.topology import FETCH
-from schemas import store
+from schemas import tracker_store
 from schemas.db import upgrade
 from streams.parse import parse_entries
 from tests.pipeline_support import START, FixedGeocoder
@@ -48,7 +48,7 @@ def seed(db, n, *, start=START, **extra):
         }
         for i in range(n)
     ]
-    db.run_sync(store.upsert_trackers, rows)
+    db.run_sync(tracker_store.upsert_trackers, rows)
     return [r["external_id"] for r in rows]
 
 
@@ -136,7 +136,7 @@ async def test_floor_window_and_inactive_trackers(standalone_target, unique_pref
                 "run_ends_at": START - timedelta(minutes=1),
             },
         ]
-        p.db.run_sync(store.upsert_trackers, rows)
+        p.db.run_sync(tracker_store.upsert_trackers, rows)
         s = p.scheduler()
         first = {t for b in await s.tick() for t in b.tracker_ids}
         assert first == set(ids)

@@ -27,7 +27,7 @@ from processors.config import load
 from processors.pipeline import Pipeline
 from processors.sources import Fix, SourceUnavailable
 from processors.topology import FETCH
-from schemas import store
+from schemas import tracker_store
 from schemas.db import upgrade
 from streams.connection import ensure_group
 from streams.consumer import Context
@@ -159,7 +159,7 @@ def seed_fleet(p: Pipeline, runs: dict[str, Run]) -> None:
         {"external_id": t, "name": t, "run_starts_at": r.starts, "run_ends_at": r.ends}
         for t, r in runs.items()
     ]
-    p.db.run_sync(store.upsert_trackers, rows)
+    p.db.run_sync(tracker_store.upsert_trackers, rows)
 
 
 def fetch_times(api: SimulatedApi) -> dict[str, list[datetime]]:

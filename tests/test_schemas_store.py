@@ -15,10 +15,19 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas import store, views
+from ops.bench import fixtures
+from schemas import (
+    geofence_defs,
+    geofence_validation,
+    reconcile_store,
+    report_store,
+    tracker_store,
+    views,
+)
 from schemas.db import current_revision, head_revision, make_engine, session_factory, upgrade
 from schemas.events import LocationGeocoded, LocationReported
-from schemas.tables import Base, Geofence, GeofenceEvent, LocationReport, Tracker
+from schemas.tables import Base, Geofence, GeofenceEventRow, LocationReport, Tracker
+from tests import store_support
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 Tx = Callable[..., Any]
@@ -205,40 +214,43 @@ def test_sqlite_engine_creates_parent_dir_and_pragmas(tmp_path: Any) -> None:
 
 
 def test_upsert_trackers_updates_on_conflict(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A", name="first"), tracker("B")])
-    tx(store.upsert_trackers, [tracker("A", name="second", active=False), tracker("A", name="x")])
+    tx(tracker_store.upsert_trackers, [tracker("A", name="first"), tracker("B")])
+    tx(
+        tracker_store.upsert_trackers,
+        [tracker("A", name="second", active=False), tracker("A", name="x")],
+    )
     rows = tx(lambda s: {t.external_id: (t.name, t.active) for t in s.scalars(select(Tracker))})
     assert rows == {"A": ("x", True), "B": ("B", True)}
 
 
 def test_stalest_age_and_counts(tx: Tx) -> None:
-    assert tx(store.stalest_active_tracker_age_s, T0) is None
-    tx(store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C", active=False)])
-    tx(store.mark_processed, ["A", "B", "C"], T0)
-    tx(store.mark_processed, ["B"], T0 - timedelta(minutes=10))
-    tx(store.mark_processed, ["C"], T0 - timedelta(hours=10))  # inactive: ignored
-    assert tx(store.stalest_active_tracker_age_s, T0 + timedelta(seconds=30)) == 630.0
+    assert tx(store_support.stalest_active_tracker_age_s, T0) is None
+    tx(tracker_store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C", active=False)])
+    tx(tracker_store.mark_processed, ["A", "B", "C"], T0)
+    tx(tracker_store.mark_processed, ["B"], T0 - timedelta(minutes=10))
+    tx(tracker_store.mark_processed, ["C"], T0 - timedelta(hours=10))  # inactive: ignored
+    assert tx(store_support.stalest_active_tracker_age_s, T0 + timedelta(seconds=30)) == 630.0
     r = report("A", 0)
-    tx(store.insert_reports, [r, report("A", 1)])
-    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (2, 0)
-    tx(store.set_addresses, [geocoded(r)], T0)
-    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (1, 1)
-    tx(store.mark_geofence_checked, [("A", r.observed_at)], T0)
-    assert (tx(store.count_not_geocoded), tx(store.count_not_checked)) == (1, 0)
+    tx(report_store.insert_reports, [r, report("A", 1)])
+    assert (tx(report_store.count_not_geocoded), tx(report_store.count_not_checked)) == (2, 0)
+    tx(report_store.set_addresses, [geocoded(r)], T0)
+    assert (tx(report_store.count_not_geocoded), tx(report_store.count_not_checked)) == (1, 1)
+    tx(store_support.mark_geofence_checked, [("A", r.observed_at)], T0)
+    assert (tx(report_store.count_not_geocoded), tx(report_store.count_not_checked)) == (1, 0)
 
 
 # -- reports
 
 
 def test_insert_reports_is_idempotent(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
+    tx(tracker_store.upsert_trackers, [tracker("A"), tracker("B")])
     batch = [report("A", 0), report("A", 1), report("B", 0)]
-    assert tx(store.insert_reports, batch) == batch
-    assert tx(store.insert_reports, batch) == []
+    assert tx(report_store.insert_reports, batch) == batch
+    assert tx(report_store.insert_reports, batch) == []
     # a batch with internal duplicates and one new report
     again = [report("A", 1), report("A", 2), report("A", 2), report("B", 0)]
-    assert tx(store.insert_reports, again) == [report("A", 2)]
-    assert [r.observed_at for r in tx(store.reports_for, "A")] == [
+    assert tx(report_store.insert_reports, again) == [report("A", 2)]
+    assert [r.observed_at for r in tx(store_support.reports_for, "A")] == [
         T0,
         T0 + timedelta(minutes=1),
         T0 + timedelta(minutes=2),
@@ -246,17 +258,17 @@ def test_insert_reports_is_idempotent(tx: Tx) -> None:
 
 
 def test_reports_of_unknown_trackers_are_skipped(tx: Tx, caplog: Any) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
-    new = tx(store.insert_reports, [report("A", 0), report("GHOST", 0)])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
+    new = tx(report_store.insert_reports, [report("A", 0), report("GHOST", 0)])
     assert new == [report("A", 0)]
     assert "unknown tracker" in caplog.text and "GHOST" in caplog.text
-    assert tx(store.reports_for, "GHOST") == []
+    assert tx(store_support.reports_for, "GHOST") == []
 
 
 def test_unique_constraints_hold(engine: Engine, tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
-    tx(store.insert_reports, [report("A", 0)])
-    gid = tx(lambda s: store.add_geofence(s, "g", "circle", 51.9, 4.4, 100).id)
+    tx(tracker_store.upsert_trackers, [tracker("A")])
+    tx(report_store.insert_reports, [report("A", 0)])
+    gid = tx(lambda s: geofence_defs.add_geofence(s, "g", "circle", 51.9, 4.4, 100).id)
     factory = session_factory(engine)
     with pytest.raises(IntegrityError), factory.begin() as s:
         s.add(
@@ -264,12 +276,12 @@ def test_unique_constraints_hold(engine: Engine, tx: Tx) -> None:
         )
     with pytest.raises(IntegrityError), factory.begin() as s:
         s.add(Tracker(external_id="A", name="dup"))
-    tx(store.replace_events_at, "A", T0, {gid: "enter"})
+    tx(fixtures.replace_events_at, "A", T0, {gid: "enter"})
     with pytest.raises(IntegrityError), factory.begin() as s:
-        s.add(GeofenceEvent(tracker_id="A", geofence_id=gid, observed_at=T0, kind="exit"))
+        s.add(GeofenceEventRow(tracker_id="A", geofence_id=gid, observed_at=T0, kind="exit"))
     with pytest.raises(IntegrityError), factory.begin() as s:  # check constraint
         s.add(
-            GeofenceEvent(
+            GeofenceEventRow(
                 tracker_id="A", geofence_id=gid, observed_at=T0 + timedelta(1), kind="inside"
             )
         )
@@ -282,12 +294,12 @@ def test_unique_constraints_hold(engine: Engine, tx: Tx) -> None:
 
 
 def test_set_addresses(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
     r1, r2 = report("A", 0), report("A", 1)
-    tx(store.insert_reports, [r1, r2])
-    tx(store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))
-    tx(store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))  # idempotent
-    first, second = tx(store.reports_for, "A")
+    tx(report_store.insert_reports, [r1, r2])
+    tx(report_store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))
+    tx(report_store.set_addresses, [geocoded(r1)], T0 + timedelta(minutes=5))  # idempotent
+    first, second = tx(store_support.reports_for, "A")
     assert (first.city, first.country_code, first.country, first.address) == (
         "Rotterdam",
         "NL",
@@ -303,33 +315,39 @@ def test_datetimes_come_back_timezone_aware_utc(tx: Tx) -> None:
     from datetime import timezone
 
     cest = timezone(timedelta(hours=2))
-    tx(store.upsert_trackers, [tracker("A", run_starts_at=datetime(2026, 3, 1, 10, tzinfo=cest))])
-    tx(store.insert_reports, [report("A", 0)])
+    tx(
+        tracker_store.upsert_trackers,
+        [tracker("A", run_starts_at=datetime(2026, 3, 1, 10, tzinfo=cest))],
+    )
+    tx(report_store.insert_reports, [report("A", 0)])
     t = tx(lambda s: s.scalars(select(Tracker)).one())
     assert t.run_starts_at == datetime(2026, 3, 1, 8, tzinfo=UTC)
     assert t.run_starts_at.tzinfo is UTC and t.created_at.tzinfo is UTC
-    (r,) = tx(store.reports_for, "A")
+    (r,) = tx(store_support.reports_for, "A")
     for value in (r.observed_at, r.fetched_at):
         assert value.tzinfo is UTC
     assert r.observed_at == T0
     # comparisons against aware values of another zone are correct
     fetched = T0 + timedelta(seconds=2)
-    assert len(tx(store.incomplete_reports, fetched.astimezone(cest), 10)[0]) == 1
+    assert len(tx(store_support.incomplete_reports, fetched.astimezone(cest), 10)[0]) == 1
     assert (
-        tx(store.incomplete_reports, (fetched - timedelta(seconds=1)).astimezone(cest), 10)[0] == []
+        tx(store_support.incomplete_reports, (fetched - timedelta(seconds=1)).astimezone(cest), 10)[
+            0
+        ]
+        == []
     )
     # naive values are refused, never silently mis-stored
     with pytest.raises(Exception, match="naive datetime"):
-        tx(store.mark_processed, ["A"], datetime(2026, 3, 2, 8))
+        tx(tracker_store.mark_processed, ["A"], datetime(2026, 3, 2, 8))
 
 
 def test_incomplete_reports(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
+    tx(tracker_store.upsert_trackers, [tracker("A"), tracker("B")])
     rs = [report("A", m) for m in (0, 10, 20)]
-    tx(store.insert_reports, [*rs, report("B", 5)])
+    tx(report_store.insert_reports, [*rs, report("B", 5)])
     # fetched_at is observed_at + 2 s
     not_geocoded, not_checked = tx(
-        store.incomplete_reports, T0 + timedelta(minutes=10, seconds=2), 100
+        store_support.incomplete_reports, T0 + timedelta(minutes=10, seconds=2), 100
     )
     assert [(r.tracker_id, r.observed_at) for r in not_geocoded] == [
         ("A", rs[0].observed_at),
@@ -337,68 +355,76 @@ def test_incomplete_reports(tx: Tx) -> None:
         ("A", rs[1].observed_at),
     ]
     assert not_checked == []
-    assert len(tx(store.incomplete_reports, T0 + timedelta(hours=1), 2)[0]) == 2
-    tx(store.set_addresses, [geocoded(r) for r in rs], T0 + timedelta(minutes=30))
-    not_geocoded, not_checked = tx(store.incomplete_reports, T0 + timedelta(minutes=29), 100)
+    assert len(tx(store_support.incomplete_reports, T0 + timedelta(hours=1), 2)[0]) == 2
+    tx(report_store.set_addresses, [geocoded(r) for r in rs], T0 + timedelta(minutes=30))
+    not_geocoded, not_checked = tx(
+        store_support.incomplete_reports, T0 + timedelta(minutes=29), 100
+    )
     assert [r.tracker_id for r in not_geocoded] == ["B"]
     assert not_checked == []  # geocoded too recently
-    not_geocoded, not_checked = tx(store.incomplete_reports, T0 + timedelta(minutes=30), 100)
+    not_geocoded, not_checked = tx(
+        store_support.incomplete_reports, T0 + timedelta(minutes=30), 100
+    )
     assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs]
-    tx(store.mark_geofence_checked, [("A", rs[0].observed_at)], T0 + timedelta(minutes=31))
-    _, not_checked = tx(store.incomplete_reports, T0 + timedelta(hours=1), 100)
+    tx(store_support.mark_geofence_checked, [("A", rs[0].observed_at)], T0 + timedelta(minutes=31))
+    _, not_checked = tx(store_support.incomplete_reports, T0 + timedelta(hours=1), 100)
     assert [r.observed_at for r in not_checked] == [r.observed_at for r in rs[1:]]
 
 
 def test_republish_bookkeeping_spaces_and_caps_the_resends(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
-    tx(store.insert_reports, [report("A", 0), report("A", 10)])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
+    tx(report_store.insert_reports, [report("A", 0), report("A", 10)])
     at = T0 + timedelta(hours=1)
 
     def due(older_than: datetime) -> list[int]:
-        return [r.id for r in tx(store.incomplete_reports, older_than, 100, 2)[0]]
+        return [r.id for r in tx(store_support.incomplete_reports, older_than, 100, 2)[0]]
 
     ids = due(at)
     assert len(ids) == 2
-    tx(store.mark_republished, ids[:1], at)
+    tx(reconcile_store.mark_republished, ids[:1], at)
     assert due(at) == ids, "re-published at `at`: due again once `at` is past the grace"
     assert due(at - timedelta(seconds=1)) == ids[1:], "not before"
-    tx(store.mark_republished, ids[:1], at + timedelta(hours=1))
+    tx(reconcile_store.mark_republished, ids[:1], at + timedelta(hours=1))
     assert due(at + timedelta(hours=5)) == ids[1:], "re-published twice: given up on"
-    assert tx(store.count_abandoned, 2) == 1
-    assert len(tx(store.incomplete_reports, at, 100)[0]) == 2, "no cap: everything unfinished"
+    assert tx(reconcile_store.count_abandoned, 2) == 1
+    assert len(tx(store_support.incomplete_reports, at, 100)[0]) == 2, (
+        "no cap: everything unfinished"
+    )
 
 
 # -- geofences
 
 
 def test_add_geofences_and_version(tx: Tx) -> None:
-    v0 = tx(store.geofences_version)
+    v0 = tx(geofence_defs.geofences_version)
     circle = tx(
         lambda s: (
-            store.add_geofence(
+            geofence_defs.add_geofence(
                 s, "factory", "circle", center_lat=51.9, center_lon=4.4, radius_m=250
             ).id
         )
     )
-    v1 = tx(store.geofences_version)
+    v1 = tx(geofence_defs.geofences_version)
     poly = tx(
-        lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4.3, 51.8)).id
+        lambda s: (
+            geofence_defs.add_geofence(s, "port", "polygon", geometry_geojson=square(4.3, 51.8)).id
+        )
     )
-    v2 = tx(store.geofences_version)
-    tx(store.update_geofence, circle, radius_m=300)
-    v3 = tx(store.geofences_version)
-    tx(store.update_geofence, circle, radius_m=300)  # even a no-op edit is a change
-    v4 = tx(store.geofences_version)
-    assert [g.id for g in tx(store.active_geofences)] == [circle, poly]
-    tx(store.deactivate_geofence, poly)
-    v5 = tx(store.geofences_version)
+    v2 = tx(geofence_defs.geofences_version)
+    tx(geofence_defs.update_geofence, circle, radius_m=300)
+    v3 = tx(geofence_defs.geofences_version)
+    tx(geofence_defs.update_geofence, circle, radius_m=300)  # even a no-op edit is a change
+    v4 = tx(geofence_defs.geofences_version)
+    assert [g.id for g in tx(geofence_defs.active_geofences)] == [circle, poly]
+    tx(store_support.deactivate_geofence, poly)
+    v5 = tx(geofence_defs.geofences_version)
     assert len({v0, v1, v2, v3, v4, v5}) == 6
-    assert tx(store.geofences_version) == v5  # stable without changes
-    (g,) = tx(store.active_geofences)
+    assert tx(geofence_defs.geofences_version) == v5  # stable without changes
+    (g,) = tx(geofence_defs.active_geofences)
     assert (g.id, g.radius_m, g.updated_at.tzinfo) == (circle, 300, UTC)
     from processors.geofencing import GeofenceIndex
 
-    index = GeofenceIndex(tx(store.active_geofences))
+    index = GeofenceIndex(tx(geofence_defs.active_geofences))
     assert index.members(51.9, 4.4) == frozenset({circle})
 
 
@@ -406,8 +432,8 @@ def test_demo_geofences_are_valid(tx: Tx) -> None:
     from processors.sources import SimulatedFleet
 
     for fence in SimulatedFleet.geofences_for_demo():
-        tx(store.add_geofence, **fence)
-    assert len(tx(store.active_geofences)) == len(SimulatedFleet.geofences_for_demo())
+        tx(geofence_defs.add_geofence, **fence)
+    assert len(tx(geofence_defs.active_geofences)) == len(SimulatedFleet.geofences_for_demo())
 
 
 @pytest.mark.parametrize(
@@ -460,48 +486,54 @@ def test_demo_geofences_are_valid(tx: Tx) -> None:
 def test_invalid_geofences_are_refused_and_nothing_is_written(
     tx: Tx, kwargs: dict[str, Any], message: str
 ) -> None:
-    v0 = tx(store.geofences_version)
-    with pytest.raises(store.InvalidGeofence, match=message) as err:
-        tx(store.add_geofence, "bad", **kwargs)
+    v0 = tx(geofence_defs.geofences_version)
+    with pytest.raises(geofence_validation.InvalidGeofence, match=message) as err:
+        tx(geofence_defs.add_geofence, "bad", **kwargs)
     assert "geometry_geojson" not in str(err.value)  # no internal column names
     assert tx(lambda s: s.scalars(select(Geofence)).all()) == []
-    assert tx(store.geofences_version) == v0
+    assert tx(geofence_defs.geofences_version) == v0
 
 
 def test_update_geofence_validates(tx: Tx) -> None:
-    gid = tx(lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4, 51)).id)
-    v = tx(store.geofences_version)
-    with pytest.raises(store.InvalidGeofence, match="Self-intersection"):
-        tx(store.update_geofence, gid, geometry_geojson=BOW_TIE)
+    gid = tx(
+        lambda s: (
+            geofence_defs.add_geofence(s, "port", "polygon", geometry_geojson=square(4, 51)).id
+        )
+    )
+    v = tx(geofence_defs.geofences_version)
+    with pytest.raises(geofence_validation.InvalidGeofence, match="Self-intersection"):
+        tx(geofence_defs.update_geofence, gid, geometry_geojson=BOW_TIE)
     with pytest.raises(LookupError):
-        tx(store.update_geofence, gid + 100, name="x")
+        tx(geofence_defs.update_geofence, gid + 100, name="x")
     with pytest.raises(TypeError, match="unknown geofence field"):
-        tx(store.update_geofence, gid, colour="red")
-    assert tx(store.geofences_version) == v
-    g = tx(store.update_geofence, gid, kind="circle", center_lat=51, center_lon=4, radius_m=50)
+        tx(geofence_defs.update_geofence, gid, colour="red")
+    assert tx(geofence_defs.geofences_version) == v
+    g = tx(
+        geofence_defs.update_geofence, gid, kind="circle", center_lat=51, center_lon=4, radius_m=50
+    )
     assert (g.kind, g.geometry_geojson, g.radius_m) == ("circle", None, 50)
 
 
 def test_replace_events_at(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
     g1, g2, g3 = (
-        tx(lambda s, n=n: store.add_geofence(s, f"g{n}", "circle", 10, 10 + n, 100).id)
+        tx(lambda s, n=n: geofence_defs.add_geofence(s, f"g{n}", "circle", 10, 10 + n, 100).id)
         for n in range(3)
     )
     t1 = T0 + timedelta(minutes=1)
-    tx(store.replace_events_at, "A", T0, {g1: "enter", g2: "enter"})
-    tx(store.replace_events_at, "A", t1, {g1: "exit"})
-    tx(store.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})
-    tx(store.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})  # idempotent
-    assert tx(store.events_for, "A") == [
+    tx(fixtures.replace_events_at, "A", T0, {g1: "enter", g2: "enter"})
+    tx(fixtures.replace_events_at, "A", t1, {g1: "exit"})
+    tx(fixtures.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})
+    tx(fixtures.replace_events_at, "A", T0, {g2: "exit", g3: "enter"})  # idempotent
+    assert tx(store_support.events_for, "A") == [
         ("A", T0, g2, "exit"),
         ("A", T0, g3, "enter"),
         ("A", t1, g1, "exit"),
     ]
-    tx(store.replace_events_at, "A", t1, {})
-    assert tx(store.events_for) == [("A", T0, g2, "exit"), ("A", T0, g3, "enter")]
+    tx(fixtures.replace_events_at, "A", t1, {})
+    assert tx(store_support.events_for) == [("A", T0, g2, "exit"), ("A", T0, g3, "enter")]
     with pytest.raises(ValueError, match="enter"):
-        tx(store.replace_events_at, "A", t1, {g1: "inside"})
+        tx(fixtures.replace_events_at, "A", t1, {g1: "inside"})
 
 
 # -- views
@@ -513,21 +545,23 @@ def _rows(engine: Engine, table: Any) -> list[dict[str, Any]]:
 
 
 def test_views_show_latest_location_and_occupancy(engine: Engine, tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C")])
+    tx(tracker_store.upsert_trackers, [tracker("A"), tracker("B"), tracker("C")])
     inside = tx(
-        lambda s: store.add_geofence(s, "port", "polygon", geometry_geojson=square(4.0, 51.0)).id
+        lambda s: (
+            geofence_defs.add_geofence(s, "port", "polygon", geometry_geojson=square(4.0, 51.0)).id
+        )
     )
-    empty = tx(lambda s: store.add_geofence(s, "factory", "circle", 10, 10, 100).id)
-    gone = tx(lambda s: store.add_geofence(s, "old", "circle", 20, 20, 100).id)
-    tx(store.deactivate_geofence, gone)
+    empty = tx(lambda s: geofence_defs.add_geofence(s, "factory", "circle", 10, 10, 100).id)
+    gone = tx(lambda s: geofence_defs.add_geofence(s, "old", "circle", 20, 20, 100).id)
+    tx(store_support.deactivate_geofence, gone)
     a_last = report("A", 10, lat=52.0)
-    tx(store.insert_reports, [report("A", 0), a_last, report("B", 3)])
-    tx(store.set_addresses, [geocoded(a_last, city="Delft")], T0 + timedelta(minutes=11))
+    tx(report_store.insert_reports, [report("A", 0), a_last, report("B", 3)])
+    tx(report_store.set_addresses, [geocoded(a_last, city="Delft")], T0 + timedelta(minutes=11))
     # A entered then left, B entered, C entered
-    tx(store.replace_events_at, "A", T0, {inside: "enter"})
-    tx(store.replace_events_at, "A", T0 + timedelta(minutes=10), {inside: "exit"})
-    tx(store.replace_events_at, "B", T0 + timedelta(minutes=3), {inside: "enter"})
-    tx(store.replace_events_at, "C", T0 + timedelta(minutes=1), {inside: "enter"})
+    tx(fixtures.replace_events_at, "A", T0, {inside: "enter"})
+    tx(fixtures.replace_events_at, "A", T0 + timedelta(minutes=10), {inside: "exit"})
+    tx(fixtures.replace_events_at, "B", T0 + timedelta(minutes=3), {inside: "enter"})
+    tx(fixtures.replace_events_at, "C", T0 + timedelta(minutes=1), {inside: "enter"})
 
     views.note_changes(engine, views.VIEW_NAMES, ["A", "B", "C"])
     for name in views.VIEW_NAMES:
@@ -549,8 +583,8 @@ def test_views_show_latest_location_and_occupancy(engine: Engine, tx: Tx) -> Non
     assert occupancy[empty]["trackers_inside"] == 0
 
     # a later report and exit show after the next refresh (twice: CONCURRENTLY path)
-    tx(store.insert_reports, [report("B", 20)])
-    tx(store.replace_events_at, "B", T0 + timedelta(minutes=20), {inside: "exit"})
+    tx(report_store.insert_reports, [report("B", 20)])
+    tx(fixtures.replace_events_at, "B", T0 + timedelta(minutes=20), {inside: "exit"})
     views.note_changes(engine, views.VIEW_NAMES, ["B"])
     for _ in range(2):  # the second has nothing to do
         for name in views.VIEW_NAMES:
@@ -568,8 +602,8 @@ def _drop(engine: Engine, name: str) -> None:
 
 @pytest.mark.parametrize("name", views.VIEW_NAMES)
 def test_view_health_missing_and_recreate(engine: Engine, tx: Tx, name: str) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
-    tx(store.insert_reports, [report("A", 0)])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
+    tx(report_store.insert_reports, [report("A", 0)])
     assert views.view_health(engine, name) == "ok"
     _drop(engine, name)
     assert views.view_health(engine, name) == "missing"
@@ -623,8 +657,8 @@ def test_an_old_materialized_view_is_replaced_by_a_table(pg_url: str) -> None:
     factory = session_factory(engine)
     try:
         with factory.begin() as s:
-            store.upsert_trackers(s, [tracker("A")])
-            store.insert_reports(s, [report("A", 0), report("A", 5, lat=52.5)])
+            tracker_store.upsert_trackers(s, [tracker("A")])
+            report_store.insert_reports(s, [report("A", 0), report("A", 5, lat=52.5)])
         _drop(engine, "latest_location")
         with engine.begin() as conn:
             conn.execute(
@@ -648,19 +682,19 @@ def test_refresh_rewrites_only_the_recorded_trackers(engine: Engine, tx: Tx) -> 
     def latest() -> dict[str, float]:
         return {r["tracker_id"]: r["lat"] for r in _rows(engine, views.LATEST_LOCATION)}
 
-    tx(store.upsert_trackers, [tracker("A"), tracker("B")])
-    tx(store.insert_reports, [report("A", 0, lat=50.0), report("B", 0, lat=51.0)])
+    tx(tracker_store.upsert_trackers, [tracker("A"), tracker("B")])
+    tx(report_store.insert_reports, [report("A", 0, lat=50.0), report("B", 0, lat=51.0)])
     views.note_changes(engine, ["latest_location"], ["A"])
     assert views.refresh_view(engine, "latest_location") == 1
     assert latest() == {"A": 50.0}  # B changed too, but nobody said so
     assert views.refresh_view(engine, "latest_location") == 0  # nothing recorded
     # a late (older) report changes nothing; a newer one does
-    tx(store.insert_reports, [report("A", -5, lat=49.0), report("B", 10, lat=51.5)])
+    tx(report_store.insert_reports, [report("A", -5, lat=49.0), report("B", 10, lat=51.5)])
     views.note_changes(engine, ["latest_location"], ["A", "B", "B"])
     assert views.refresh_view(engine, "latest_location") == 2
     assert latest() == {"A": 50.0, "B": 51.5}
     # a notice without trackers: anything may have changed, the view is rebuilt
-    tx(store.insert_reports, [report("A", 20, lat=50.5)])
+    tx(report_store.insert_reports, [report("A", 20, lat=50.5)])
     views.note_changes(engine, ["latest_location"], None)
     assert views.refresh_view(engine, "latest_location") is None
     assert latest() == {"A": 50.5, "B": 51.5}
@@ -680,9 +714,9 @@ def test_occupancy_follows_the_changes(engine: Engine, tx: Tx) -> None:
     """Enter/exit events, a late report's correction (events replaced at an instant),
     a geofence added and one deactivated: after each refresh of just the trackers
     concerned, the counts are the ones worked out by hand."""
-    tx(store.upsert_trackers, [tracker(t) for t in "ABCD"])
-    port = tx(lambda s: store.add_geofence(s, "port", "circle", 51.9, 4.4, 500).id)
-    plant = tx(lambda s: store.add_geofence(s, "plant", "circle", 52.0, 4.5, 500).id)
+    tx(tracker_store.upsert_trackers, [tracker(t) for t in "ABCD"])
+    port = tx(lambda s: geofence_defs.add_geofence(s, "port", "circle", 51.9, 4.4, 500).id)
+    plant = tx(lambda s: geofence_defs.add_geofence(s, "plant", "circle", 52.0, 4.5, 500).id)
 
     def at(minute: float) -> datetime:
         return T0 + timedelta(minutes=minute)
@@ -696,20 +730,20 @@ def test_occupancy_follows_the_changes(engine: Engine, tx: Tx) -> None:
         }
 
     assert refresh() == {port: (0, None), plant: (0, None)}
-    tx(store.replace_events_at, "A", at(0), {port: "enter"})
-    tx(store.replace_events_at, "B", at(1), {port: "enter", plant: "enter"})
-    tx(store.replace_events_at, "C", at(2), {plant: "enter"})
+    tx(fixtures.replace_events_at, "A", at(0), {port: "enter"})
+    tx(fixtures.replace_events_at, "B", at(1), {port: "enter", plant: "enter"})
+    tx(fixtures.replace_events_at, "C", at(2), {plant: "enter"})
     assert refresh("A", "B", "C") == {port: (2, at(1)), plant: (2, at(2))}
-    tx(store.replace_events_at, "A", at(10), {port: "exit"})
-    tx(store.replace_events_at, "B", at(11), {plant: "exit"})
+    tx(fixtures.replace_events_at, "A", at(10), {port: "exit"})
+    tx(fixtures.replace_events_at, "B", at(11), {plant: "exit"})
     assert refresh("A", "B") == {port: (1, at(10)), plant: (1, at(11))}
     # a late report for B shows it never left the plant at 11: that event goes
-    tx(store.replace_events_at, "B", at(11), {})
+    tx(fixtures.replace_events_at, "B", at(11), {})
     assert refresh("B") == {port: (1, at(10)), plant: (2, at(2))}
     # D enters a new geofence; the plant is switched off
-    depot = tx(lambda s: store.add_geofence(s, "depot", "circle", 52.1, 4.6, 500).id)
-    tx(store.deactivate_geofence, plant)
-    tx(store.replace_events_at, "D", at(12), {depot: "enter"})
+    depot = tx(lambda s: geofence_defs.add_geofence(s, "depot", "circle", 52.1, 4.6, 500).id)
+    tx(store_support.deactivate_geofence, plant)
+    tx(fixtures.replace_events_at, "D", at(12), {depot: "enter"})
     assert refresh("D") == {port: (1, at(10)), depot: (1, at(12))}
     # the plant back on: its count is what its trackers' latest events say
     tx(lambda s: s.execute(text(f"UPDATE geofences SET active = true WHERE id = {plant}")))
@@ -724,11 +758,18 @@ def test_session_type_is_usable(engine: Engine) -> None:
 
 
 def test_claim_incomplete_counts_every_resend_it_hands_out(tx: Tx) -> None:
-    tx(store.upsert_trackers, [tracker("A")])
-    tx(store.insert_reports, [report("A", m) for m in (0, 10)])
+    tx(tracker_store.upsert_trackers, [tracker("A")])
+    tx(report_store.insert_reports, [report("A", m) for m in (0, 10)])
 
     def claim(at: datetime, max_republish: int = 2, **kw: Any) -> Any:  # grace: 5 min
-        return tx(store.claim_incomplete, at - timedelta(minutes=5), 100, max_republish, at, **kw)
+        return tx(
+            reconcile_store.claim_incomplete,
+            at - timedelta(minutes=5),
+            100,
+            max_republish,
+            at,
+            **kw,
+        )
 
     late = T0 + timedelta(hours=1)
     got, _ = claim(late)
@@ -736,5 +777,5 @@ def test_claim_incomplete_counts_every_resend_it_hands_out(tx: Tx) -> None:
     assert claim(late + timedelta(minutes=1)) == ([], [])  # counted: not due again yet
     assert len(claim(late + timedelta(hours=1))[0]) == 2
     assert claim(late + timedelta(hours=2)) == ([], [])  # 2 re-sends: given up
-    assert tx(store.count_abandoned, 2) == 2
+    assert tx(reconcile_store.count_abandoned, 2) == 2
     assert claim(late + timedelta(hours=3), 5, geocode=False) == ([], [])

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from ops.cli import app
 from processors import topology
 from processors.sources import HttpLocationSource, SimulatedFleet
-from schemas import source_store, store
+from schemas import report_store, source_store
 from schemas.events import FetchRequested
 from schemas.tables import RejectedReport
 from streams.deadletter import DeadLetters
@@ -322,7 +322,7 @@ async def test_a_future_clock_is_stored_rejected_and_does_not_block_the_tracker(
     assert stored[wrong.key].fix_status == "future"
     real_after = [k for k in stored if k[0] == t and wrong.available_at < k[1] < e.now]
     assert len(real_after) >= 5
-    cursor = e.h.db.run_sync(store.fetch_positions, [t], 300.0)[t]
+    cursor = e.h.db.run_sync(report_store.fetch_positions, [t], 300.0)[t]
     assert cursor < e.now + timedelta(seconds=300)
     sent = [c["since"][t] for c in e.api.calls if t in c.get("since", {})]
     assert all(datetime.fromisoformat(s) < e.now for s in sent)

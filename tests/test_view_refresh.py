@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from processors.pipeline import Pipeline
 from processors.topology import VIEW_REFRESH
-from schemas import store
+from schemas import report_store
 from schemas.events import LocationReported, ViewsChanged
 from schemas.views import VIEW_NAMES
 from streams.deadletter import DeadLetters
@@ -55,7 +55,7 @@ async def test_two_workers_share_the_interval_and_every_acked_notice_is_covered(
             at = h.clock() + timedelta(minutes=5 * wave)
             changed = trackers[wave % 3 :: 2]  # overlapping sets
             h.db.run_sync(
-                store.insert_reports,
+                report_store.insert_reports,
                 [
                     LocationReported(
                         tracker_id=t, observed_at=at, lat=50.0 + wave, lon=4.0,

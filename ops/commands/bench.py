@@ -1,17 +1,20 @@
 """``trackstream bench``: the runtime against raw redis-py loops, in one run; with
-``--pipeline``, the real stages as worker processes (:mod:`ops.pipelinebench`)."""
+``--pipeline``, the real stages as worker processes (:mod:`ops.bench.pipeline`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ops.common import console, err_console, fail, handle_errors, options
+
+T = TypeVar("T")
 
 
 def register(app: typer.Typer) -> None:
@@ -90,7 +93,7 @@ def register(app: typer.Typer) -> None:
         """
         overrides = options(ctx).overrides
         if views:
-            from ops.viewbench import run_view_bench
+            from ops.bench.views import run_view_bench
 
             db_url = overrides.get("database_url")
             if db_url and not str(db_url).startswith("postgres"):
@@ -175,6 +178,25 @@ def _runtime(
         raise typer.Exit(1)
 
 
+def _with_status(bench: Callable[..., T], overrides: dict[str, Any], **kwargs: Any) -> T:
+    """Runs an end-to-end benchmark on the given Redis and database (None: its own
+    throwaway servers), its progress on stderr under a status line."""
+    with err_console.status("starting ...") as status:
+        return bench(
+            overrides.get("redis_url"),
+            overrides.get("database_url"),
+            progress=err_console.print,
+            status=status.update,
+            **kwargs,
+        )
+
+
+def _write_json(results: Any, json_out: Path | None) -> None:
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {json_out}")
+
+
 def _pipeline(
     overrides: dict[str, Any],
     trackers: int,
@@ -185,21 +207,18 @@ def _pipeline(
     json_out: Path | None,
     messy: bool = False,
 ) -> None:
-    from ops.pipelinebench import run_pipeline_bench
+    from ops.bench.pipeline import run_pipeline_bench
 
-    with err_console.status("starting ...") as status:
-        results = run_pipeline_bench(
-            overrides.get("redis_url"),
-            overrides.get("database_url"),
-            trackers=trackers,
-            history=history,
-            workers=workers,
-            max_phase_s=max_phase_s,
-            runtime_messages=messages,
-            progress=err_console.print,
-            status=status.update,
-            messy=messy,
-        )
+    results = _with_status(
+        run_pipeline_bench,
+        overrides,
+        trackers=trackers,
+        history=history,
+        workers=workers,
+        max_phase_s=max_phase_s,
+        runtime_messages=messages,
+        messy=messy,
+    )
     table = pipeline_table(results)
     if console.is_terminal:
         console.print(table)
@@ -207,9 +226,7 @@ def _pipeline(
         Console(file=console.file, width=PIPED_WIDTH).print(table)
     for line in pipeline_summary(results):
         console.print(line)
-    if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {json_out}")
+    _write_json(results, json_out)
 
 
 def _growth(
@@ -219,23 +236,18 @@ def _growth(
     max_phase_s: float,
     json_out: Path | None,
 ) -> None:
-    from ops.growthbench import growth_summary, run_growth_bench
+    from ops.bench.growth import growth_summary, run_growth_bench
 
-    with err_console.status("starting ...") as status:
-        results = run_growth_bench(
-            overrides.get("redis_url"),
-            overrides.get("database_url"),
-            history_rows=history_rows,
-            trackers=trackers,
-            max_phase_s=max_phase_s,
-            progress=err_console.print,
-            status=status.update,
-        )
+    results = _with_status(
+        run_growth_bench,
+        overrides,
+        history_rows=history_rows,
+        trackers=trackers,
+        max_phase_s=max_phase_s,
+    )
     for line in growth_summary(results):
         console.print(line, highlight=False)
-    if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {json_out}")
+    _write_json(results, json_out)
 
 
 def _ms(v: float | None) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich import box
@@ -40,6 +41,10 @@ from streams.connection import Client
 from streams.deadletter import DeadLetter, DeadLetters
 from streams.keys import StageKeys
 from streams.settings import StreamSettings
+
+R = TypeVar("R")
+
+LimitOption = Annotated[int | None, typer.Option(min=1, help="at most this many")]
 
 
 def _when(ms: int) -> str:
@@ -86,6 +91,36 @@ def _chosen(
             console.print(f"no dead letters to {verb} in stage {stage}")
         raise typer.Exit(1 if missing else 0)
     return selected, missing
+
+
+def _act(
+    ctx: typer.Context,
+    stage: str,
+    verb: str,
+    question: str,
+    ids: list[str] | None,
+    all_: bool,
+    category: str | None,
+    since: str | None,
+    limit: int | None,
+    yes: bool,
+    per_shard: Callable[[DeadLetters, list[str]], Awaitable[R]],
+) -> tuple[list[R], list[str]]:
+    """What redrive and purge share: select the dead letters, ask ``question`` (with
+    ``{n}`` and ``{what}``) unless --yes, then ``per_shard`` on each shard's ids.
+    Returns the results by shard and the ids not found."""
+    settings, _ = options(ctx).settings()
+    selected, missing = _chosen(settings, stage, verb, ids, all_, category, since, limit)
+    confirm(question.format(n=len(selected), what=_describe(all_, category, since)), yes)
+    url = settings.redis_url
+
+    async def body(client: Client) -> list[R]:
+        return [
+            await per_shard(DeadLetters(client, keys, url), dlq_ids)
+            for keys, dlq_ids in group_by_shard(selected).items()
+        ]
+
+    return run(settings, body), missing
 
 
 def register(app: typer.Typer) -> None:
@@ -218,26 +253,15 @@ def register(app: typer.Typer) -> None:
         all_: AllOption = False,
         category: CategoryOption = None,
         since: SinceOption = None,
-        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        limit: LimitOption = None,
         yes: YesOption = False,
     ) -> None:
         """Put dead letters back on their stream (each at most once) once the cause is fixed."""
-        settings, _ = options(ctx).settings()
-        selected, missing = _chosen(settings, stage, "redrive", ids, all_, category, since, limit)
-        confirm(
-            f"Redrive {len(selected)} dead letter(s) of stage {stage}"
-            f"{_describe(all_, category, since)} back to their stream?",
-            yes,
+        question = f"Redrive {{n}} dead letter(s) of stage {stage}{{what}} back to their stream?"
+        by_shard, missing = _act(
+            ctx, stage, "redrive", question, ids, all_, category, since, limit, yes, _redrive
         )
-        url = settings.redis_url
-
-        async def body(client: Client) -> dict[str, str | None]:
-            out: dict[str, str | None] = {}
-            for keys, dlq_ids in group_by_shard(selected).items():
-                out.update(await DeadLetters(client, keys, url).redrive(dlq_ids))
-            return out
-
-        result = run(settings, body)
+        result = {k: v for shard in by_shard for k, v in shard.items()}
         done = {k: v for k, v in result.items() if v}
         skipped = [k for k, v in result.items() if not v]
         console.print(f"redriven {len(done)} dead letter(s) of stage {stage}")
@@ -259,28 +283,26 @@ def register(app: typer.Typer) -> None:
         all_: AllOption = False,
         category: CategoryOption = None,
         since: SinceOption = None,
-        limit: Annotated[int | None, typer.Option(min=1, help="at most this many")] = None,
+        limit: LimitOption = None,
         yes: YesOption = False,
     ) -> None:
         """Delete dead letters for good."""
-        settings, _ = options(ctx).settings()
-        selected, missing = _chosen(settings, stage, "purge", ids, all_, category, since, limit)
-        confirm(
-            f"Permanently delete {len(selected)} dead letter(s) of stage {stage}"
-            f"{_describe(all_, category, since)}?",
-            yes,
+        question = f"Permanently delete {{n}} dead letter(s) of stage {stage}{{what}}?"
+        by_shard, missing = _act(
+            ctx, stage, "purge", question, ids, all_, category, since, limit, yes, _purge
         )
-        url = settings.redis_url
-
-        async def body(client: Client) -> int:
-            n = 0
-            for keys, dlq_ids in group_by_shard(selected).items():
-                dlq = DeadLetters(client, keys, url)
-                for i in range(0, len(dlq_ids), 1000):
-                    n += await dlq.purge(dlq_ids[i : i + 1000])
-            return n
-
-        n = run(settings, body)
+        n = sum(by_shard)
         console.print(f"purged {n} dead letter(s) of stage {stage}")
         if missing:
             raise typer.Exit(1)
+
+
+async def _redrive(dlq: DeadLetters, dlq_ids: list[str]) -> dict[str, str | None]:
+    return await dlq.redrive(dlq_ids)
+
+
+async def _purge(dlq: DeadLetters, dlq_ids: list[str]) -> int:
+    n = 0
+    for i in range(0, len(dlq_ids), 1000):
+        n += await dlq.purge(dlq_ids[i : i + 1000])
+    return n

@@ -1,6 +1,6 @@
 """``trackstream geofence``: list, add, deactivate and reactivate geofences.
 
-Every change goes through :mod:`schemas.store`, which validates it (an unsplit polygon
+Every change goes through :mod:`schemas.geofence_defs`, which validates it (an unsplit polygon
 across the antimeridian is refused) and bumps the geofences' version; the geofence
 stage sees it at its next batch, without a restart, and evaluates each tracker's
 history again with the fences in force when it next checks one of its reports.
@@ -43,13 +43,13 @@ def _row(g: Any) -> dict[str, Any]:
 
 def _set_active(ctx: typer.Context, ids: list[int], active: bool) -> None:
     from processors.database import Database
-    from schemas import store
+    from schemas import geofence_defs
 
     _, app_settings = options(ctx).settings()
     db = Database(app_settings.database_url)
 
     def change(session: Any) -> list[str]:
-        return [store.update_geofence(session, i, active=active).name for i in ids]
+        return [geofence_defs.update_geofence(session, i, active=active).name for i in ids]
 
     try:
         names = db.run_sync(change)  # one transaction: all or none
@@ -78,12 +78,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The geofences the geofence stage checks (with --all: inactive ones too)."""
         from processors.database import Database
-        from schemas import store
+        from schemas import geofence_defs
 
         _, app_settings = options(ctx).settings()
         db = Database(app_settings.database_url)
         try:
-            rows = db.run_sync(lambda s: [_row(g) for g in store.list_geofences(s, all_)])
+            rows = db.run_sync(lambda s: [_row(g) for g in geofence_defs.list_geofences(s, all_)])
         finally:
             db.dispose()
         if as_json:
@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         from pathlib import Path
 
         from processors.database import Database
-        from schemas import store
+        from schemas import geofence_defs, geofence_validation
 
         if (circle is None) == (geojson is None):
             raise fail("give exactly one of --circle LAT,LON,RADIUS_M or --geojson", 2)
@@ -165,10 +165,10 @@ def register(app: typer.Typer) -> None:
         _, app_settings = options(ctx).settings()
         db = Database(app_settings.database_url)
         try:
-            fields = store.validate_geofence(name=name, **fields)
+            fields = geofence_validation.validate_geofence(name=name, **fields)
             fields.pop("name")
-            gid = db.run_sync(lambda s: store.add_geofence(s, name, **fields).id)
-        except store.InvalidGeofence as exc:
+            gid = db.run_sync(lambda s: geofence_defs.add_geofence(s, name, **fields).id)
+        except geofence_validation.InvalidGeofence as exc:
             raise fail(f"{exc}; nothing added", 2) from None
         finally:
             db.dispose()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,12 +16,19 @@ from ops.common import console, fail, handle_errors, options, setup_logging
 from processors import topology
 from streams.connection import probe
 
+if TYPE_CHECKING:
+    from processors.config import AppSettings
+    from processors.pipeline import Pipeline
+    from streams.settings import StreamSettings
+
 log = logging.getLogger("trackstream")
 
 
 def _stage_arg(value: str) -> str:
+    from processors.pipeline import STAGES
+
     try:
-        return topology.check_stage(value)
+        return STAGES.get(value).name
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -73,6 +81,32 @@ def _once_logging(verbose: bool) -> None:
         logging.getLogger("trackstream.database").setLevel(logging.CRITICAL)
 
 
+def _settings(
+    ctx: typer.Context, verbose: bool, once: bool = False
+) -> tuple[StreamSettings, AppSettings]:
+    """The long-running commands' start: logging, then the stream and app settings."""
+    setup_logging(verbose)
+    if once:
+        _once_logging(verbose)
+    return options(ctx).settings()
+
+
+@contextlib.asynccontextmanager
+async def _pipeline(
+    stream_settings: StreamSettings, app_settings: AppSettings
+) -> AsyncIterator[Pipeline]:
+    """A pipeline on a Redis that answers (a wrong or silent Redis: exit 3 at once),
+    closed when the command ends."""
+    from processors.pipeline import Pipeline
+
+    await probe(stream_settings)
+    pipeline = Pipeline(stream_settings, app_settings)
+    try:
+        yield pipeline
+    finally:
+        await pipeline.aclose()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -92,21 +126,16 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
         """Consume one stage. Start as many as you like, on any hosts."""
-        from processors.pipeline import Pipeline
         from streams.worker import run_until_signal
 
-        setup_logging(verbose)
-        stream_settings, app_settings = options(ctx).settings()
+        stream_settings, app_settings = _settings(ctx, verbose)
 
         async def main() -> None:
-            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
-            pipeline = Pipeline(stream_settings, app_settings)
-            _serve_metrics(app_settings.metrics_port, app_settings.metrics_host, pipeline.registry)
-            w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
-            try:
+            async with _pipeline(stream_settings, app_settings) as pipeline:
+                metrics = (app_settings.metrics_port, app_settings.metrics_host)
+                _serve_metrics(*metrics, pipeline.registry)
+                w = pipeline.worker(stage, consumer=consumer, concurrency=concurrency)
                 await run_until_signal(w, burst=burst)
-            finally:
-                await pipeline.aclose()
 
         asyncio.run(main())
 
@@ -119,16 +148,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Publish fetch batches of due trackers, most overdue first, every schedule
         interval, never more than the fetch stage can absorb (fetch_backlog_s)."""
-        from processors.pipeline import Pipeline
-
-        setup_logging(verbose)
-        if once:
-            _once_logging(verbose)
-        stream_settings, app_settings = options(ctx).settings()
+        stream_settings, app_settings = _settings(ctx, verbose, once)
 
         async def main() -> None:
-            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
-            pipeline = Pipeline(stream_settings, app_settings)
+            async with _pipeline(stream_settings, app_settings) as pipeline:
+                await _schedule(pipeline)
+
+        async def _schedule(pipeline: Pipeline) -> None:
             sched = pipeline.scheduler()
 
             async def tick() -> list[Any]:
@@ -145,27 +171,24 @@ def register(app: typer.Typer) -> None:
                     )
                 return batches
 
-            try:
-                if once:
-                    batches = await tick()
-                    if sched.lock is not None and sched.lock.fence is None:
-                        holder = await pipeline.client.get(sched.lock.key)
-                        who = holder.decode(errors="replace") if holder else "unknown"
-                        host, _, rest = who.partition(":")
-                        console.print(
-                            f"published 0 batches: another scheduler leads "
-                            f"({host} pid {rest.split(':')[0]}) and publishes instead"
-                        )
-                        return
-                    console.print(f"published {len(batches)} batches")
-                    if sched.last_report is not None:
-                        console.print(sched.last_report.summary())
+            if once:
+                batches = await tick()
+                if sched.lock is not None and sched.lock.fence is None:
+                    holder = await pipeline.client.get(sched.lock.key)
+                    who = holder.decode(errors="replace") if holder else "unknown"
+                    host, _, rest = who.partition(":")
+                    console.print(
+                        f"published 0 batches: another scheduler leads "
+                        f"({host} pid {rest.split(':')[0]}) and publishes instead"
+                    )
                     return
-                stop = asyncio.Event()
-                await _stop_on_signal(stop)
-                await _every(app_settings.schedule_interval_s, stop, tick)
-            finally:
-                await pipeline.aclose()
+                console.print(f"published {len(batches)} batches")
+                if sched.last_report is not None:
+                    console.print(sched.last_report.summary())
+                return
+            stop = asyncio.Event()
+            await _stop_on_signal(stop)
+            await _every(app_settings.schedule_interval_s, stop, tick)
 
         asyncio.run(main())
 
@@ -177,16 +200,13 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
         """Re-publish reports the database shows as not geocoded / not geofence-checked."""
-        from processors.pipeline import Pipeline
-
-        setup_logging(verbose)
-        if once:
-            _once_logging(verbose)
-        stream_settings, app_settings = options(ctx).settings()
+        stream_settings, app_settings = _settings(ctx, verbose, once)
 
         async def main() -> None:
-            await probe(stream_settings)  # a wrong or silent Redis: exit 3 at once
-            pipeline = Pipeline(stream_settings, app_settings)
+            async with _pipeline(stream_settings, app_settings) as pipeline:
+                await _reconcile(pipeline)
+
+        async def _reconcile(pipeline: Pipeline) -> None:
             rec = pipeline.reconciler()
 
             async def run_once() -> Any:
@@ -209,23 +229,16 @@ def register(app: typer.Typer) -> None:
                         "re-published %d to geocode, %d to geofence", done.geocode, done.geofence
                     )
 
-            try:
-                if once:
-                    done = await run_once()
-                    console.print(
-                        f"re-published {done.geocode} to geocode, {done.geofence} to geofence"
-                        + (
-                            f"; left alone (behind): {', '.join(done.skipped)}"
-                            if done.skipped
-                            else ""
-                        )
-                    )
-                    return
-                stop = asyncio.Event()
-                await _stop_on_signal(stop)
-                await _every(app_settings.reconcile_interval_s, stop, round_)
-            finally:
-                await pipeline.aclose()
+            if once:
+                done = await run_once()
+                console.print(
+                    f"re-published {done.geocode} to geocode, {done.geofence} to geofence"
+                    + (f"; left alone (behind): {', '.join(done.skipped)}" if done.skipped else "")
+                )
+                return
+            stop = asyncio.Event()
+            await _stop_on_signal(stop)
+            await _every(app_settings.reconcile_interval_s, stop, round_)
 
         asyncio.run(main())
 

@@ -15,6 +15,10 @@ from ops.commands._operator import JsonOption, age_text, echo_json
 from ops.common import console, fail, handle_errors, options
 from ops.fleet import STATES
 
+# ops/dashboard/console.py (another branch's file) still imports this name; it moved
+# down to ops.fleet.report_instants: drop this line once console.py imports that
+from ops.fleet import report_instants as _instants  # noqa: F401
+
 
 def read_db(ctx: typer.Context, fn: Any, *args: Any) -> Any:
     """``fn(session, *args)`` in one read transaction; a missing SQLite file is an error
@@ -225,7 +229,7 @@ def register(app: typer.Typer) -> None:
         --scan entries of each stage stream and dead-letter stream.
         """
         from ops.commands._operator import run
-        from ops.fleet import report_trace
+        from ops.fleet import report_instants, report_trace
         from ops.timeparse import parse_time
         from ops.tracing import find_entries
 
@@ -240,7 +244,7 @@ def register(app: typer.Typer) -> None:
             report = read_db(ctx, report_trace, tracker, when)
         except LookupError as exc:
             raise fail(f"{exc.args[0]} (see 'trackstream trackers')", 2) from None
-        observed, fetched = _instants(report)
+        observed, fetched = report_instants(report)
         found = run(
             stream_settings,
             lambda client: find_entries(
@@ -257,17 +261,6 @@ def register(app: typer.Typer) -> None:
             echo_json({"report": report, **found})
             return
         print_trace(tracker, at, report, found)
-
-
-def _instants(report: dict[str, Any] | None) -> tuple[datetime | None, datetime | None]:
-    """The report's observed_at and fetched_at (None, None without a report)."""
-    if report is None:
-        return None, None
-
-    def parse(key: str) -> datetime:
-        return datetime.fromisoformat(report[key].replace("Z", "+00:00"))
-
-    return parse("observed_at"), parse("fetched_at")
 
 
 def trace_lines(tracker: str, report: dict[str, Any] | None, found: dict[str, Any]) -> list[str]:

@@ -329,7 +329,7 @@ def register(app: typer.Typer) -> None:
         """Deliveries per second to a fast receiver on 127.0.0.1, with 1 and 2 notify
         workers (or --workers N ...). Uses the configured Redis under a throwaway prefix
         and a throwaway SQLite database."""
-        from ops.notify_bench import bench as run_bench
+        from ops.bench.notify import bench as run_bench
 
         stream_settings, _ = options(ctx).settings()
         results = run_bench(

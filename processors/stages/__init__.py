@@ -1,2 +1,3 @@
-"""The four stages. Each is a class holding its dependencies, with one handler method;
-:mod:`processors.pipeline` wires them to workers."""
+"""The five stages. Each is a class holding its dependencies, with one handler method
+(a :class:`processors.stage.Stage`); ``processors.pipeline.STAGES`` names them, with
+their input events and factories."""

@@ -2,7 +2,7 @@
 
 No loss between source and store: each tracker's *cursor* is its latest report stored
 in the database with a credible time (observed at most ``fix_future_tolerance_s``
-after it was fetched: :func:`schemas.store.fetch_positions`), never what some process
+after it was fetched: :func:`schemas.report_store.fetch_positions`), never what some process
 was handed, and the source is asked for the reports observed after the cursor less
 ``source_lateness_s`` (``since``; see :mod:`processors.sources`). A batch whose store
 failed (database down, the process died) is therefore fetched again by the retry,
@@ -57,7 +57,7 @@ from prometheus_client import Counter as PromCounter
 from pydantic import ValidationError
 
 from processors.clock import Clock
-from processors.database import Database, DatabaseUnavailable, classify
+from processors.database import Database, DatabaseUnavailable, classify_db_error
 from processors.resilience import CircuitOpen
 from processors.revalidate import FetchRevalidator
 from processors.sources import (
@@ -68,7 +68,7 @@ from processors.sources import (
     fetch_batch,
 )
 from processors.topology import GEOCODE
-from schemas import schedule, source_store, store
+from schemas import report_store, schedule, source_store, tracker_store
 from schemas.events import FetchRequested, LocationReported
 from streams.consumer import Context
 from streams.errors import Defer, RateLimited, Reject, Retry
@@ -147,7 +147,9 @@ class FetchStage:
             log.error("skipping %d tracker id(s) with a NUL byte: %r", len(bad), bad[:5])
             ids = [t for t in ids if "\x00" not in t]
         if positions is None:
-            positions = await self.db.run(store.fetch_positions, ids, self.future_tolerance_s)
+            positions = await self.db.run(
+                report_store.fetch_positions, ids, self.future_tolerance_s
+            )
         if unknown := [t for t in ids if t not in positions]:
             log.warning(
                 "not fetching %d unknown tracker(s): %s", len(unknown), ", ".join(unknown[:10])
@@ -337,7 +339,7 @@ def _store_outcome(
     _classify(new, outcome)
     counts: dict[str, Counter[str]] = {t: Counter(c) for t, c in outcome.late.items()}
     for t, _, _ in outcome.rejected:
-        if t in known:
+        if t is not None and t in known:
             counts.setdefault(t, Counter())["rejected_reports"] += 1
     source_store.add_counts(session, counts, now)
     source_store.insert_rejected(session, outcome.rejected, now, outcome.source)
@@ -357,8 +359,8 @@ def _store(
     """Stores the reports and what else the call brought, marks the trackers processed
     and ``fetched`` fetched (what the 12-hour guarantee is measured on,
     :func:`schemas.schedule.mark_fetched`)."""
-    new = store.insert_reports(session, reports, known)
-    store.mark_processed(session, tracker_ids, now)
+    new = report_store.insert_reports(session, reports, known)
+    tracker_store.mark_processed(session, tracker_ids, now)
     errored = {e.tracker_id for e in outcome.errors}
     _store_outcome(session, new, now, known, [t for t in tracker_ids if t not in errored], outcome)
     schedule.mark_fetched(session, fetched, now)
@@ -378,10 +380,10 @@ def _store_each(
     new: list[LocationReported] = []
     for r in sorted(reports, key=lambda r: (r.tracker_id, r.observed_at)):
         with _on_its_own(session, f"skipping report {r.tracker_id}@{r.observed_at}"):
-            new += store.insert_reports(session, [r], known)
+            new += report_store.insert_reports(session, [r], known)
     for t in sorted(tracker_ids):
         with _on_its_own(session, f"could not mark tracker {t!r} processed"):
-            store.mark_processed(session, [t], now)
+            tracker_store.mark_processed(session, [t], now)
     errored = {e.tracker_id for e in outcome.errors}
     with _on_its_own(session, "could not record the batch's late, rejected and errors"):
         ok_ids = [t for t in tracker_ids if t not in errored]
@@ -401,7 +403,7 @@ def _on_its_own(session: Any, failure: str) -> Iterator[None]:
         with session.begin_nested():
             yield
     except Exception as exc:
-        if classify(exc) is not None:
+        if classify_db_error(exc) is not None:
             raise
         log.error("%s: %s", failure, exc)
 

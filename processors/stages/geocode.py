@@ -1,6 +1,6 @@
 """geocode: LocationReported -> reverse geocoder (batch) -> address -> LocationGeocoded.
 
-Per batch: one geocoder call and one set-based write (:func:`schemas.store.set_addresses`,
+Per batch: one geocoder call and one set-based write (:func:`schemas.report_store.set_addresses`,
 rows locked in id order). A batch whose write fails for a reason other than the
 database being unavailable is written again report by report (each in a savepoint), so
 one bad row is dead-lettered alone and the rest go on; so is a report whose address the
@@ -23,7 +23,7 @@ from processors.clock import Clock
 from processors.database import Database, DatabaseUnavailable, is_permanent
 from processors.geocoding import Address, Geocoder, OfflineGeocoder
 from processors.topology import GEOFENCE
-from schemas import store
+from schemas import report_store
 from schemas.events import LocationGeocoded, LocationReported
 from streams.consumer import Context
 from streams.errors import Reject
@@ -117,14 +117,20 @@ class GeocodeStage:
             geocoded.append(g)
         now = self.clock()
         try:
-            await self.db.run(store.set_addresses, geocoded, now)
+            await self.db.run(report_store.set_addresses, geocoded, now)
         except DatabaseUnavailable:
             raise  # the whole batch waits for the database
         except Exception as exc:
             log.warning("geocode batch write failed (%s): writing report by report", exc)
-            for j, err in (await self.db.run(store.set_addresses_each, geocoded, now)).items():
+            for j, err in (
+                await self.db.run(report_store.set_addresses_each, geocoded, now)
+            ).items():
+                # a row's error was caught in its savepoint, inside the thread: the
+                # database's one translation makes an outage or a conflict a Defer
                 failed[todo[j]] = (
-                    Reject(f"cannot store the address: {err}") if is_permanent(err) else err
+                    Reject(f"cannot store the address: {err}")
+                    if is_permanent(err)
+                    else self.db.translate(err)
                 )
         for j, g in enumerate(geocoded):
             if todo[j] not in failed:

@@ -23,28 +23,28 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
-from sqlalchemy import exc as sa_exc
 
 from processors.clock import Clock
 from processors.crossings import (
     OK,
     REASONS,
-    Fix,
+    Kind,
     Rules,
+    StoredFix,
     Window,
     evaluate,
     from_us,
     state_prefix,
     to_us,
 )
-from processors.database import Database, classify
+from processors.database import Database, DatabaseUnavailable
 from processors.geofencing import GeofenceIndex
 from processors.topology import NOTIFY, VIEW_REFRESH
-from schemas import geofence_store, store
+from schemas import geofence_defs, geofence_store
 from schemas.events import LocationGeocoded, ViewsChanged
 from schemas.notify import GeofenceEvent
 from schemas.views import VIEW_NAMES
@@ -112,9 +112,9 @@ class GeofenceStage:
             self._rejected_metric.labels(reason)
 
     async def index(self) -> GeofenceIndex:
-        version = await self.db.run(store.geofences_version)
+        version = await self.db.run(geofence_defs.geofences_version)
         if self._index is None or version != self._version:
-            rows = await self.db.run(store.active_geofences)
+            rows = await self.db.run(geofence_defs.active_geofences)
             self._index, self._version = GeofenceIndex(rows), version
         return self._index
 
@@ -147,7 +147,9 @@ class GeofenceStage:
         for tracker, geofence, at, kind in result.events:
             ctx.publish(
                 self.notify,
-                GeofenceEvent(tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=kind),
+                GeofenceEvent(
+                    tracker_id=tracker, geofence_id=geofence, observed_at=at, kind=cast(Kind, kind)
+                ),
                 partition_key=tracker,
             )
         failures: dict[str, BaseException] = {
@@ -206,10 +208,8 @@ def _partition(items: Sequence[LocationGeocoded], parts: int) -> list[list[int]]
 
 def _transient(exc: BaseException) -> bool:
     """A database that is away or busy, not a bad row: retry the batch as a whole
-    (:func:`processors.database.classify` decides, as for every stage)."""
-    return classify(exc) is not None or isinstance(
-        exc, sa_exc.OperationalError | sa_exc.InterfaceError
-    )
+    (:meth:`processors.database.Database.run` decides, as for every stage)."""
+    return isinstance(exc, DatabaseUnavailable)
 
 
 def check_batch(
@@ -224,7 +224,7 @@ def check_batch(
     With ``fences_version``: first makes sure the fences are still that version, else
     returns a result marked ``stale`` having done nothing."""
     result = BatchResult()
-    if fences_version is not None and store.geofences_version(session) != fences_version:
+    if fences_version is not None and geofence_defs.geofences_version(session) != fences_version:
         result.stale = True
         return result
     wanted: dict[tuple[str, datetime], list[int]] = {}
@@ -250,8 +250,8 @@ def check_batch(
     events: list[geofence_store.EventRow] = []
     found: set[tuple[str, datetime]] = set()
     for o in outcomes:
-        lo = from_us(o.lo_us) if o.lo_us is not None else None
-        windows.append((o.tracker_id, lo, from_us(o.hi_us) if o.hi_us is not None else None))
+        lo_at = from_us(o.lo_us) if o.lo_us is not None else None
+        windows.append((o.tracker_id, lo_at, from_us(o.hi_us) if o.hi_us is not None else None))
         for fix, status, state, evs in o.results:
             key = (o.tracker_id, fix.observed_at)
             checked = key in wanted
@@ -295,7 +295,7 @@ def _evaluate(
     windows = []
     for tracker, w in loaded.items():
         fixes = [
-            Fix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
+            StoredFix(obs, lat, lon, acc, fetched, status=status, state=state, id=row_id)
             for row_id, _, obs, lat, lon, acc, fetched, status, state, *_ in w.rows
         ]
         stop_after = to_us(spans[tracker][1])

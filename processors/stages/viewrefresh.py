@@ -16,9 +16,10 @@ a slot key taken with ``SET NX PX interval`` lets only one of them start a refre
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
+
+from sqlalchemy import Engine
 
 from processors.database import Database
 from schemas import views
@@ -48,12 +49,11 @@ class ViewRefreshStage:
 
     async def refresh(self, view: str) -> None:
         started_ms = time.time_ns() // 1_000_000
-        engine = self.db.engine
-        if await asyncio.to_thread(views.view_health, engine, view) != "ok":
-            await asyncio.to_thread(views.recreate_view, engine, view)
+        if await self.db.run_engine(views.view_health, view) != "ok":
+            await self.db.run_engine(views.recreate_view, view)
             self.recreated[view] = self.recreated.get(view, 0) + 1
         else:
-            done = await asyncio.to_thread(views.refresh_view, engine, view)
+            done = await self.db.run_engine(views.refresh_view, view)
             self.trackers_refreshed += done or 0
         await self.client.set(self.keys.state(f"refreshed:{view}"), started_ms)
         self.refreshes[view] = self.refreshes.get(view, 0) + 1
@@ -80,7 +80,7 @@ class ViewRefreshStage:
         noted = {m.entry_id: int(v) for m, v in zip(msgs, found, strict=True) if v}
         new = [m for m in msgs if m.entry_id not in noted]
         if new:
-            await asyncio.to_thread(self._record, new)
+            await self.db.run_engine(_record, new)
             at_ms = time.time_ns() // 1_000_000  # after the commit
             pipe = self.client.pipeline(transaction=False)
             for m in new:
@@ -88,24 +88,6 @@ class ViewRefreshStage:
                 noted[m.entry_id] = at_ms
             await pipe.execute()
         return noted
-
-    def _record(self, msgs: Sequence[Message[ViewsChanged]]) -> None:
-        changed: dict[str, set[str]] = {}  # one statement per view for the whole batch
-        for m in msgs:
-            for view in m.payload.views:
-                changed.setdefault(view, set()).update(m.payload.tracker_ids or [views.ANY_TRACKER])
-
-        def record() -> None:
-            with self.db.engine.begin() as conn:
-                for view, ids in sorted(changed.items()):
-                    views.note_changes(conn, [view], ids)
-
-        try:
-            record()
-        except Exception:
-            if not views.ensure_changes_table(self.db.engine):
-                raise
-            record()  # it was missing (dropped by hand): created again
 
     async def handle_batch(
         self, msgs: Sequence[Message[ViewsChanged]], ctx: Context
@@ -147,3 +129,23 @@ class ViewRefreshStage:
         if done:
             await self.client.delete(*(self._noted_key(m) for m in done))
         return failures
+
+
+def _record(engine: Engine, msgs: Sequence[Message[ViewsChanged]]) -> None:
+    """Records the notices' changed trackers, one statement per view for the batch."""
+    changed: dict[str, set[str]] = {}
+    for m in msgs:
+        for view in m.payload.views:
+            changed.setdefault(view, set()).update(m.payload.tracker_ids or [views.ANY_TRACKER])
+
+    def record() -> None:
+        with engine.begin() as conn:
+            for view, ids in sorted(changed.items()):
+                views.note_changes(conn, [view], ids)
+
+    try:
+        record()
+    except Exception:
+        if not views.ensure_changes_table(engine):
+            raise
+        record()  # it was missing (dropped by hand): created again

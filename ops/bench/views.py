@@ -38,17 +38,17 @@ WHERE (extract(epoch FROM h.observed_at)::bigint / 300) % 10 = 0
 
 
 def _seed(url: str, trackers: int, history: int) -> int:
-    from schemas import store, views
+    from schemas import geofence_defs, tracker_store, views
     from schemas.db import make_engine, session_factory, upgrade
 
     upgrade(url)
     engine = make_engine(url)
     try:
         with session_factory(engine).begin() as s:
-            store.upsert_trackers(
+            tracker_store.upsert_trackers(
                 s, [{"external_id": f"V-{t:07d}", "name": f"V {t}"} for t in range(trackers)]
             )
-            gid = store.add_geofence(s, "bench port", "circle", 51.9, 4.4, 500).id
+            gid = geofence_defs.add_geofence(s, "bench port", "circle", 51.9, 4.4, 500).id
         with engine.begin() as conn:
             conn.execute(text(_SEED_REPORTS), {"trackers": trackers, "history": history})
             conn.execute(text(_SEED_EVENTS), {"gid": gid})

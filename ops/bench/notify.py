@@ -74,10 +74,11 @@ def run_once(
 ) -> dict[str, Any]:
     """One measured run; returns events, workers, seconds, deliveries_per_s. With
     ``database_url`` (an empty database the bench may fill) instead of a SQLite file."""
+    from ops.bench import fixtures
     from processors import topology
     from processors.database import Database
     from processors.webhooks import new_secret
-    from schemas import store, webhook_store
+    from schemas import geofence_defs, tracker_store, webhook_store
     from schemas.db import upgrade
     from schemas.notify import GeofenceEvent
     from schemas.secretbox import SecretBox, new_key
@@ -96,8 +97,10 @@ def run_once(
         made: dict[str, int] = {}
 
         def seed(s: Any) -> list[GeofenceEvent]:
-            store.upsert_trackers(s, [{"external_id": t} for t in trackers])
-            g = made["geofence"] = store.add_geofence(s, prefix, "circle", 0.0, 0.0, 100.0).id
+            tracker_store.upsert_trackers(s, [{"external_id": t} for t in trackers])
+            g = made["geofence"] = geofence_defs.add_geofence(
+                s, prefix, "circle", 0.0, 0.0, 100.0
+            ).id
             made["subscription"] = webhook_store.add_subscription(
                 s,
                 receiver.url,
@@ -110,7 +113,7 @@ def run_once(
             for i in range(events):
                 t, kind = trackers[i // 2 % len(trackers)], ("enter", "exit")[i % 2]
                 at = start + timedelta(minutes=i // (2 * len(trackers)) * 2 + i % 2)
-                store.replace_events_at(s, t, at, {g: kind})
+                fixtures.replace_events_at(s, t, at, {g: kind})
                 out.append(GeofenceEvent(tracker_id=t, geofence_id=g, observed_at=at, kind=kind))  # type: ignore[arg-type]
             return out
 

@@ -5,7 +5,7 @@ plus what a measurement needs: it loads what the stage loads lazily (the offline
 geocoder's data, the geofence index) before it reports ready, and reads nothing until
 the benchmark opens its gate, so start-up is not measured.
 
-Usage: python -m ops.benchworker STAGE CONSUMER READY_KEY GO_KEY
+Usage: python -m ops.bench.worker STAGE CONSUMER READY_KEY GO_KEY
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``trackstream bench --pipeline --history-rows N``: the pipeline as its history grows.
 
 At 0 stored rows and again after seeding ``N`` older rows: the end-to-end phase of
-:mod:`ops.pipelinebench` (fetch, geocode, geofence and view-refresh at once, one
+:mod:`ops.bench.pipeline` (fetch, geocode, geofence and view-refresh at once, one
 worker each), the CPU per report, and the latency of one tracker's trace (its last
 1,000 reports, newest first, as ``trace`` and the console's track read them). Then a
 month of history is dropped (:func:`schemas.history.prune`) while two writers insert,
@@ -200,7 +200,7 @@ def trace_latency(url: str, runs: int = TRACE_RUNS) -> dict[str, Any]:
 def prune_under_writes(url: str, now: datetime, progress: Any) -> dict[str, Any]:
     """Drops the oldest month partition while two writers insert one report per
     transaction; the longest insert while the prune ran."""
-    from schemas import history, store
+    from schemas import history, report_store, tracker_store
     from schemas.db import session_factory
     from schemas.events import LocationReported
 
@@ -211,7 +211,7 @@ def prune_under_writes(url: str, now: datetime, progress: Any) -> dict[str, Any]
     cutoff = oldest.end
     assert cutoff is not None
     with session_factory(eng).begin() as s:
-        store.upsert_trackers(s, [{"external_id": "HIST-W1"}, {"external_id": "HIST-W2"}])
+        tracker_store.upsert_trackers(s, [{"external_id": "HIST-W1"}, {"external_id": "HIST-W2"}])
     stop = threading.Event()
     during: dict[str, list[float]] = {"HIST-W1": [], "HIST-W2": []}
     pruning = threading.Event()
@@ -228,7 +228,7 @@ def prune_under_writes(url: str, now: datetime, progress: Any) -> dict[str, Any]
             )  # fmt: skip
             t0 = time.perf_counter()
             with factory.begin() as s:
-                store.insert_reports(s, [r])
+                report_store.insert_reports(s, [r])
             took = time.perf_counter() - t0
             if pruning.is_set():
                 during[tracker].append(took)
@@ -276,7 +276,7 @@ def run_growth_bench(
     import tempfile
     from pathlib import Path
 
-    from ops.pipelinebench import PipelineBench, servers
+    from ops.bench.pipeline import PipelineBench, servers
     from streams.connection import connect
     from streams.settings import StreamSettings
 

@@ -245,7 +245,7 @@ class _Worker:
         self.log = log
         self.out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.benchworker", stage, consumer, *keys],
+            [sys.executable, "-m", "ops.bench.worker", stage, consumer, *keys],
             env=env,
             stdout=self.out,
             stderr=subprocess.STDOUT,
@@ -291,16 +291,16 @@ class PipelineBench:
 
     def prepare_database(self) -> None:
         from processors.sources import SimulatedFleet
-        from schemas import store
+        from schemas import geofence_defs
         from schemas.db import upgrade
 
         upgrade(self.srv.database_url)
 
         def fences(session: Any) -> None:
-            existing = {g.name for g in store.active_geofences(session)}
+            existing = {g.name for g in geofence_defs.active_geofences(session)}
             for g in SimulatedFleet.geofences_for_demo():
                 if g["name"] not in existing:
-                    store.add_geofence(session, **g)
+                    geofence_defs.add_geofence(session, **g)
 
         self.db.run_sync(fences)
 
@@ -310,7 +310,7 @@ class PipelineBench:
         from sqlalchemy import insert
 
         from processors.sources import SimulatedFleet
-        from schemas import store
+        from schemas import tracker_store
         from schemas.tables import LocationReport
 
         ids = [f"B{self.run_id}-{tag}-{i:06d}" for i in range(self.trackers)]
@@ -348,7 +348,7 @@ class PipelineBench:
                 )
 
         def write(session: Any) -> None:
-            store.upsert_trackers(session, rows)
+            tracker_store.upsert_trackers(session, rows)
             for i in range(0, len(history), 5000):
                 session.execute(insert(LocationReport), history[i : i + 5000])
 

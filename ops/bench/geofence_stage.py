@@ -4,7 +4,7 @@
 fetch and geocode would leave them), then feeds the real stage's ``handle_batch`` the
 reports in batches, as one worker would, and times it: wall clock, and this process's
 CPU (the worker's; the database server's CPU is not included). The pipeline benchmark
-can call it; ``python -m processors.stagebench --database-url URL`` prints the figures.
+can call it; ``python -m ops.bench.geofence_stage --database-url URL`` prints the figures.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class GeofenceBench:
 def _seed(db: Any, trackers: int, per_tracker: int, fences: int, seed: int) -> list[Any]:
     """Trackers driving around 10 cities, 30 fences (circles and polygons) among them;
     returns the stored reports as LocationGeocoded payloads, in delivery order."""
-    from schemas import store
+    from schemas import geofence_defs, report_store, tracker_store
     from schemas.events import LocationGeocoded, LocationReported
 
     rng = random.Random(seed)
@@ -64,17 +64,21 @@ def _seed(db: Any, trackers: int, per_tracker: int, fences: int, seed: int) -> l
         (51.92, 4.48), (53.55, 9.99), (51.22, 4.40), (48.86, 2.35), (52.52, 13.40),
         (40.42, -3.70), (45.46, 9.19), (50.08, 14.44), (47.50, 19.04), (52.23, 21.01),
     ]  # fmt: skip
-    db.run_sync(store.upsert_trackers, [{"external_id": f"B-{i:06d}"} for i in range(trackers)])
+    db.run_sync(
+        tracker_store.upsert_trackers, [{"external_id": f"B-{i:06d}"} for i in range(trackers)]
+    )
     for f in range(fences):
         lat, lon = cities[f % len(cities)]
         lat, lon = lat + rng.uniform(-0.03, 0.03), lon + rng.uniform(-0.05, 0.05)
         if f % 2:
-            db.run_sync(store.add_geofence, f"bench-{f}", "circle", lat, lon, 500.0)
+            db.run_sync(geofence_defs.add_geofence, f"bench-{f}", "circle", lat, lon, 500.0)
         else:
             d = 0.006
             ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d]]
             geometry = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
-            db.run_sync(store.add_geofence, f"bench-{f}", "polygon", geometry_geojson=geometry)
+            db.run_sync(
+                geofence_defs.add_geofence, f"bench-{f}", "polygon", geometry_geojson=geometry
+            )
     t0 = datetime(2026, 3, 2, tzinfo=UTC)
     reported: list[LocationReported] = []
     for i in range(trackers):
@@ -95,7 +99,7 @@ def _seed(db: Any, trackers: int, per_tracker: int, fences: int, seed: int) -> l
                 )
             )  # fmt: skip
     for i in range(0, len(reported), 2000):
-        db.run_sync(store.insert_reports, reported[i : i + 2000])
+        db.run_sync(report_store.insert_reports, reported[i : i + 2000])
     # delivery order: by fetch round, trackers interleaved (as the pipeline delivers)
     reported.sort(key=lambda r: (r.observed_at.replace(second=0), r.tracker_id))
     return [
