@@ -95,12 +95,12 @@ async def test_bad_paging_and_filters_are_a_400_naming_the_parameter(db_url, pat
 
 async def test_trackers_pages_share_one_read_until_a_fresh_one(tmp_path):
     from processors.database import Database
-    from schemas import store
+    from schemas import tracker_store
 
     url = f"sqlite:///{tmp_path}/snap.db"
     upgrade(url)
     db = Database(url)
-    add = store.upsert_trackers
+    add = tracker_store.upsert_trackers
     try:
         db.run_sync(lambda s: add(s, [{"external_id": f"T-{i:03d}"} for i in range(150)]))
         settings = StreamSettings.build(redis_url="redis://127.0.0.1:9", prefix="pagesapi")

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from ops.dashboard import create_app
 from processors.config import AppSettings
-from schemas import store, webhook_store
+from schemas import geofence_defs, tracker_store, webhook_store
 from schemas.db import upgrade
 from schemas.secretbox import SecretBox, new_key
 from schemas.tables import GeofenceEvent, WebhookAttempt, WebhookDelivery, WebhookSubscription
@@ -60,11 +60,11 @@ def seed_db(db_url: str, now: datetime) -> dict[str, int]:
             for i in range(1, TRACKERS)
         ]
         rows.append({"external_id": "ZZ-HARVEST", "name": "Blue Harvester"})
-        store.upsert_trackers(session, rows)
-        depot = store.add_geofence(
+        tracker_store.upsert_trackers(session, rows)
+        depot = geofence_defs.add_geofence(
             session, "Depot", "circle", center_lat=48.1, center_lon=11.5, radius_m=500
         )
-        port = store.add_geofence(
+        port = geofence_defs.add_geofence(
             session, "Harbour", "circle", center_lat=53.5, center_lon=9.9, radius_m=900
         )
         events = []

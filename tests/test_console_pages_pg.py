@@ -14,9 +14,9 @@ from sqlalchemy import Engine
 from ops.dashboard import create_app
 from ops.dashboard.events import EventQuery, statement
 from processors.config import AppSettings
-from schemas import history, store
+from schemas import geofence_defs, history, tracker_store
 from schemas.db import make_engine, session_factory, upgrade
-from schemas.tables import GeofenceEvent
+from schemas.tables import GeofenceEventRow as GeofenceEvent
 from streams.settings import StreamSettings
 
 NOW = datetime.now(UTC)
@@ -34,8 +34,8 @@ def pg(pg_url: str):
     with engine.begin() as conn:
         history.create_partition(conn, "geofence_events", OLD_MONTH)  # two months back
     with session_factory(engine).begin() as s:
-        store.upsert_trackers(s, [{"external_id": "A"}])
-        fence = store.add_geofence(
+        tracker_store.upsert_trackers(s, [{"external_id": "A"}])
+        fence = geofence_defs.add_geofence(
             s, "Depot", "circle", center_lat=48.1, center_lon=11.5, radius_m=500
         )
         for month in (OLD_MONTH, THIS_MONTH):
