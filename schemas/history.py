@@ -91,7 +91,8 @@ def default_name(table: str) -> str:
     return f"{table}_default"
 
 
-_PARTITION_NAME = re.compile(rf"^({'|'.join(PARTITIONED)})_(p\d{{6}}|default)$")
+# ours: <table>_pYYYYMM; pg_partman's (schemas.partman): <table>_pYYYY_MM
+_PARTITION_NAME = re.compile(rf"^({'|'.join(PARTITIONED)})_(p\d{{4}}_?\d{{2}}|default)$")
 
 
 def is_partition_name(name: str | None) -> bool:
@@ -259,8 +260,9 @@ def ensure_partitions(
     for _ in range(ahead):
         last = next_month(last)
     created: list[str] = []
+    by_partman = _by_partman(conn)
     for table in PARTITIONED:
-        if not is_partitioned(conn, table):
+        if not is_partitioned(conn, table) or table in by_partman:
             continue
         have = {p.start for p in partitions(conn, table) if p.start is not None}
         for m in _months(now, last):
@@ -269,6 +271,13 @@ def ensure_partitions(
     if created:
         log.info("created partitions %s", ", ".join(created))
     return created
+
+
+def _by_partman(conn: Connection) -> set[str]:
+    """The tables whose partitions pg_partman creates and drops: ours stand aside."""
+    from schemas import partman
+
+    return set(partman.managed(conn))
 
 
 def maintain(session: Session, now: datetime) -> list[str] | None:
@@ -292,8 +301,9 @@ class PruneResult:
 
 def _droppable(conn: Connection, cutoff: datetime) -> list[Partition]:
     out = []
+    by_partman = _by_partman(conn)
     for table in PARTITIONED:
-        if is_partitioned(conn, table):
+        if is_partitioned(conn, table) and table not in by_partman:
             out += [p for p in partitions(conn, table) if p.end is not None and p.end <= cutoff]
     return out
 
@@ -406,6 +416,7 @@ class Status:
     retention_days: int | None
     next_drop: list[Partition]  # what retention drops next (now, or at the next month)
     next_drop_at: datetime | None  # when that happens (None: no retention, or nothing)
+    partman: dict[str, str | None] = field(default_factory=dict)  # table -> its retention
 
 
 def status(
@@ -414,8 +425,11 @@ def status(
     """Every partition of the history tables with its size, and what retention drops
     next: the partitions already past the cut-off, or else the oldest one and when it
     will be."""
+    from schemas import partman as pm
+
     with engine.connect() as conn:
         parts = [p for t in PARTITIONED for p in partitions(conn, t, exact=exact)]
+        by_partman = {t: m.retention for t, m in pm.managed(conn).items()}
     nxt: list[Partition] = []
     at = None
     if retention_days is not None:
@@ -428,7 +442,7 @@ def status(
             first_end = min(p.end for p in ranged if p.end is not None)
             nxt = [p for p in ranged if p.end == first_end]
             at = first_end + timedelta(days=retention_days)
-    return Status(parts, retention_days, nxt, at)
+    return Status(parts, retention_days, nxt, at, by_partman)
 
 
 def default_rows(conn: Connection) -> dict[str, int]:

@@ -4,6 +4,7 @@
 SQLite: each table as one) with rows and size, the default partition's rows (reports
 no month partition takes) and what retention drops next. ``prune --older-than 400d``
 drops what is older (whole partitions on PostgreSQL; see :mod:`schemas.history`).
+``partman`` hands partition creation and retention to pg_partman (:mod:`schemas.partman`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def register(app: typer.Typer) -> None:
             "partitions": [_part(p) for p in st.partitions],
             "next_drop": [p.name for p in st.next_drop],
             "next_drop_at": _iso(st.next_drop_at),
+            "partman": st.partman,
         }
         if as_json:
             echo_json(data)
@@ -102,6 +104,12 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"{p.name}: {p.rows:,} reports outside every month partition "
                 f"({_iso(p.oldest)} .. {_iso(p.newest)})",
+                highlight=False,
+            )
+        for t, kept in st.partman.items():
+            console.print(
+                f"{t}: partitions created and dropped by pg_partman "
+                f"(retention {kept or 'keep everything'})",
                 highlight=False,
             )
         if st.retention_days is None:
@@ -172,3 +180,75 @@ def register(app: typer.Typer) -> None:
         if not result.partitions and not result.rows:
             console.print("nothing older than the cut-off")
         console.print(f"took {result.seconds:.2f} s" + (" (dry run)" if dry_run else ""))
+
+    @hist.command("partman")
+    @handle_errors
+    def partman_cmd(
+        ctx: typer.Context,
+        run: Annotated[
+            bool,
+            typer.Option("--run", help="only run one round of pg_partman's maintenance (for cron)"),
+        ] = False,
+        retention_days: Annotated[
+            int | None,
+            typer.Option(
+                min=1,
+                help="pg_partman drops partitions older than this "
+                "(default: TRACKSTREAM_HISTORY_RETENTION_DAYS; unset: keep all)",
+            ),
+        ] = None,
+        premake: Annotated[
+            int, typer.Option(min=1, help="months pg_partman keeps created ahead")
+        ] = 3,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Hand the history's partitions (creation ahead, retention) to pg_partman.
+
+        Needs the pg_partman extension on the server (Debian: postgresql-15-partman).
+        Safe to run again (it then only sets the retention). Afterwards the reconciler
+        and `history prune` leave those partitions to pg_partman; its maintenance runs
+        in its background worker (shared_preload_libraries = 'pg_partman_bgw',
+        pg_partman_bgw.dbname), pg_cron, or `trackstream history partman --run`."""
+        from schemas import partman
+        from schemas.db import make_engine
+
+        _, app_settings = options(ctx).settings()
+        if not app_settings.database_url.startswith("postgresql"):
+            raise typer.BadParameter(
+                "pg_partman needs PostgreSQL (TRACKSTREAM_DATABASE_URL is not)",
+                param_hint="TRACKSTREAM_DATABASE_URL",
+            )
+        days = retention_days if retention_days is not None else app_settings.history_retention_days
+        engine = make_engine(app_settings.database_url)
+        try:
+            if run:
+                partman.run(engine)
+                handed: list[str] = []
+            else:
+                handed = partman.enable(engine, retention_days=days, premake=premake)
+            with engine.connect() as conn:
+                managed = partman.managed(conn)
+        except partman.PartmanUnavailable as exc:
+            raise fail(str(exc), 1) from None
+        finally:
+            engine.dispose()
+        if as_json:
+            echo_json(
+                {
+                    "handed_over": handed,
+                    "managed": {
+                        t: {"premake": m.premake, "retention": m.retention}
+                        for t, m in managed.items()
+                    },
+                }
+            )
+            return
+        for t in handed:
+            console.print(f"{t}: now managed by pg_partman", highlight=False)
+        for t, m in managed.items():
+            keep = m.retention or "keep everything"
+            console.print(
+                f"{t}: pg_partman, {m.premake} months ahead, retention {keep}", highlight=False
+            )
+        if run:
+            console.print("pg_partman maintenance ran")
