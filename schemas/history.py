@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
@@ -297,6 +298,8 @@ class PruneResult:
     seconds: float = 0.0
     longest_batch_s: float = 0.0
     busy: bool = False  # another process is pruning: nothing done
+    archive: Path | None = None  # where dropped partitions are written first
+    archives: list[Path] = field(default_factory=list)  # the files written
 
 
 def _droppable(conn: Connection, cutoff: datetime) -> list[Partition]:
@@ -341,26 +344,91 @@ def _count(engine: Engine, table: str, where: str, params: dict[str, object]) ->
         return int(conn.scalar(text(f"SELECT count(*) FROM {table} WHERE {where}"), params) or 0)
 
 
-def _detach_and_drop(engine: Engine, p: Partition) -> None:
+def _ddl(engine: Engine, sql: str) -> None:
+    """One DDL statement under a short lock_timeout, retried while the lock is busy."""
     for attempt in range(DDL_RETRIES):
         try:
             with engine.begin() as conn:
                 _lock_timeout(conn)
-                conn.execute(text(f'ALTER TABLE {p.table} DETACH PARTITION "{p.name}"'))
-            break
+                conn.execute(text(sql))
+            return
         except Exception as exc:
             if "lock timeout" not in str(exc) or attempt == DDL_RETRIES - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))  # writers get the table between tries
-    with engine.begin() as conn:  # detached: nobody routes to it any more
+
+
+def _detach_and_drop(engine: Engine, p: Partition, archive: Path | None = None) -> Path | None:
+    """Detaches ``p``, writes it to ``archive`` (if given) and drops it. When the
+    archive cannot be written the partition is attached again, untouched, and the
+    error raised. Returns the archive's path."""
+    _ddl(engine, f'ALTER TABLE {p.table} DETACH PARTITION "{p.name}"')
+    path = None
+    if archive is not None:  # detached: nobody writes to it while it is copied
+        from schemas import archive as arch
+
+        try:
+            path = arch.write(engine, p.table, p, archive)
+        except BaseException:
+            assert p.start is not None and p.end is not None
+            rng = f"{KEY} >= {_lit(p.start)} AND {KEY} < {_lit(p.end)}"
+            with engine.begin() as conn:  # the constraint spares the attach its scan
+                conn.execute(
+                    text(f'ALTER TABLE "{p.name}" ADD CONSTRAINT "{p.name}_bound" CHECK ({rng})')
+                )
+            _ddl(
+                engine,
+                f'ALTER TABLE {p.table} ATTACH PARTITION "{p.name}"'
+                f" FOR VALUES FROM ({_lit(p.start)}) TO ({_lit(p.end)})",
+            )
+            with engine.begin() as conn:
+                conn.execute(text(f'ALTER TABLE "{p.name}" DROP CONSTRAINT "{p.name}_bound"'))
+            raise
+    with engine.begin() as conn:
         conn.execute(text(f'DROP TABLE "{p.name}"'))
+    return path
 
 
-def prune(engine: Engine, cutoff: datetime, *, dry_run: bool = False) -> PruneResult:
+def _archive_default(
+    engine: Engine, table: str, params: dict[str, object], archive: Path, result: PruneResult
+) -> int:
+    """The default partition's rows older than the cut-off, written to ``archive`` and
+    deleted in one REPEATABLE READ transaction: exactly the rows written go (a report
+    stored meanwhile is not in the snapshot, so it stays)."""
+    from schemas import archive as arch
+
+    dflt = default_name(table)
+    where = f"{KEY} < :cutoff"
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            n = int(conn.scalar(text(f'SELECT count(*) FROM "{dflt}" WHERE {where}'), params) or 0)
+            if not n:
+                return 0
+            stamp = result.cutoff.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+            path = arch.write_rows(
+                conn, table, dflt, None, archive, name=f"{dflt}-before-{stamp}",
+                where=where, params=params,
+            )  # fmt: skip
+            result.archives.append(path)
+            conn.execute(text(f'DELETE FROM "{dflt}" WHERE {where}'), params)
+    return n
+
+
+def prune(
+    engine: Engine, cutoff: datetime, *, dry_run: bool = False, archive: Path | None = None
+) -> PruneResult:
     """Drops history older than ``cutoff``: whole partitions on PostgreSQL (those that
     end at or before it), batched deletes elsewhere (SQLite's tables, the default
-    partition's stragglers, finished webhook deliveries and the delivery log)."""
-    result = PruneResult(cutoff, dry_run)
+    partition's stragglers, finished webhook deliveries and the delivery log).
+
+    ``archive``: a directory; each partition is written there as Parquet
+    (:mod:`schemas.archive`) before it is dropped, and so are the default partition's
+    old rows before they are deleted. A write that fails drops nothing more: that
+    partition is attached again and the error raised. PostgreSQL only."""
+    if archive is not None and not _pg(engine):
+        raise ValueError("--archive needs PostgreSQL (SQLite's history is not partitioned)")
+    result = PruneResult(cutoff, dry_run, archive=archive)
     if not _pg(engine) or dry_run:
         return _prune(engine, result)
     with engine.connect() as lease:  # a session lock: the prune spans transactions
@@ -383,14 +451,28 @@ def _prune(engine: Engine, result: PruneResult) -> PruneResult:
     with engine.connect() as conn:
         result.partitions = _droppable(conn, cutoff)
         targets: list[tuple[str, str]] = []
+        archived_defaults: list[str] = []
         for table in PARTITIONED:
             where = f"{KEY} < :cutoff"
-            targets.append((default_name(table) if is_partitioned(conn, table) else table, where))
+            if not is_partitioned(conn, table):
+                targets.append((table, where))
+            elif result.archive is not None and not dry_run:
+                archived_defaults.append(table)
+            else:
+                targets.append((default_name(table), where))
     for p in result.partitions:
         result.rows[p.table] = result.rows.get(p.table, 0) + p.rows
         if not dry_run:
-            _detach_and_drop(engine, p)
+            path = _detach_and_drop(engine, p, result.archive)
+            if path is not None:
+                result.archives.append(path)
             log.info("dropped partition %s (about %d rows)", p.name, p.rows)
+    for table in archived_defaults:
+        assert result.archive is not None
+        n = _archive_default(engine, table, params, result.archive, result)
+        if n:
+            dflt = default_name(table)
+            result.rows[dflt] = result.rows.get(dflt, 0) + n
     for table, (col, finished) in _TRIMMED.items():
         targets.append((table, f"{col} < :cutoff AND {finished}"))
     for table, where in targets:

@@ -10,6 +10,7 @@ drops what is older (whole partitions on PostgreSQL; see :mod:`schemas.history`)
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -136,6 +137,15 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         dry_run: Annotated[bool, typer.Option(help="only say what would be dropped")] = False,
+        archive: Annotated[
+            Path | None,
+            typer.Option(
+                file_okay=False,
+                help="write each dropped partition (and the default partition's old rows) "
+                "to DIR/<partition>.parquet first; a failed write drops nothing more "
+                "(PostgreSQL; needs pyarrow: the [archive] extra)",
+            ),
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Drop history older than the cut-off (whole partitions on PostgreSQL)."""
@@ -153,9 +163,26 @@ def register(app: typer.Typer) -> None:
                 param_hint="--older-than",
             )
         cutoff = datetime.now(UTC) - age
+        if archive is not None and not app_settings.database_url.startswith("postgresql"):
+            raise typer.BadParameter(
+                "needs PostgreSQL (on SQLite history is not partitioned)", param_hint="--archive"
+            )
+        if archive is not None and not dry_run:
+            from schemas.archive import ArchiveError, require_pyarrow
+
+            try:
+                require_pyarrow()
+            except ArchiveError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--archive") from None
         engine = make_engine(app_settings.database_url)
         try:
-            result = history.prune(engine, cutoff, dry_run=dry_run)
+            result = history.prune(engine, cutoff, dry_run=dry_run, archive=archive)
+        except Exception as exc:
+            from schemas.archive import ArchiveError
+
+            if isinstance(exc, ArchiveError):
+                raise fail(f"{exc} (that partition is attached again)", 1) from None
+            raise
         finally:
             engine.dispose()
         if result.busy:
@@ -168,6 +195,7 @@ def register(app: typer.Typer) -> None:
                     "partitions": [p.name for p in result.partitions],
                     "rows": result.rows,
                     "seconds": round(result.seconds, 3),
+                    "archives": [str(a) for a in result.archives],
                 }
             )
             return
@@ -177,6 +205,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"{verb} partition {p.name} (~{p.rows:,} rows)", highlight=False)
         for table, n in sorted(result.rows.items()):
             console.print(f"{table}: {verb} {n:,} rows", highlight=False)
+        for a in result.archives:
+            console.print(f"archived to {a}", highlight=False)
         if not result.partitions and not result.rows:
             console.print("nothing older than the cut-off")
         console.print(f"took {result.seconds:.2f} s" + (" (dry run)" if dry_run else ""))
@@ -252,3 +282,46 @@ def register(app: typer.Typer) -> None:
             )
         if run:
             console.print("pg_partman maintenance ran")
+
+    @hist.command("restore")
+    @handle_errors
+    def restore(
+        ctx: typer.Context,
+        files: Annotated[
+            list[Path],
+            typer.Argument(exists=True, dir_okay=False, help="Parquet files prune --archive wrote"),
+        ],
+        as_json: JsonOption = False,
+    ) -> None:
+        """Put archived history back (idempotent: rows already there are skipped)."""
+        from schemas.archive import ArchiveError
+        from schemas.archive import restore as do_restore
+        from schemas.db import make_engine
+
+        _, app_settings = options(ctx).settings()
+        if not app_settings.database_url.startswith("postgresql"):
+            raise typer.BadParameter(
+                "restore needs PostgreSQL (TRACKSTREAM_DATABASE_URL is not)",
+                param_hint="TRACKSTREAM_DATABASE_URL",
+            )
+        engine = make_engine(app_settings.database_url)
+        try:
+            done = do_restore(engine, list(files))
+        except ArchiveError as exc:
+            raise fail(str(exc), 1) from None
+        finally:
+            engine.dispose()
+        if as_json:
+            echo_json(
+                [
+                    {"file": str(r.path), "table": r.table, "rows": r.rows, "inserted": r.inserted}
+                    for r in done
+                ]
+            )
+            return
+        for r in done:
+            console.print(
+                f"{r.path}: {r.rows:,} rows of {r.table}, {r.inserted:,} inserted "
+                f"({r.rows - r.inserted:,} already there)",
+                highlight=False,
+            )
