@@ -41,8 +41,9 @@ SELECT 'HIST-' || lpad(t::text, 5, '0'), o, 52.0 + (t % 100) * 0.01, 4.0 + (k % 
 FROM generate_series(CAST(:k0 AS int), CAST(:k1 AS int)) k
     CROSS JOIN generate_series(1, CAST(:trackers AS int)) t,
     LATERAL (SELECT CAST(:end AS timestamptz) - (k * CAST(:step_s AS float8)
-             + t * CAST(:stagger_s AS float8))
-             * interval '1 s' AS o) x"""
+             + t * CAST(:stagger_s AS float8) + CAST(:offset_s AS float8))
+             * interval '1 s' AS o) x
+ON CONFLICT DO NOTHING"""
 
 _TRACE_SQL = (
     "SELECT * FROM location_history WHERE tracker_id = :t ORDER BY observed_at DESC LIMIT 1000"
@@ -101,8 +102,10 @@ def prepare_seed(url: str, now: datetime) -> None:
         eng.dispose()
 
 
-def seed_rows(url: str, rows: int, now: datetime, progress: Any) -> dict[str, Any]:
-    """Adds about ``rows`` old reports; returns the time it took."""
+def seed_rows(url: str, rows: int, now: datetime, progress: Any, level: int = 0) -> dict[str, Any]:
+    """Adds about ``rows`` old reports; returns the time it took. Each ``level`` shifts
+    its reports by a fraction of a second, so a later level's rows add to an earlier
+    one's (same trackers, same span, denser) instead of meeting its keys."""
     from sqlalchemy import text
 
     per_tracker = max(1, rows // SEED_TRACKERS)
@@ -125,6 +128,7 @@ def seed_rows(url: str, rows: int, now: datetime, progress: Any) -> dict[str, An
                         "end": end,
                         "step_s": step_s,
                         "stagger_s": step_s / SEED_TRACKERS,
+                        "offset_s": level * 0.000_137,
                     },
                 ).rowcount
             el = time.monotonic() - t0
@@ -181,7 +185,7 @@ def trace_latency(url: str, runs: int = TRACE_RUNS) -> dict[str, Any]:
     finally:
         eng.dispose()
     times.sort()
-    names = re.compile(r"Scan .*on (location_history_(?:p\d{6}|default))(?!\w)")
+    names = re.compile(r"Scan .*on (location_history_(?:p\d{4}_?\d{2}|default))(?!\w)")
     scanned = {
         m.group(1)
         for line in plan
@@ -265,7 +269,7 @@ def run_growth_bench(
     redis_url: str | None,
     database_url: str | None,
     *,
-    history_rows: int,
+    history_rows: int | list[int],
     trackers: int,
     max_phase_s: float,
     progress: Any = print,
@@ -280,6 +284,8 @@ def run_growth_bench(
     from streams.connection import connect
     from streams.settings import StreamSettings
 
+    targets = sorted({history_rows} if isinstance(history_rows, int) else set(history_rows))
+    targets = [n for n in targets if n > 0]
     started = time.monotonic()
     load_before = os.getloadavg()
     levels: list[dict[str, Any]] = []
@@ -308,16 +314,21 @@ def run_growth_bench(
                 finally:
                     await client.aclose()
 
-            for level, rows in enumerate((0, history_rows)):
+            # one database for every level: each seeds what the last one lacks (the
+            # rows of earlier levels and of the pipeline's phases stay: a history grows)
+            stored = 0
+            for level, rows in enumerate([0, *targets]):
                 seeded = None
-                if rows:
-                    progress(f"seeding {rows:,} old rows server-side ...")
-                    seeded = seed_rows(url, rows, now, progress)
+                if rows > stored:
+                    progress(f"seeding {rows - stored:,} old rows server-side (to {rows:,}) ...")
+                    seeded = seed_rows(url, rows - stored, now, progress, level)
+                    stored += seeded["rows"]
                 progress(f"trace latency at {rows:,} stored rows ...")
                 trace = trace_latency(url)
                 progress(f"end to end at {rows:,} stored rows ...")
                 ph = asyncio.run(e2e(f"l{level}"))
                 bench._report(ph)
+                progress("  " + _level_line(rows, ph.as_json(), trace, seeded, levels))
                 levels.append(
                     {
                         "history_rows": rows,
@@ -326,13 +337,13 @@ def run_growth_bench(
                         "end_to_end": ph.as_json(),
                     }
                 )
-            prune = prune_under_writes(url, now, progress) if history_rows else None
+            prune = prune_under_writes(url, now, progress) if targets else None
         finally:
             bench.close()
             shutil.rmtree(workdir, ignore_errors=True)
         return {
             "config": {
-                "history_rows": history_rows,
+                "history_rows": targets,
                 "trackers_per_phase": trackers,
                 "seed_trackers": SEED_TRACKERS,
                 "span_days": SPAN_DAYS,
@@ -346,28 +357,38 @@ def run_growth_bench(
         }
 
 
+def _level_line(
+    rows: int,
+    e2e: dict[str, Any],
+    tr: dict[str, Any],
+    seeded: dict[str, Any] | None,
+    before: list[dict[str, Any]],
+) -> str:
+    rate = e2e["reports_per_s"]
+    base = before[0]["end_to_end"]["reports_per_s"] if before else rate
+    cpu = e2e["cpu_ms_per_report"].get("total")
+    extra = (
+        f"; seeded {seeded['rows']:,} in {seeded['seconds']:.0f} s, history"
+        f" {seeded['history_bytes'] / 2**30:.2f} GiB, database"
+        f" {seeded['database_bytes'] / 2**30:.2f} GiB on disk"
+        if seeded
+        else ""
+    )
+    return (
+        f"{rows:>13,} stored rows: end to end {rate:,.0f} reports/s"
+        f" ({rate / base:.2f} x the empty history), "
+        + (f"{cpu:.3f} ms CPU/report, " if cpu is not None else "")
+        + f"trace of {tr['rows']} reports p50 {tr['p50_ms']} ms p99 {tr['p99_ms']} ms"
+        f" ({tr['partition_scans']} partition scans){extra}"
+    )
+
+
 def growth_summary(results: dict[str, Any]) -> list[str]:
     lines = []
-    base = None
-    for lv in results["levels"]:
-        e2e = lv["end_to_end"]
-        rate = e2e["reports_per_s"]
-        base = base or rate
-        cpu = e2e["cpu_ms_per_report"].get("total")
-        tr = lv["trace"]
-        seeded = lv["seeded"]
-        extra = (
-            f"; seeded in {seeded['seconds']:.0f} s, history {seeded['history_bytes'] / 2**30:.2f}"
-            f" GiB on disk"
-            if seeded
-            else ""
-        )
+    levels = results["levels"]
+    for i, lv in enumerate(levels):
         lines.append(
-            f"{lv['history_rows']:>13,} stored rows: end to end {rate:,.0f} reports/s"
-            f" ({rate / base:.2f} x the empty history), "
-            + (f"{cpu:.3f} ms CPU/report, " if cpu is not None else "")
-            + f"trace of {tr['rows']} reports p50 {tr['p50_ms']} ms p99 {tr['p99_ms']} ms"
-            f" ({tr['partition_scans']} partition scans){extra}"
+            _level_line(lv["history_rows"], lv["end_to_end"], lv["trace"], lv["seeded"], levels[:i])
         )
     p = results.get("prune")
     if p:

@@ -50,13 +50,13 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="--pipeline: workers per stage, e.g. 1,2 (one run each)")
         ] = "1,2",
         history_rows: Annotated[
-            int,
+            str,
             typer.Option(
-                min=0,
-                help="--pipeline: end to end and trace latency at 0 and at this many stored "
-                "rows (seeded server-side), then a month dropped under writes",
+                help="--pipeline: end to end and trace latency at 0 and at these numbers of "
+                "stored rows, e.g. 10000000,100000000 (seeded server-side, one database "
+                "growing), then a month dropped under writes",
             ),
-        ] = 0,
+        ] = "0",
         max_phase_s: Annotated[
             float, typer.Option(min=1, help="--pipeline: stop a phase after this long")
         ] = 30.0,
@@ -115,8 +115,9 @@ def register(app: typer.Typer) -> None:
             db_url = overrides.get("database_url")
             if db_url and not str(db_url).startswith("postgres"):
                 raise fail("--pipeline needs PostgreSQL: give a postgresql:// --database-url", 2)
-            if history_rows:
-                _growth(overrides, trackers, history_rows, max_phase_s, json_out)
+            levels = _row_levels(history_rows)
+            if levels:
+                _growth(overrides, trackers, levels, max_phase_s, json_out)
                 return
             passthrough = messages or 10_000
             _pipeline(
@@ -229,10 +230,23 @@ def _pipeline(
     _write_json(results, json_out)
 
 
+def _row_levels(value: str) -> list[int]:
+    try:
+        levels = [int(x.replace("_", "")) for x in value.split(",") if x.strip()]
+    except ValueError:
+        levels = [-1]
+    if any(n < 0 for n in levels):
+        raise typer.BadParameter(
+            f"not a list of row counts: {value!r} (e.g. 10000000,100000000)",
+            param_hint="--history-rows",
+        )
+    return sorted(n for n in set(levels) if n)
+
+
 def _growth(
     overrides: dict[str, Any],
     trackers: int,
-    history_rows: int,
+    history_rows: list[int],
     max_phase_s: float,
     json_out: Path | None,
 ) -> None:
