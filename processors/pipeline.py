@@ -195,6 +195,8 @@ class Pipeline:
         preferred = stage.batch_size if isinstance(stage, SizedBatches) else None
         if preferred is not None and "batch_size" not in self.streams.model_fields_set:
             changes["batch_size"] = preferred
+        if getattr(stage, "presume_waiting", False):  # see StreamSettings.presume_waiting
+            changes["presume_waiting"] = True
         settings = self.streams.with_(**changes) if changes else self.streams
         handler, batch_handler = _typed(STAGES.get(name).input_type, stage)
         return Worker(

@@ -141,6 +141,7 @@ class Consumer:
             middleware=self.middleware,
             deadlines=self.deadlines,
             deferring=self.settler.deferring,
+            presume=self.settler.presume if settings.presume_waiting else None,
         )
         self.dead_letters = self.settler.dead_letters
         self._url = settings.redis_url

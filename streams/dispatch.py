@@ -71,6 +71,8 @@ class Outcome:
     letters: list[tuple[Message[Any], str, str]] = field(default_factory=list)
     # deferred entries whose deferral count must be in Redis before anything else
     deferred: list[Message[Any]] = field(default_factory=list)
+    # presumed deferrals (presume_waiting) that failed: their counts to lower
+    spent: list[Message[Any]] = field(default_factory=list)
 
     def messages(self) -> list[Message[Any]]:
         return [*self.ok, *(m for m, _ in self.failed), *self.interrupted, *self.deferred] + [
@@ -129,6 +131,7 @@ class Dispatcher:
         middleware: Sequence[Middleware],
         deadlines: Deadlines,
         deferring: Callable[[Message[Any]], None],
+        presume: Callable[[Sequence[Message[Any]]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -145,6 +148,7 @@ class Dispatcher:
         ]
         self.deadlines = deadlines
         self.deferring = deferring
+        self.presume = presume
 
     async def dispatch(self, msgs: Sequence[Message[Any]]) -> Outcome:
         outcome = Outcome()
@@ -170,6 +174,8 @@ class Dispatcher:
                 )
                 continue
             runnable.append(msg)
+        if runnable and self.presume is not None:
+            await self.presume(runnable)  # settings.presume_waiting: see Settler.presume
         if runnable:
             await self._run(runnable, outcome)
         if self.deadlines.grace_over:
@@ -248,7 +254,7 @@ class Dispatcher:
             except BaseException as exc:
                 if not isinstance(exc, Exception) and not _stray_cancel(exc):
                     raise
-                if is_deferral(exc):  # recorded now, not when the whole batch is done
+                if is_deferral(exc) and not msg.presumed:  # recorded now, not at the end
                     self.deferring(msg)
                 outcome.failed.append((msg, exc))
                 return

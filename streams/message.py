@@ -72,6 +72,7 @@ class Message(Generic[P]):
     envelope: Envelope[P] | None = None
     error: Exception | None = field(default=None, repr=False)
     deferrals: int = 0
+    presumed: bool = False  # this delivery is counted as a deferral until it fails
 
     @property
     def payload(self) -> P:
@@ -92,6 +93,12 @@ class Message(Generic[P]):
         """This delivery ended in a deferral: it is not spent."""
         self.deliveries -= 1
         self.deferrals += 1
+
+    def spent(self) -> None:
+        """A delivery presumed a deferral failed after all: it is spent."""
+        self.deliveries += 1
+        self.deferrals -= 1
+        self.presumed = False
 
 
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:

@@ -103,6 +103,26 @@ return n
 """
 )
 
+# KEYS: stream, deferrals. ARGV: group, consumer, entry id, deferrals, entry id, ...
+# Sets the deferral counts of entries still pending for `consumer` as given (a count
+# presumed for a delivery that then failed goes back down; 0 drops the field).
+SET_DEFERRALS = (
+    _LANE
+    + """
+for i = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then
+    if tonumber(ARGV[i + 1]) > 0 then
+      redis.call('HSET', KEYS[2], lane .. ARGV[i], ARGV[i + 1])
+    else
+      redis.call('HDEL', KEYS[2], lane .. ARGV[i])
+    end
+  end
+end
+return 1
+"""
+)
+
 # KEYS: stream, deferrals. ARGV: group, entry id, ... Acks entries and drops their
 # deferral counts in one step (used when some of them were deferred before).
 ACK_FORGET = (

@@ -30,6 +30,9 @@ class StreamSettings(BaseSettings):
     concurrency: int = Field(16, ge=1, le=1_000)
     handler_timeout_ms: int = Field(30_000, ge=1)
     max_deliveries: int = Field(5, ge=1, le=1_000)
+    # a stage whose handler mostly waits (Defer) and bounds its own attempts: a delivery
+    # is spent only by a failure the handler returns, not by its consumer dying
+    presume_waiting: bool = False
     retry_base_ms: int = Field(200, ge=0)
     retry_max_ms: int = Field(30_000, ge=0)
 

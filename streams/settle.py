@@ -29,8 +29,8 @@ from streams.faults import redis_down
 from streams.hooks import Hooks
 from streams.keys import StageKeys
 from streams.message import Message
-from streams.retries import Key, RetrySchedule, category, decide
-from streams.scripts import ACK_FORGET, HAND_BACK, RECORD_DEFERRALS, Lua
+from streams.retries import Key, RetrySchedule, category, decide, is_deferral
+from streams.scripts import ACK_FORGET, HAND_BACK, RECORD_DEFERRALS, SET_DEFERRALS, Lua
 from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
@@ -73,6 +73,10 @@ class DeferralLog:
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task})
 
+    def forget(self, msgs: Sequence[Message[Any]]) -> None:
+        for m in msgs:
+            self._written.pop((m.stream, m.entry_id), None)
+
     async def settle(self, msgs: Sequence[Message[Any]]) -> None:
         """Write the deferral counts of ``msgs`` not written yet."""
         await self.idle()
@@ -109,10 +113,21 @@ class Settler:
         self._url = settings.redis_url
         self._hand_back = Lua(client, HAND_BACK)
         self._record_deferrals = Lua(client, RECORD_DEFERRALS)
+        self._set_deferrals = Lua(client, SET_DEFERRALS)
         self._ack_forget = Lua(client, ACK_FORGET)
         self.deferral_log = DeferralLog(self._write_deferrals)
         self.held: list[Outcome] = []  # finished work kept through an outage
         self.handled = 0  # entries acked
+
+    async def presume(self, msgs: Sequence[Message[Any]]) -> None:
+        """Before a handler runs (``presume_waiting``): record each delivery as a
+        deferral, so a consumer killed while handling spends nothing; a failure the
+        handler returns spends it after all (:meth:`_fail`)."""
+        for m in msgs:
+            m.deferred()
+            m.presumed = True
+            self.deferral_log.note(m, m.deferrals)
+        await self.deferral_log.idle()
 
     def deferring(self, msg: Message[Any]) -> None:
         """A handler deferred ``msg`` just now: record it while the batch runs on."""
@@ -127,7 +142,8 @@ class Settler:
         if Redis could not take it now: the work is held (see :meth:`settle_held`)."""
         for msg in outcome.interrupted:
             # cut short by shutdown: not spent; left pending and handed back
-            msg.deferred()
+            if not msg.presumed:
+                msg.deferred()
             outcome.deferred.append(msg)
         outcome.interrupted = []
         for msg, exc in outcome.failed:
@@ -175,6 +191,10 @@ class Settler:
         if outcome.deferred:
             await self.deferral_log.settle(outcome.deferred)
             outcome.deferred = []
+        if outcome.spent:  # presumed deferrals that failed: their counts go back down
+            await self._write_deferrals([(m, m.deferrals) for m in outcome.spent], exact=True)
+            self.deferral_log.forget(outcome.spent)
+            outcome.spent = []
         if outcome.ok:
             if outcome.outbox is not None and len(outcome.outbox):
                 try:
@@ -196,11 +216,15 @@ class Settler:
     def _fail(self, msg: Message[Any], exc: BaseException, outcome: Outcome) -> None:
         """Schedule a failed entry's retry, or add the dead letter to move instead; a
         deferred entry goes to ``outcome.deferred`` (its count is written first)."""
+        if msg.presumed and not is_deferral(exc):  # a real failure spends the delivery
+            msg.spent()
+            outcome.spent.append(msg)
         decision = decide(self.settings, msg, exc)
         if decision.action == "defer":
             # not a failure of the entry: the handler did not get to try, or could not
             # reach Redis. This delivery is recorded as a deferral: not spent.
-            msg.deferred()
+            if not msg.presumed:
+                msg.deferred()
             outcome.deferred.append(msg)
             self._schedule(msg, decision.delay_ms)
             self.hooks.deferred(msg, decision.delay_ms, str(exc))
@@ -253,12 +277,16 @@ class Settler:
         if moved:
             self.hooks.dead_letter(msg, category, error)
 
-    async def _write_deferrals(self, batch: list[tuple[Message[Any], int]]) -> None:
+    async def _write_deferrals(
+        self, batch: list[tuple[Message[Any], int]], *, exact: bool = False
+    ) -> None:
+        """Record counts (they only grow), or with ``exact`` set them as given."""
         by_stream: dict[str, list[Any]] = {}
         for msg, count in batch:
             by_stream.setdefault(msg.stream, []).extend((msg.entry_id, count))
+        script = self._set_deferrals if exact else self._record_deferrals
         for stream, pairs in by_stream.items():
-            await self._record_deferrals(
+            await script(
                 keys=[stream, self.keys.deferrals], args=[self.keys.group, self.name, *pairs]
             )
 

@@ -177,6 +177,9 @@ class _Recorder:
 
 class NotifyStage:
     batch_size = 100  # entries per read unless TRACKSTREAM_BATCH_SIZE is set
+    # mostly waiting (rate slots, order, backoff): a worker dying while the handler runs
+    # spends no delivery; the attempts are bounded by notify_max_attempts
+    presume_waiting = True
 
     def __init__(
         self,
