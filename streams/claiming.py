@@ -19,21 +19,17 @@ pending entries at once (``XCLAIM``), not only after ``claim_idle_ms``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
-from streams.connection import Client
-from streams.hooks import Hooks
-from streams.keys import StageKeys
 from streams.message import Message
 from streams.monitor import heartbeats, stream_status
 from streams.parse import Entry, parse_entries, parse_read
-from streams.retries import Due, Key, RetrySchedule
+from streams.parts import Shared
+from streams.retries import Due, Key
 from streams.scripts import DELETE_IDLE_CONSUMER, Lua
-from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
 
@@ -41,28 +37,18 @@ Batch = list[Message[Any]]
 
 
 class Claimer:
-    def __init__(
-        self,
-        client: Client,
-        settings: StreamSettings,
-        keys: StageKeys,
-        *,
-        name: str,
-        hooks: Hooks,
-        retries: RetrySchedule,
-        stop: asyncio.Event,
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.keys = keys
-        self.name = name
-        self.stage = keys.stage
-        self.hooks = hooks
-        self.retries = retries
-        self.stop_event = stop
-        self._url = settings.redis_url
+    def __init__(self, shared: Shared) -> None:
+        self.client = shared.client
+        self.settings = shared.settings
+        self.keys = shared.keys
+        self.name = shared.name
+        self.stage = shared.stage
+        self.hooks = shared.hooks
+        self.retries = shared.retries
+        self.stop_event = shared.stop
+        self._url = shared.settings.redis_url
         self._cursors: dict[str, str] = {}
-        self.delete_consumer = Lua(client, DELETE_IDLE_CONSUMER)
+        self.delete_consumer = Lua(shared.client, DELETE_IDLE_CONSUMER)
 
     # ---------------------------------------------------------------- own entries
     async def own_pending(self) -> AsyncIterator[Batch]:

@@ -75,6 +75,7 @@ from streams.keys import StageKeys
 from streams.message import Codec, Message
 from streams.middleware import Middleware
 from streams.parse import parse_read
+from streams.parts import Shared
 from streams.retries import RetrySchedule, backoff
 from streams.settings import StreamSettings
 from streams.settle import Settler
@@ -118,18 +119,9 @@ class Consumer:
         self.gate = gate
         self.hooks = Hooks(self.stage, self.middleware)
         self.retries = RetrySchedule()
-        self.settler = Settler(
-            client, settings, keys, name=name, hooks=self.hooks, retries=self.retries
-        )
-        self.claimer = Claimer(
-            client,
-            settings,
-            keys,
-            name=name,
-            hooks=self.hooks,
-            retries=self.retries,
-            stop=self.stop_event,
-        )
+        shared = Shared(client, settings, keys, name, self.hooks, self.retries, self.stop_event)
+        self.settler = Settler(shared)
+        self.claimer = Claimer(shared)
         self.deadlines = Deadlines(settings.handler_timeout_ms)
         self.dispatcher = Dispatcher(
             settings,

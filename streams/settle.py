@@ -21,17 +21,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from streams.connection import Client, redact
+from streams.connection import redact
 from streams.deadletter import DeadLetters
 from streams.dispatch import Outcome
 from streams.errors import RedisUnavailable
 from streams.faults import redis_down
-from streams.hooks import Hooks
-from streams.keys import StageKeys
 from streams.message import Message
-from streams.retries import Key, RetrySchedule, category, decide, is_deferral
+from streams.parts import Shared
+from streams.retries import Key, category, decide, is_deferral
 from streams.scripts import ACK_FORGET, HAND_BACK, RECORD_DEFERRALS, SET_DEFERRALS, Lua
-from streams.settings import StreamSettings
 
 log = logging.getLogger("streams.consumer")
 
@@ -92,23 +90,15 @@ class DeferralLog:
 
 
 class Settler:
-    def __init__(
-        self,
-        client: Client,
-        settings: StreamSettings,
-        keys: StageKeys,
-        *,
-        name: str,
-        hooks: Hooks,
-        retries: RetrySchedule,
-    ) -> None:
+    def __init__(self, shared: Shared) -> None:
+        client, settings, keys = shared.client, shared.settings, shared.keys
         self.client = client
         self.settings = settings
         self.keys = keys
-        self.name = name
-        self.stage = keys.stage
-        self.hooks = hooks
-        self.retries = retries
+        self.name = shared.name
+        self.stage = shared.stage
+        self.hooks = shared.hooks
+        self.retries = shared.retries
         self.dead_letters = DeadLetters(client, keys, settings.redis_url)
         self._url = settings.redis_url
         self._hand_back = Lua(client, HAND_BACK)

@@ -15,10 +15,6 @@ from ops.commands._operator import JsonOption, age_text, echo_json
 from ops.common import console, fail, handle_errors, options
 from ops.fleet import STATES
 
-# ops/dashboard/console.py (another branch's file) still imports this name; it moved
-# down to ops.fleet.report_instants: drop this line once console.py imports that
-from ops.fleet import report_instants as _instants  # noqa: F401
-
 
 def read_db(ctx: typer.Context, fn: Any, *args: Any) -> Any:
     """``fn(session, *args)`` in one read transaction; a missing SQLite file is an error

@@ -165,9 +165,7 @@ async def trace(request: Request) -> Response:
     tracker = _tracker_id(request.path_params["tracker"])
     at = _time(request, "at")
     report = await d.read_db(fleet.report_trace, tracker, at)
-    from ops.commands.trackers import _instants
-
-    observed, fetched = _instants(report)
+    observed, fetched = fleet.report_instants(report)
     found = await find_entries(
         d.client,
         d.settings.prefix,
